@@ -1,0 +1,54 @@
+"""eventpipe: durable multi-process event pipelines on one Linux host, with no broker.
+
+Writers in any number of processes append JSON events to a segmented log in a directory;
+readers and consumers in other processes follow it, each from its own position.
+"""
+
+from .buffered import BufferedWriter
+from .config import LogConfig
+from .errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    ConsumerBusyError,
+    CorruptLogError,
+    EventPipeError,
+    EventTooLargeError,
+    HandlerError,
+    LockTimeout,
+    LogClosedError,
+    NotAnEventLogError,
+    OffsetOutOfRangeError,
+    StorageError,
+    StoragePermissionError,
+    UnserializableEventError,
+    UnsupportedFormatError,
+)
+from .log import EventLog
+from .record import Record
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BufferedWriter",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "ConsumerBusyError",
+    "CorruptLogError",
+    "EventLog",
+    "EventPipeError",
+    "EventTooLargeError",
+    "HandlerError",
+    "LockTimeout",
+    "LogClosedError",
+    "LogConfig",
+    "NotAnEventLogError",
+    "OffsetOutOfRangeError",
+    "Record",
+    "StorageError",
+    "StoragePermissionError",
+    "UnserializableEventError",
+    "UnsupportedFormatError",
+    "__version__",
+]

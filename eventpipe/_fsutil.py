@@ -1,0 +1,106 @@
+"""Small filesystem helpers shared by the log, the compressor and checkpoints.
+
+Every helper turns ``OSError`` into a typed :class:`~eventpipe.errors.StorageError` that names the
+path, so callers never have to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import StorageError
+
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "make_dirs",
+    "os_errors",
+    "write_all",
+]
+
+
+@contextmanager
+def os_errors(what: str, path: str | os.PathLike[str] | None = None) -> Iterator[None]:
+    """Re-raise any OSError inside the block as a StorageError saying what failed, and where."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, what, path=path) from exc
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, making creates, renames and unlinks inside it durable."""
+    with os_errors("fsync of directory", path):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike[str], mode: int) -> None:
+    """Create ``path`` (and parents) with exactly ``mode``, whatever the umask."""
+    with os_errors("create directory", path):
+        missing = []
+        p = os.path.abspath(path)
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, mode)
+            except FileExistsError:
+                continue
+            # The umask strips group bits; a shared log needs them exactly as configured.
+            os.chmod(d, mode)
+
+
+def write_all(fd: int, data: bytes | memoryview, position: int) -> None:
+    """pwrite all of ``data`` at ``position``, looping over short writes; OSError propagates."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, position)
+        if n == 0:  # pragma: no cover - the kernel reports errors, not zero, for regular files
+            raise OSError(28, "short write")
+        view = view[n:]
+        position += n
+
+
+def atomic_write(path: str, data: bytes, mode: int, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync of folder.
+
+    Readers see the old content or the new, never a mix. With ``durable`` the new content
+    survives power loss once this returns.
+    """
+    folder = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with os_errors("atomic write", path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data, 0)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    if durable:
+        fsync_dir(folder)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,181 @@
+"""Options: built-in defaults < ``EVENTPIPE_*`` environment variables < keyword arguments.
+
+One table per configurable object (:data:`LOG_OPTIONS` here; the consumer adds its own). Each
+option has a parser for its environment-variable text and a check for its value, so a bad value
+fails with a :class:`~eventpipe.errors.ConfigError` naming the option and where it came from,
+before anything on disk is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = ["LOG_OPTIONS", "ENV_PREFIX", "LogConfig", "Option", "resolve"]
+
+ENV_PREFIX = "EVENTPIPE_"
+
+SyncPolicy = Literal["none", "interval", "always"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its default, how to parse it from text, and how to check a value."""
+
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
+    doc: str
+
+    @property
+    def env_name(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _parse_int(text: str) -> int:
+    return int(text.replace("_", ""), 0)
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "0") else _parse_int(text)
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none") else float(text)
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none", "off", "false") else text.strip()
+
+
+def _parse_mode(text: str) -> int:
+    # Modes are written in octal by habit ("664", "0o664", "0664"); never read them as decimal.
+    t = text.strip().lower().removeprefix("0o")
+    return int(t, 8)
+
+
+def _int_at_least(low: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {type(value).__name__}"
+        return None if value >= low else f"must be >= {low}, got {value}"
+
+    return check
+
+
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None else check(value)
+
+
+def _positive_number(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number, got {type(value).__name__}"
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def _one_of(*choices: Any) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {choices!r}, got {value!r}"
+
+    return check
+
+
+def _mode(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"must be an integer file mode such as 0o664, got {type(value).__name__}"
+    if not 0 <= value <= 0o777 or not value & 0o600 == 0o600:
+        return f"must be within 0o600..0o777 and owner-readable and -writable, got {oct(value)}"
+    return None
+
+
+LOG_OPTIONS: tuple[Option, ...] = (
+    Option("segment_max_bytes", 16 * 1024 * 1024, _parse_int, _int_at_least(64),
+           "Roll to a new segment before one would grow past this many bytes."),
+    Option("segment_max_events", None, _parse_optional_int, _optional(_int_at_least(1)),
+           "Roll to a new segment after this many events (None: no limit)."),
+    Option("compression", "gzip", _parse_optional_str, _one_of("gzip", None),
+           'Compress sealed segments: "gzip" or None.'),
+    Option("compression_level", 6, _parse_int, _one_of(*range(1, 10)),
+           "gzip level 1 (fast) .. 9 (small)."),
+    Option("sync", "interval", str.strip, _one_of("none", "interval", "always"),
+           'Durability: "none", "interval" (fsync every sync_interval s) or "always".'),
+    Option("sync_interval", 1.0, float, _positive_number,
+           'Seconds between fsyncs under sync="interval" (the power-loss window).'),
+    Option("max_event_bytes", 1024 * 1024, _parse_int, _int_at_least(2),
+           "Largest encoded event accepted; larger ones raise EventTooLargeError."),
+    Option("file_mode", 0o644, _parse_mode, _mode,
+           "Mode of created files; folders get the same plus x where r (0o664 -> 0o775)."),
+    Option("lock_timeout", None, _parse_optional_float, _optional(_positive_number),
+           "Seconds to wait for the writer lock before LockTimeout (None: wait)."),
+)
+
+
+def resolve(
+    options: tuple[Option, ...],
+    kwargs: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Layer defaults, environment and keyword arguments; check every value.
+
+    Raises ConfigError naming the option for an unknown keyword, unparsable environment text,
+    or a value that fails its check.
+    """
+    env = os.environ if environ is None else environ
+    known = {o.name: o for o in options}
+    for name in kwargs:
+        if name not in known:
+            raise ConfigError(
+                f"unknown option {name!r}; known options: {', '.join(sorted(known))}",
+                option=name,
+            )
+    values: dict[str, Any] = {}
+    for opt in options:
+        source = "default"
+        value = opt.default
+        if opt.env_name in env:
+            source = f"environment variable {opt.env_name}={env[opt.env_name]!r}"
+            try:
+                value = opt.parse(env[opt.env_name])
+            except ValueError as exc:
+                raise ConfigError(
+                    f"option {opt.name!r} from {source} cannot be parsed: {exc}", option=opt.name
+                ) from None
+        if opt.name in kwargs:
+            source = "keyword argument"
+            value = kwargs[opt.name]
+        complaint = opt.check(value)
+        if complaint is not None:
+            raise ConfigError(f"option {opt.name!r} ({source}) {complaint}", option=opt.name)
+        values[opt.name] = value
+    return values
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The resolved options of one :class:`~eventpipe.EventLog` (see :data:`LOG_OPTIONS`)."""
+
+    segment_max_bytes: int
+    segment_max_events: int | None
+    compression: str | None
+    compression_level: int
+    sync: SyncPolicy
+    sync_interval: float
+    max_event_bytes: int
+    file_mode: int
+    lock_timeout: float | None
+
+    @classmethod
+    def from_options(
+        cls, kwargs: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> LogConfig:
+        return cls(**resolve(LOG_OPTIONS, kwargs, environ))
+
+    @property
+    def dir_mode(self) -> int:
+        """Folder mode: the file mode plus search (x) wherever it grants read (r)."""
+        return self.file_mode | ((self.file_mode & 0o444) >> 2)

@@ -1,0 +1,193 @@
+"""Every error eventpipe raises on purpose.
+
+Each class derives from :class:`EventPipeError` *and* from the stdlib type a caller would
+naturally catch (``ValueError``, ``TypeError``, ``TimeoutError``, ``OSError`` ...), so both
+``except EventPipeError`` and ``except ValueError`` work. Errors carry the ``path`` and
+``offset`` involved where there is one, put both in the message, and pickle across processes
+(multiprocessing workers re-raise them in the parent).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "ConsumerBusyError",
+    "CorruptLogError",
+    "EventPipeError",
+    "EventTooLargeError",
+    "HandlerError",
+    "LockTimeout",
+    "LogClosedError",
+    "NotAnEventLogError",
+    "OffsetOutOfRangeError",
+    "StorageError",
+    "StoragePermissionError",
+    "UnserializableEventError",
+    "UnsupportedFormatError",
+]
+
+
+def _where(path: str | os.PathLike[str] | None, offset: int | None) -> str:
+    parts = []
+    if path is not None:
+        parts.append(f"path={os.fspath(path)!s}")
+    if offset is not None:
+        parts.append(f"offset={offset}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+class EventPipeError(Exception):
+    """Base class of every eventpipe error.
+
+    ``path`` is the file or directory involved and ``offset`` the event offset (or, where the
+    message says so, the byte position) involved; either may be ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.offset = offset
+        super().__init__(message + _where(path, offset))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args); ours take keyword-only fields, so rebuild by hand.
+        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+    def __str__(self) -> str:
+        return self.message + _where(self.path, self.offset)
+
+
+def _rebuild(cls: type[EventPipeError], message: str, state: dict[str, Any]) -> EventPipeError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class ConfigError(EventPipeError, ValueError):
+    """An option is unknown, has the wrong type, or is out of range (``option`` names it)."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        self.option = option
+        super().__init__(message)
+
+
+class UnserializableEventError(EventPipeError, TypeError):
+    """An event could not be encoded as JSON; nothing was written.
+
+    ``index`` is the position of the bad event in its batch (0 for a single append).
+    """
+
+    def __init__(self, message: str, *, index: int = 0, path: str | None = None) -> None:
+        self.index = index
+        super().__init__(message, path=path)
+
+
+class EventTooLargeError(EventPipeError, ValueError):
+    """An encoded event exceeds ``max_event_bytes``; nothing was written."""
+
+    def __init__(self, message: str, *, index: int = 0, size: int = 0, path: str | None = None):
+        self.index = index
+        self.size = size
+        super().__init__(message, path=path)
+
+
+class NotAnEventLogError(EventPipeError, ValueError):
+    """The directory is not empty and holds no eventpipe metadata; it was not touched."""
+
+
+class UnsupportedFormatError(EventPipeError, ValueError):
+    """The log was written by a newer eventpipe format version; it was not touched."""
+
+
+class CorruptLogError(EventPipeError, ValueError):
+    """Stored bytes fail a check (framing, JSON, gzip, header checksum, contiguity)."""
+
+
+class OffsetOutOfRangeError(EventPipeError, IndexError):
+    """The requested offset is not stored (beyond the head, or removed by retention)."""
+
+
+class LockTimeout(EventPipeError, TimeoutError):
+    """A lock could not be acquired within the configured timeout."""
+
+
+class LogClosedError(EventPipeError, ValueError):
+    """The log (or writer) was used after ``close()``."""
+
+
+class StorageError(EventPipeError, OSError):
+    """The operating system refused a read or write (disk full, file too large, I/O error).
+
+    ``errno`` is the OS error number. When raised by an append, nothing of that append is
+    visible and the log is exactly as before it, so the call can be retried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+    ) -> None:
+        EventPipeError.__init__(self, message, path=path, offset=offset)
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno is not None else message
+        self.filename = self.path
+
+    @classmethod
+    def from_os_error(
+        cls, exc: OSError, what: str, *, path: str | os.PathLike[str] | None = None
+    ) -> StorageError:
+        """Wrap ``exc`` (raised while doing ``what``) in the matching typed error."""
+        target = path if path is not None else exc.filename
+        kind: type[StorageError] = cls
+        if exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+            kind = StoragePermissionError
+        reason = exc.strerror or str(exc)
+        return kind(f"{what}: {reason}", errno=exc.errno, path=target)
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The process may not read or write the named path."""
+
+
+class CheckpointError(EventPipeError, ValueError):
+    """A consumer checkpoint file is unreadable or invalid."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not belong to this log (ahead of the head, or a different event)."""
+
+
+class ConsumerBusyError(EventPipeError, BlockingIOError):
+    """Another process holds the consumer name; ``holder`` describes it when known."""
+
+    def __init__(self, message: str, *, holder: str | None = None, path: str | None = None):
+        self.holder = holder
+        super().__init__(message, path=path)
+
+
+class HandlerError(EventPipeError, RuntimeError):
+    """A consumer handler raised; ``event`` and ``offset`` identify what it was given.
+
+    State and offset were checkpointed up to the event before ``offset``; the handler's own
+    exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, offset: int, event: Any, path: str | None = None):
+        self.event = event
+        super().__init__(message, path=path, offset=offset)
