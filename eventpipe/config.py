@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["LOG_OPTIONS", "ENV_PREFIX", "LogConfig", "Option", "resolve"]
+__all__ = ["ENV_PREFIX", "LOG_OPTIONS", "LogConfig", "Option", "resolve"]
 
 ENV_PREFIX = "EVENTPIPE_"
 
@@ -88,7 +88,7 @@ def _one_of(*choices: Any) -> Callable[[Any], str | None]:
 def _mode(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool):
         return f"must be an integer file mode such as 0o664, got {type(value).__name__}"
-    if not 0 <= value <= 0o777 or not value & 0o600 == 0o600:
+    if not 0 <= value <= 0o777 or value & 384 != 384:
         return f"must be within 0o600..0o777 and owner-readable and -writable, got {oct(value)}"
     return None
 

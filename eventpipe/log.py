@@ -20,6 +20,7 @@ so they are dense and never reused.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -29,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import orjson
 
@@ -284,7 +285,7 @@ class EventLog:
         if h.segment_base != w.seg_base:
             self._open_active(w, h.segment_base)
         size = os.fstat(w.seg_fd).st_size
-        if size < h.committed or not w.checked and not self._tail_ok(w, h):
+        if size < h.committed or (not w.checked and not self._tail_ok(w, h)):
             # Bytes the header counts are missing (a power loss with sync off lost them).
             h = self._recover(w, h.segment_base)
         elif size > h.committed:
@@ -469,18 +470,17 @@ class EventLog:
             try:
                 h = self._prepare(w)
                 in_segment = h.head - h.segment_base
-                if (
-                    (h.committed + len(blob) <= cfg.segment_max_bytes or in_segment == 0 and n == 1)
-                    and (cfg.segment_max_events is None
-                         or in_segment + n <= cfg.segment_max_events)
-                ):
+                fits_bytes = h.committed + len(blob) <= cfg.segment_max_bytes
+                fits_events = (cfg.segment_max_events is None
+                               or in_segment + n <= cfg.segment_max_events)
+                if (fits_bytes or (in_segment == 0 and n == 1)) and fits_events:
                     try:
                         write_all(w.seg_fd, blob, h.committed)
                         if cfg.sync == "always":
                             os.fdatasync(w.seg_fd)
-                    except OSError as exc:
+                    except BaseException as exc:
                         self._undo(w, h, [])
-                        raise self._write_error(exc, h) from exc
+                        self._raise_write_error(exc, h)
                     self._publish(w, Header(h.head + n, h.segment_base, h.committed + len(blob)))
                 else:
                     self._commit_across_segments(w, h, payloads)
@@ -515,6 +515,7 @@ class EventLog:
     def _commit_across_segments(self, w: _WriterState, h: Header, payloads: list[bytes]) -> None:
         """Write a batch that rolls the active segment; one header rewrite commits it all."""
         cfg = self.config
+        self._remove_orphans(h)
         plan = self._plan(h, payloads)
         created: list[tuple[int, int]] = []  # (base, fd) of new segment files
         try:
@@ -533,9 +534,9 @@ class EventLog:
                 if cfg.sync == "always" and created:
                     os.fdatasync(created[-1][1])
                 fsync_dir(self.segments_dir)
-        except OSError as exc:
+        except BaseException as exc:
             self._undo(w, h, created)
-            raise self._write_error(exc, h) from exc
+            self._raise_write_error(exc, h)
         last_base, last_position, i, j = plan[-1]
         last_size = last_position + sum(map(len, payloads[i:j])) + (j - i)
         self._publish(w, Header(h.head + len(payloads), last_base, last_size))
@@ -548,6 +549,26 @@ class EventLog:
             if cfg.compression is not None:
                 self._compression().kick()
 
+    def _remove_orphans(self, h: Header) -> None:
+        """Remove segments past the active one: left by writers that died before committing.
+
+        Readers ignore them (they only list up to the header's active segment), but a roll
+        must not leave one behind, or it would sit inside the committed range.
+        """
+        for seg in list_segments(self.segments_dir):
+            if seg.base <= h.segment_base:
+                continue
+            with os_errors("remove uncommitted segment", seg.path):
+                if not seg.compressed:
+                    fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
+                    try:
+                        size = os.fstat(fd).st_size
+                        if size:
+                            self._quarantine(fd, seg.base, 0, size)
+                    finally:
+                        os.close(fd)
+                os.unlink(seg.path)
+
     def _new_segment(self, base: int) -> int:
         path = segment_path(self.segments_dir, base)
         mode = self.config.file_mode
@@ -556,28 +577,26 @@ class EventLog:
             os.fchmod(fd, mode)
             return fd
         except FileExistsError:
-            pass
-        # Left by a writer that died between creating it and committing: never committed.
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        size = os.fstat(fd).st_size
-        if size:
-            self._quarantine(fd, base, 0, size)
-        return fd
+            raise CorruptLogError(
+                "a segment to be created already exists (is another program writing here?)",
+                path=path,
+            ) from None
 
     def _undo(self, w: _WriterState, h: Header, created: list[tuple[int, int]]) -> None:
         """Cut back an append that failed before its commit; the log is as before it."""
-        try:
+        # If cutting back fails too, the next writer's _prepare quarantines the leftover,
+        # and the next roll removes leftover segments: readers never see either.
+        with contextlib.suppress(OSError):
             os.ftruncate(w.seg_fd, h.committed)
-        except OSError:
-            pass  # the next writer's _prepare quarantines the leftover instead
         for base, fd in created:
             os.close(fd)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(segment_path(self.segments_dir, base))
-            except OSError:
-                pass  # harmless: _new_segment clears an uncommitted leftover
 
-    def _write_error(self, exc: OSError, h: Header) -> StorageError:
+    def _raise_write_error(self, exc: BaseException, h: Header) -> NoReturn:
+        """Re-raise the error of a failed (and undone) append, OSErrors as StorageError."""
+        if not isinstance(exc, OSError) or isinstance(exc, StorageError):
+            raise exc
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             what = "append failed, nothing of it is stored (the log is as before; retry later)"
         else:
@@ -585,7 +604,7 @@ class EventLog:
         err = StorageError.from_os_error(exc, what, path=segment_path(self.segments_dir,
                                                                        h.segment_base))
         err.offset = h.head
-        return err
+        raise err from exc
 
     def _publish(self, w: _WriterState, new: Header) -> None:
         # The commit point: readers see the new events from this pwrite on.

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self
@@ -51,6 +52,10 @@ _EVENT_TYPES: Final[list[type[FileSystemEvent]]] = [
     FileClosedEvent,
 ]
 
+# See _block(): the longest a signal handler's wake() can be delayed on the main thread.
+_MAIN_THREAD_SLICE: Final = 0.1
+_MAIN_THREAD_IDENT: Final = threading.main_thread().ident
+
 
 def _basename(path: bytes | str) -> str:
     return os.path.basename(os.fsdecode(path))
@@ -60,6 +65,25 @@ def _resolve(fut: asyncio.Future[None]) -> None:
     # Runs on the waiter's loop; the future may already be done (timed out or cancelled).
     if not fut.done():
         fut.set_result(None)
+
+
+def _block(waiter: threading.Lock, timeout: float | None) -> bool:
+    """Acquire ``waiter`` within ``timeout`` seconds (None: no limit); False on timeout."""
+    if threading.get_ident() != _MAIN_THREAD_IDENT:
+        return waiter.acquire(
+            timeout=-1 if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+        )
+    # A Python signal handler runs only once the main thread is back in the interpreter. A
+    # signal landing just before acquire() starts sleeping does not interrupt that sleep, so
+    # a wake() from the handler would wait out the whole timeout; sleeping in slices bounds
+    # that delay to one slice.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = _MAIN_THREAD_SLICE if deadline is None else deadline - time.monotonic()
+        if step <= 0:
+            return False
+        if waiter.acquire(timeout=min(step, _MAIN_THREAD_SLICE)):
+            return True
 
 
 def _stop_observer(observer: BaseObserver) -> None:
@@ -271,10 +295,7 @@ class ChangeNotifier:
                 self._sync_waiters.discard(waiter)
                 return True
         try:
-            if timeout is None:
-                released = waiter.acquire()
-            else:
-                released = waiter.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
+            released = _block(waiter, timeout)
         finally:
             with self._lock:
                 self._sync_waiters.discard(waiter)

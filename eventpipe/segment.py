@@ -9,7 +9,6 @@ removed, which is how compression never disturbs a reader.
 
 from __future__ import annotations
 
-import errno
 import os
 import zlib
 from collections.abc import Iterator

@@ -1,0 +1,75 @@
+"""Shared fixtures: temporary logs, child processes that are always reaped, leak checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "_workers.py"
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    """Where a test's log lives (not created yet)."""
+    return tmp_path / "log"
+
+
+class Children:
+    """Starts child processes and kills and reaps every one of them at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        """Run ``tests/_workers.py ARGS`` in a new Python process."""
+        return self.popen([sys.executable, str(WORKERS), *args], **kwargs)
+
+    def popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        kwargs.setdefault("env", env)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def reap(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr, proc.stdin):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    kids = Children()
+    try:
+        yield kids
+    finally:
+        kids.reap()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running (an unclosed log, notifier or writer)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
