@@ -16,6 +16,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "make_dirs",
+    "open_shared",
     "os_errors",
     "write_all",
 ]
@@ -57,6 +58,19 @@ def make_dirs(path: str | os.PathLike[str], mode: int) -> None:
                 continue
             # The umask strips group bits; a shared log needs them exactly as configured.
             os.chmod(d, mode)
+
+
+def open_shared(path: str, mode: int) -> int:
+    """Open ``path`` read-write, creating it with exactly ``mode`` (umask ignored) if missing.
+
+    Only the creator sets the mode: the file may belong to another user of the group.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    os.fchmod(fd, mode)
+    return fd
 
 
 def write_all(fd: int, data: bytes | memoryview, position: int) -> None:

@@ -35,7 +35,7 @@ from typing import Any, NoReturn, Self
 import orjson
 
 from . import _header
-from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors, write_all
+from ._fsutil import atomic_write, fsync_dir, make_dirs, open_shared, os_errors, write_all
 from ._header import Header, pack_header
 from .compress import Compressor
 from .config import LogConfig
@@ -206,7 +206,7 @@ class EventLog:
             mode = self.config.file_mode
             lock_path = os.path.join(self.path, WRITER_LOCK)
             with os_errors("open writer lock", lock_path):
-                lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+                lock_fd = open_shared(lock_path, mode)
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 try:

@@ -1,0 +1,273 @@
+"""EventLog behaviour in one process: reading, rolling, recovery, options, files."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from eventpipe import (
+    ConfigError,
+    CorruptLogError,
+    EventLog,
+    LockTimeout,
+    LogClosedError,
+    OffsetOutOfRangeError,
+    Record,
+)
+
+
+def events(n: int, start: int = 0) -> list[dict[str, object]]:
+    return [{"ts": 1_700_000_000 + i, "name": f"event{i}"} for i in range(start, start + n)]
+
+
+def header(log_path: Path) -> tuple[int, int, int]:
+    magic, head, base, committed, _crc = struct.unpack("<4sQQQI", (log_path / "head").read_bytes())
+    assert magic == b"EPH1"
+    return head, base, committed
+
+
+def test_append_and_read_back(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        assert log.head == 0
+        assert list(log.read()) == []
+        assert log.append({"a": 1}) == 0
+        assert log.append_many(events(3)) == range(1, 4)
+        assert log.head == 4
+        recs = list(log.read())
+        assert recs[0] == Record((0, {"a": 1}))
+        assert recs[0].offset == 0 and recs[0].event == {"a": 1}
+        assert [r.event for r in recs[1:]] == events(3)
+        assert list(log.read_raw(1, 2)) == [b'{"ts":1700000000,"name":"event0"}']
+        assert repr(recs[0]) == "Record(offset=0, event={'a': 1})"
+
+
+def test_reads_from_any_offset_across_rolled_and_compressed_segments(log_path: Path) -> None:
+    with EventLog(log_path, segment_max_bytes=500, compression=None) as log:
+        log.append_many(events(300))
+        plain = sorted(p.name for p in (log_path / "segments").iterdir())
+        assert len(plain) > 10
+        for start, stop in [(0, 300), (17, 18), (150, 290), (299, None), (0, 1), (300, None)]:
+            want = events(300)[start:stop]
+            assert [r.event for r in log.read(start, stop)] == want
+            assert [r.offset for r in log.read(start, stop)] == list(range(start, start + len(want)))
+        assert log.compress() == len(plain) - 1  # every segment but the active one
+        names = sorted(p.name for p in (log_path / "segments").iterdir())
+        assert all(n.endswith(".jsonl.gz") for n in names[:-1]) and names[-1].endswith(".jsonl")
+        for start in (0, 1, 33, 151, 299):
+            assert [r.event for r in log.read(start)] == events(300)[start:]
+    # gzip segments are ordinary gzip files holding the same JSON lines.
+    first = gzip.decompress((log_path / "segments" / names[0]).read_bytes()).splitlines()
+    assert first[0] == b'{"ts":1700000000,"name":"event0"}'
+
+
+def test_segment_event_limit_and_batches_split_across_segments(log_path: Path) -> None:
+    with EventLog(log_path, segment_max_events=10, compression=None) as log:
+        assert log.append_many(events(35)) == range(35)
+        log.append({"x": 1})
+        bases = sorted(int(p.name.split(".")[0]) for p in (log_path / "segments").iterdir())
+        assert bases == [0, 10, 20, 30]
+        assert [r.event for r in log.read(8, 12)] == events(35)[8:12]
+    assert header(log_path) == (36, 30, header(log_path)[2])
+
+
+def test_out_of_range_reads(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        log.append_many(events(5))
+        with pytest.raises(OffsetOutOfRangeError) as exc:
+            list(log.read(6))
+        assert exc.value.offset == 6 and isinstance(exc.value, IndexError)
+        with pytest.raises(OffsetOutOfRangeError):
+            list(log.read(-1))
+        assert list(log.read(5)) == []
+        assert list(log.read(3, 2)) == []
+
+
+def test_reader_keeps_reading_while_its_segments_are_compressed(log_path: Path) -> None:
+    with EventLog(log_path, segment_max_bytes=300, compression=None) as log:
+        log.append_many(events(200))
+        it = log.read()
+        got = [next(it).event for _ in range(5)]
+        assert log.compress() > 0  # unlinks the plain files the reader is reading
+        got.extend(r.event for r in it)
+        assert got == events(200)
+
+
+def test_torn_tail_is_invisible_then_quarantined_by_next_writer(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        log.append_many(events(3))
+    seg = log_path / "segments" / "00000000000000000000.jsonl"
+    good = seg.read_bytes()
+    with seg.open("ab") as f:  # what a writer killed mid-write leaves behind
+        f.write(b'{"ts":17000000')
+    with EventLog(log_path) as reader:
+        assert [r.event for r in reader.read()] == events(3)
+        assert reader.append({"after": True}) == 3
+        assert [r.event for r in reader.read()] == [*events(3), {"after": True}]
+    assert seg.read_bytes().startswith(good)
+    [q] = list((log_path / "quarantine").iterdir())
+    assert q.read_bytes() == b'{"ts":17000000'
+
+
+def test_trailing_nul_bytes_are_cut_like_a_torn_tail(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        log.append_many(events(2))
+    seg = log_path / "segments" / "00000000000000000000.jsonl"
+    with seg.open("ab") as f:
+        f.write(b"\0" * 4096)
+    with EventLog(log_path) as log:
+        assert log.append({"n": 2}) == 2
+        assert [r.offset for r in log.read()] == [0, 1, 2]
+    assert b"\0" not in seg.read_bytes()
+    [q] = list((log_path / "quarantine").iterdir())
+    assert q.read_bytes() == b"\0" * 4096
+
+
+def test_power_loss_with_header_ahead_of_data_recovers_to_last_whole_event(
+    log_path: Path,
+) -> None:
+    with EventLog(log_path, sync="none") as log:
+        log.append_many(events(10))
+    seg = log_path / "segments" / "00000000000000000000.jsonl"
+    data = seg.read_bytes()
+    lines = data.splitlines(keepends=True)
+    # The header reached the disk, the last two events' bytes did not (NULs, then nothing).
+    seg.write_bytes(b"".join(lines[:8]) + b"\0" * 10)
+    with EventLog(log_path) as log:
+        with pytest.raises(CorruptLogError):
+            list(log.read())  # readers report it; only a writer, under the lock, repairs
+        assert log.append({"n": "new"}) == 8  # these offsets never reached any reader's disk
+        assert [r.event for r in log.read()] == [*events(8), {"n": "new"}]
+
+
+def test_invalid_header_is_rebuilt_from_the_last_segment(log_path: Path) -> None:
+    with EventLog(log_path, segment_max_events=4, compression=None) as log:
+        log.append_many(events(10))
+    (log_path / "head").write_bytes(b"\xff" * 32)
+    with EventLog(log_path) as log:
+        with pytest.raises(CorruptLogError) as exc:
+            _ = log.head
+        assert exc.value.path == str(log_path / "head")
+        assert log.append({"n": 10}) == 10
+        assert [r.offset for r in log.read()] == list(range(11))
+
+
+def test_options_layer_defaults_env_and_keywords(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVENTPIPE_SEGMENT_MAX_EVENTS", "5")
+    monkeypatch.setenv("EVENTPIPE_COMPRESSION", "none")
+    monkeypatch.setenv("EVENTPIPE_FILE_MODE", "660")
+    with EventLog(log_path) as log:
+        assert log.config.segment_max_events == 5
+        assert log.config.compression is None
+        assert log.config.file_mode == 0o660
+        assert log.config.sync == "interval"
+    with EventLog(log_path, segment_max_events=7) as log:
+        assert log.config.segment_max_events == 7
+    monkeypatch.setenv("EVENTPIPE_SYNC", "sometimes")
+    with pytest.raises(ConfigError) as exc:
+        EventLog(log_path)
+    assert exc.value.option == "sync" and "EVENTPIPE_SYNC" in str(exc.value)
+    with pytest.raises(ConfigError, match="unknown option 'segment_size'"):
+        EventLog(log_path, segment_size=3)
+
+
+def test_file_and_folder_modes_ignore_the_umask(log_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        with EventLog(log_path, file_mode=0o660, segment_max_events=1) as log:
+            log.append_many(events(3))
+            log.compress()
+    finally:
+        os.umask(old)
+    for p in [log_path, log_path / "segments"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o770, p
+    for p in [log_path / "head", log_path / "eventpipe.json", log_path / "writer.lock",
+              log_path / "compress.lock", *(log_path / "segments").iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o660, p
+
+
+def test_lock_timeout_when_another_holder_keeps_the_writer_lock(log_path: Path) -> None:
+    with EventLog(log_path, lock_timeout=0.2) as log:
+        log.append({"n": 0})
+        fd = os.open(log_path / "writer.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: a real contender
+            with pytest.raises(LockTimeout) as exc:
+                log.append({"n": 1})
+            assert isinstance(exc.value, TimeoutError)
+        finally:
+            os.close(fd)
+        assert log.append({"n": 1}) == 1
+
+
+def test_forked_children_do_not_share_the_parents_lock(log_path: Path) -> None:
+    log = EventLog(log_path, sync="none", compression=None, segment_max_bytes=2048)
+    log.append({"who": "parent", "i": -1})  # writer state (and lock fd) exists before fork
+    pids = []
+    for k in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                for i in range(400):
+                    log.append({"who": k, "i": i})
+                log.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    for i in range(400):
+        log.append({"who": "parent", "i": i})
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    recs = list(log.read())
+    log.close()
+    assert [r.offset for r in recs] == list(range(1201))
+    for who in ("parent", 0, 1):
+        mine = [r.event["i"] for r in recs if r.event["who"] == who]
+        assert mine == sorted(mine) and len(set(mine)) == len(mine)
+
+
+def test_closed_log_refuses_use(log_path: Path) -> None:
+    log = EventLog(log_path)
+    log.close()
+    log.close()
+    with pytest.raises(LogClosedError):
+        log.append({})
+    with pytest.raises(LogClosedError):
+        list(log.read())
+
+
+def test_second_opener_sees_appends_at_once(log_path: Path) -> None:
+    with EventLog(log_path) as writer, EventLog(log_path) as reader:
+        for i in range(50):
+            writer.append({"i": i})
+            assert reader.head == i + 1
+            assert next(reader.read(i)).event == {"i": i}
+
+
+def test_buffered_writer_batches_and_linger(log_path: Path) -> None:
+    with EventLog(log_path) as log, EventLog(log_path) as other:
+        w = log.writer(max_events=10, linger=None)
+        for i in range(25):
+            w.append({"i": i})
+        assert log.head == 20 and w.pending == 5
+        assert w.flush() == range(20, 25)
+        assert w.last_flushed == range(20, 25)
+        w.close()
+        lingering = log.writer(max_events=1000, linger=0.01)
+        lingering.append({"i": 25})
+        deadline = __import__("time").monotonic() + 5
+        while other.head < 26:  # the linger thread commits without any further call
+            assert __import__("time").monotonic() < deadline
+            os.sched_yield()
+        assert lingering.pending == 0
+        lingering.close()
+        assert [r.event["i"] for r in other.read()] == list(range(26))
