@@ -1,0 +1,211 @@
+"""Shared helpers for the benchmark scripts: timing, percentiles, environment line, tables.
+
+Not a benchmark itself (no ``bench_`` prefix, so ``dev.py bench`` skips it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import math
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "Row",
+    "environment",
+    "environment_line",
+    "fmt_rate",
+    "fmt_seconds",
+    "fresh_dir",
+    "median",
+    "percentile",
+    "progress",
+    "render_table",
+    "rows_to_json",
+    "timed",
+]
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is kept for the table or the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of already sorted values (``pct`` in 0..100)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes, after a full garbage collection."""
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def fresh_dir(base: str | None, prefix: str = "eventpipe-bench-") -> Iterator[str]:
+    """A new empty temporary directory under ``base`` (default: the system temp dir)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def environment(bench_dir: str | None) -> dict[str, Any]:
+    """Facts that make numbers comparable between machines and runs."""
+    where = bench_dir or tempfile.gettempdir()
+    fs = "?"
+    with contextlib.suppress(OSError), open("/proc/mounts", encoding="utf-8") as f:
+        best = ""
+        real = os.path.realpath(where)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and real.startswith(parts[1]) and len(parts[1]) >= len(best):
+                best, fs = parts[1], f"{parts[2]} on {parts[0]}"
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "orjson": getattr(orjson, "__version__", "?"),
+        "sqlite": sqlite3.sqlite_version,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "dir": where,
+        "filesystem": fs,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    return (
+        f"python {env['python']} ({env['implementation']}), orjson {env['orjson']}, "
+        f"sqlite {env['sqlite']}, {env['cpus']} cpus, {env['platform']}, "
+        f"dir {env['dir']} ({env['filesystem']}), {env['date']}"
+    )
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def fmt_rate(rate: float | None) -> str:
+    if rate is None:
+        return "-"
+    if rate >= 1e6:
+        return f"{rate / 1e6:.2f}M/s"
+    if rate >= 1e3:
+        return f"{rate / 1e3:.0f}k/s"
+    return f"{rate:.0f}/s"
+
+
+@dataclass
+class Row:
+    """One line of a results table.
+
+    ``seconds`` is the median over runs of the measured operation (``samples`` holds every run);
+    ``events`` is how many events one run handles, so ``rate`` is events per second. ``ratio``
+    is whatever the target is about (throughput ours/baseline, or latency big/small) and
+    ``passed`` says whether the target was met (None: informational row).
+    """
+
+    name: str
+    events: int
+    seconds: float
+    samples: list[float]
+    baseline: str = ""
+    baseline_seconds: float | None = None
+    baseline_samples: list[float] = field(default_factory=list)
+    ratio: float | None = None
+    target: str = ""
+    passed: bool | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float | None:
+        return self.events / self.seconds if self.events and self.seconds > 0 else None
+
+    @property
+    def baseline_rate(self) -> float | None:
+        if not self.events or not self.baseline_seconds:
+            return None
+        return self.events / self.baseline_seconds
+
+    @property
+    def verdict(self) -> str:
+        return {None: "info", True: "PASS", False: "FAIL"}[self.passed]
+
+
+_COLUMNS = ("#", "benchmark", "median", "events/s", "baseline", "base median", "base ev/s",
+            "ratio", "target", "")
+
+
+def render_table(rows: Sequence[tuple[str, Row]]) -> str:
+    """Rows as a fixed-width text table, notes below it. ``rows`` pairs a label with a row."""
+    cells = [list(_COLUMNS)]
+    for label, r in rows:
+        cells.append([
+            label,
+            r.name,
+            fmt_seconds(r.seconds),
+            fmt_rate(r.rate),
+            r.baseline or "-",
+            fmt_seconds(r.baseline_seconds),
+            fmt_rate(r.baseline_rate),
+            "-" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target or "-",
+            r.verdict,
+        ])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
+    right = {2, 3, 5, 6, 7}
+
+    def line(row: list[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return " | ".join(parts).rstrip()
+
+    out = [line(cells[0]), "-+-".join("-" * w for w in widths)]
+    out += [line(row) for row in cells[1:]]
+    notes = [f"  [{label}] {r.note}" for label, r in rows if r.note]
+    if notes:
+        out += ["", "notes:", *notes]
+    return "\n".join(out)
+
+
+def rows_to_json(env: dict[str, Any], rows: Sequence[tuple[str, Row]],
+                 settings: dict[str, Any]) -> str:
+    results = []
+    for label, r in rows:
+        d = asdict(r)
+        d.update(label=label, rate=r.rate, baseline_rate=r.baseline_rate, verdict=r.verdict)
+        results.append(d)
+    doc = {"environment": env, "settings": settings, "results": results}
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
