@@ -23,12 +23,15 @@ from typing import NamedTuple
 
 from .errors import CorruptLogError
 
-__all__ = ["HEADER_SIZE", "Header", "pack_header", "read_header"]
+__all__ = ["HEADER_SIZE", "Header", "decode_header", "pack_header", "read_header"]
 
 _FORMAT = struct.Struct("<4sQQQ")
-_CRC = struct.Struct("<I")
+_WHOLE = struct.Struct("<4sQQQI")
 MAGIC = b"EPH1"
-HEADER_SIZE = _FORMAT.size + _CRC.size
+HEADER_SIZE = _WHOLE.size
+_BODY = _FORMAT.size
+_crc32 = zlib.crc32
+_new_tuple = tuple.__new__  # skips NamedTuple's Python-level __new__ on the append path
 
 # Concurrent rewrites take well under a microsecond; a few retries separate a torn copy from
 # real corruption without ever blocking a reader for long.
@@ -43,21 +46,20 @@ class Header(NamedTuple):
     committed: int  # bytes of the active segment that belong to committed events
 
 
-def pack_header(h: Header) -> bytes:
-    body = _FORMAT.pack(MAGIC, h.head, h.segment_base, h.committed)
-    return body + _CRC.pack(zlib.crc32(body))
+def pack_header(head: int, segment_base: int, committed: int) -> bytes:
+    body = _FORMAT.pack(MAGIC, head, segment_base, committed)
+    return body + _crc32(body).to_bytes(4, "little")
 
 
-def _unpack(raw: bytes) -> Header | None:
+def decode_header(raw: bytes) -> Header | None:
+    """Decode header bytes, or None when they are not a valid header."""
     if len(raw) != HEADER_SIZE:
         return None
-    body = raw[: _FORMAT.size]
-    if _CRC.unpack_from(raw, _FORMAT.size)[0] != zlib.crc32(body):
+    magic, head, base, committed, crc = _WHOLE.unpack(raw)
+    if crc != _crc32(raw[:_BODY]) or magic != MAGIC or base > head:
         return None
-    magic, head, base, committed = _FORMAT.unpack(body)
-    if magic != MAGIC or base > head:
-        return None
-    return Header(head, base, committed)
+    h: Header = _new_tuple(Header, (head, base, committed))
+    return h
 
 
 def read_header(fd: int, path: str, *, retries: int = _TORN_RETRIES) -> Header:
@@ -69,14 +71,10 @@ def read_header(fd: int, path: str, *, retries: int = _TORN_RETRIES) -> Header:
     raw = b""
     for _ in range(retries):
         raw = os.pread(fd, HEADER_SIZE, 0)
-        h = _unpack(raw)
+        h = decode_header(raw)
         if h is not None:
             return h
     raise CorruptLogError(
         f"log header is invalid ({len(raw)} bytes, checksum or magic mismatch)", path=path
     )
 
-
-def decode_header(raw: bytes) -> Header | None:
-    """Decode header bytes, or None when they are not a valid header."""
-    return _unpack(raw)

@@ -146,6 +146,7 @@ class Compressor:
         self._sealed_below = sealed_below
         self._level = level
         self._mode = file_mode
+        self._in_process = threading.Lock()
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +166,16 @@ class Compressor:
 
         With ``blocking`` False, returns 0 at once if another process is compressing.
         """
+        # flock excludes other processes only: threads of this one (the background pass and an
+        # explicit compress()) share the lock file's state, so they take a thread lock first.
+        if not self._in_process.acquire(blocking=blocking):
+            return 0
+        try:
+            return self._pass_holding_thread_lock(blocking)
+        finally:
+            self._in_process.release()
+
+    def _pass_holding_thread_lock(self, blocking: bool) -> int:
         try:
             self._lock.acquire(timeout=-1 if blocking else 0)
         except filelock.Timeout:

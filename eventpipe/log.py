@@ -25,11 +25,12 @@ import errno
 import fcntl
 import itertools
 import os
+import sys
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn, Self
 
 import orjson
@@ -67,6 +68,14 @@ _INIT_PREFIX = ".eventpipe-init."
 
 _dumps = orjson.dumps
 _loads = orjson.loads
+_pread = os.pread
+_pwrite = os.pwrite
+_flock = fcntl.flock
+_LOCK_EX = fcntl.LOCK_EX
+_LOCK_UN = fcntl.LOCK_UN
+_decode_header = _header.decode_header
+HEADER_SIZE = _header.HEADER_SIZE
+_ENCODE_SLICE = 1000
 
 # Every open log of this process, so a forked child can drop the parent's writer state: flock
 # belongs to the open file description, which a child shares, so an inherited lock fd would
@@ -100,6 +109,18 @@ class _WriterState:
             if fd >= 0:
                 os.close(fd)
         self.seg_fd = self.head_fd = self.lock_fd = -1
+
+
+class _Part:
+    """Where part of a batch goes: segment ``base`` from byte ``position``."""
+
+    __slots__ = ("base", "count", "pieces", "position")
+
+    def __init__(self, base: int, position: int) -> None:
+        self.base = base
+        self.position = position
+        self.pieces: list[bytes | memoryview] = []
+        self.count = 0
 
 
 class EventLog:
@@ -238,7 +259,7 @@ class EventLog:
             os.fsync(fd)
             os.close(fd)
             fsync_dir(self.segments_dir)
-            atomic_write(self._head_path, pack_header(Header(0, 0, 0)), mode)
+            atomic_write(self._head_path, pack_header(0, 0, 0), mode)
             return os.open(self._head_path, os.O_RDWR | os.O_CLOEXEC)
 
     def _forget_writer_after_fork(self) -> None:
@@ -377,7 +398,7 @@ class EventLog:
         if good < size:
             self._quarantine(fd, base, good, size)
         h = Header(base + count, base, good)
-        write_all(w.head_fd, pack_header(h), 0)
+        write_all(w.head_fd, pack_header(*h), 0)
         os.fsync(w.head_fd)
         return h
 
@@ -396,60 +417,82 @@ class EventLog:
         except orjson.JSONEncodeError as exc:
             raise UnserializableEventError(f"event is not JSON-serialisable: {exc}",
                                            path=self.path) from None
-        if len(data) > self.config.max_event_bytes:
+        size = len(data)
+        if size > self.config.max_event_bytes:
             raise EventTooLargeError(
-                f"event is {len(data)} bytes encoded, over max_event_bytes="
+                f"event is {size} bytes encoded, over max_event_bytes="
                 f"{self.config.max_event_bytes}",
-                size=len(data),
+                size=size,
                 path=self.path,
             )
-        return self._commit([data], data + b"\n").start
+        return self._commit([data + b"\n"], (1,), size + 1, 1).start
 
     def append_many(self, events: Iterable[Any]) -> range:
         """Store a batch under one lock acquisition; return its offsets.
 
         All or nothing: if any event is bad (UnserializableEventError, EventTooLargeError, whose
-        ``index`` names it) or the write fails (StorageError), none of the batch is stored.
+        ``index`` names it) the error is raised before anything is written, and if the write
+        fails (StorageError) what was written is cut back: either way none of the batch is
+        stored.
         """
         events = events if isinstance(events, list | tuple) else list(events)
-        try:
-            payloads = list(map(_dumps, events))
-        except orjson.JSONEncodeError:
-            self._raise_bad_event(events)
-            raise  # pragma: no cover - _raise_bad_event always raises
-        return self.append_encoded(payloads)
+        blobs: list[bytes] = []
+        counts: list[int] = []
+        limit = self.config.max_event_bytes
+        # Encode a slice at a time and keep only each slice's joined bytes: holding 100k small
+        # bytes objects alive at once costs more in fresh memory than encoding them does.
+        for i in range(0, len(events), _ENCODE_SLICE):
+            try:
+                payloads = list(map(_dumps, events[i : i + _ENCODE_SLICE]))
+            except orjson.JSONEncodeError:
+                self._raise_bad_event(events)
+            count = len(payloads)
+            payloads.append(b"")  # join then ends with a newline, without another copy
+            blob = b"\n".join(payloads)
+            if len(blob) - count > limit:  # only then can one event be over the limit
+                self._check_sizes(payloads[:-1], i)
+            blobs.append(blob)
+            counts.append(count)
+        return self._commit_batch(blobs, counts)
 
     def append_encoded(self, payloads: list[bytes]) -> range:
-        """Store events already encoded as compact JSON (one per item, no newlines).
+        """Store events already encoded as compact JSON (one per item, no raw newlines).
 
-        For writers that encode ahead (the buffered writer, the CLI). The bytes are checked for
-        size and framing, not parsed.
+        For writers that encode ahead (the buffered writer, the CLI): the bytes are checked for
+        size and framing, not parsed. All or nothing, like :meth:`append_many`.
         """
-        if not payloads:
-            with self._mutex:
-                self._writer()
-            h = self._read_header()
-            return range(h.head, h.head)
-        blob = b"\n".join(payloads) + b"\n"
-        if len(blob) - len(payloads) != sum(map(len, payloads)) or blob.count(b"\n") != len(
-            payloads
-        ):  # pragma: no cover - only if a caller hands in bytes with raw newlines
-            raise UnserializableEventError("encoded event contains a raw newline", path=self.path)
+        blob = b"\n".join([*payloads, b""])
+        if blob.count(b"\n") != len(payloads):
+            raise UnserializableEventError("an encoded event contains a raw newline",
+                                           path=self.path)
+        if len(blob) - len(payloads) > self.config.max_event_bytes:
+            self._check_sizes(payloads, 0)
+        return self._commit_batch([blob], [len(payloads)])
+
+    def _check_sizes(self, payloads: list[bytes], first_index: int) -> None:
         limit = self.config.max_event_bytes
-        if len(blob) > limit:
-            largest = max(map(len, payloads))
-            if largest > limit:
-                index = next(i for i, p in enumerate(payloads) if len(p) == largest)
+        for k, p in enumerate(payloads):
+            if len(p) > limit:
+                index = first_index + k
                 raise EventTooLargeError(
-                    f"event {index} of the batch is {largest} bytes encoded, over "
+                    f"event {index} of the batch is {len(p)} bytes encoded, over "
                     f"max_event_bytes={limit}; nothing of the batch was written",
                     index=index,
-                    size=largest,
+                    size=len(p),
                     path=self.path,
                 )
-        return self._commit(payloads, blob)
 
-    def _raise_bad_event(self, events: list[Any] | tuple[Any, ...]) -> None:
+    def _commit_batch(self, blobs: list[bytes], counts: list[int]) -> range:
+        n = sum(counts)
+        if n == 0:
+            self._check_open()
+            with self._mutex:
+                self._writer()
+            head = self._read_header().head
+            return range(head, head)
+        return self._commit(blobs, counts, sum(map(len, blobs)), n)
+
+    def _raise_bad_event(self, events: list[Any] | tuple[Any, ...]) -> NoReturn:
         for index, event in enumerate(events):
             try:
                 _dumps(event)
@@ -460,72 +503,107 @@ class EventLog:
                     index=index,
                     path=self.path,
                 ) from None
+        raise AssertionError("unreachable: no event failed to encode the second time")
 
-    def _commit(self, payloads: list[bytes], blob: bytes) -> range:
-        n = len(payloads)
+    def _commit(self, blobs: list[bytes], counts: Sequence[int], size: int, n: int) -> range:
+        """Write ``blobs`` (``counts`` events each, ``size`` bytes, ``n`` events) and commit."""
+        # The hot path of every append: kept to the syscalls it needs (flock, header pread,
+        # 1-byte pread for a torn tail, data pwrite, header pwrite, unlock) and few Python calls.
         cfg = self.config
         with self._mutex:
-            w = self._writer()
-            self._acquire(w)
+            w = self._writer_state or self._writer()
+            if cfg.lock_timeout is None:
+                _flock(w.lock_fd, _LOCK_EX)
+            else:
+                self._acquire(w)
             try:
-                h = self._prepare(w)
-                in_segment = h.head - h.segment_base
-                fits_bytes = h.committed + len(blob) <= cfg.segment_max_bytes
-                fits_events = (cfg.segment_max_events is None
-                               or in_segment + n <= cfg.segment_max_events)
-                if (fits_bytes or (in_segment == 0 and n == 1)) and fits_events:
+                h = _decode_header(_pread(w.head_fd, HEADER_SIZE, 0))
+                if (h is None or h[1] != w.seg_base or not w.checked
+                        or _pread(w.seg_fd, 1, h[2])):
+                    h = self._prepare(w)  # another writer rolled, or a torn tail, or damage
+                head, base, committed = h
+                in_segment = head - base
+                if (committed + size <= cfg.segment_max_bytes
+                        and (cfg.segment_max_events is None
+                             or in_segment + n <= cfg.segment_max_events)):
                     try:
-                        write_all(w.seg_fd, blob, h.committed)
+                        position = committed
+                        for blob in blobs:
+                            if _pwrite(w.seg_fd, blob, position) != len(blob):
+                                write_all(w.seg_fd, blob, position)  # short write: finish or raise
+                            position += len(blob)
                         if cfg.sync == "always":
                             os.fdatasync(w.seg_fd)
                     except BaseException as exc:
                         self._undo(w, h, [])
                         self._raise_write_error(exc, h)
-                    self._publish(w, Header(h.head + n, h.segment_base, h.committed + len(blob)))
+                    self._publish(w, head + n, base, committed + size)
                 else:
-                    self._commit_across_segments(w, h, payloads)
+                    self._commit_across_segments(w, h, blobs, counts)
             finally:
-                fcntl.flock(w.lock_fd, fcntl.LOCK_UN)
-        return range(h.head, h.head + n)
+                _flock(w.lock_fd, _LOCK_UN)
+        return range(head, head + n)
 
-    def _plan(self, h: Header, payloads: list[bytes]) -> list[tuple[int, int, int, int]]:
-        """Split a batch over the active and new segments: ``(base, position, i, j)`` items."""
+    def _plan(self, h: Header, blobs: list[bytes], counts: Sequence[int]) -> list[_Part]:
+        """Split a batch over the active segment and as many new ones as the limits need.
+
+        Whole blobs are placed at once; only a blob that straddles a segment limit is walked
+        line by line, so a roll costs what one blob weighs, not what the batch weighs.
+        """
         cfg = self.config
-        ends = list(itertools.accumulate(len(p) + 1 for p in payloads))
-        plan = []
-        base, used, events = h.segment_base, h.committed, h.head - h.segment_base
-        i, n = 0, len(payloads)
-        while i < n:
-            before = ends[i - 1] if i else 0
-            j = bisect.bisect_right(ends, before + cfg.segment_max_bytes - used, lo=i)
-            if cfg.segment_max_events is not None:
-                j = min(j, i + cfg.segment_max_events - events)
-            if j <= i:
-                if events == 0:
-                    j = i + 1  # an event bigger than a segment gets a segment of its own
-                else:
-                    base, used, events = h.head + i, 0, 0
-                    continue
-            plan.append((base, used, i, j))
-            used += ends[j - 1] - before
-            events += j - i
-            i = j
-        return plan
+        max_bytes = cfg.segment_max_bytes
+        max_events = cfg.segment_max_events or sys.maxsize
+        used, events, offset = h.committed, h.head - h.segment_base, h.head
+        part = _Part(h.segment_base, used)
+        parts = [part]
+        for blob, count in zip(blobs, counts, strict=True):
+            if used + len(blob) <= max_bytes and events + count <= max_events:
+                part.pieces.append(blob)
+                part.count += count
+                used += len(blob)
+                events += count
+                offset += count
+                continue
+            view = memoryview(blob)
+            run = pos = 0
+            while pos < len(blob):
+                end = blob.index(b"\n", pos) + 1
+                # An event bigger than a segment still gets one: only roll a non-empty one.
+                if events and (used + end - pos > max_bytes or events >= max_events):
+                    if pos > run:
+                        part.pieces.append(view[run:pos])
+                    part = _Part(offset, 0)
+                    parts.append(part)
+                    used = events = 0
+                    run = pos
+                used += end - pos
+                events += 1
+                offset += 1
+                part.count += 1
+                pos = end
+            if run < len(blob):
+                part.pieces.append(view[run:])
+        return parts
 
-    def _commit_across_segments(self, w: _WriterState, h: Header, payloads: list[bytes]) -> None:
+    def _commit_across_segments(
+        self, w: _WriterState, h: Header, blobs: list[bytes], counts: Sequence[int]
+    ) -> None:
         """Write a batch that rolls the active segment; one header rewrite commits it all."""
         cfg = self.config
         self._remove_orphans(h)
-        plan = self._plan(h, payloads)
+        parts = self._plan(h, blobs, counts)
         created: list[tuple[int, int]] = []  # (base, fd) of new segment files
         try:
-            for base, position, i, j in plan:
-                if base == h.segment_base:
+            for part in parts:
+                if part.base == h.segment_base:
                     fd = w.seg_fd
                 else:
-                    fd = self._new_segment(base)
-                    created.append((base, fd))
-                write_all(fd, b"\n".join(payloads[i:j]) + b"\n", position)
+                    fd = self._new_segment(part.base)
+                    created.append((part.base, fd))
+                position = part.position
+                for piece in part.pieces:
+                    write_all(fd, piece, position)
+                    position += len(piece)
             if cfg.sync != "none":
                 # Sealed segments are synced whatever the policy's interval: it is once per
                 # roll, and it keeps "interval" from ever losing more than the active segment.
@@ -537,9 +615,9 @@ class EventLog:
         except BaseException as exc:
             self._undo(w, h, created)
             self._raise_write_error(exc, h)
-        last_base, last_position, i, j = plan[-1]
-        last_size = last_position + sum(map(len, payloads[i:j])) + (j - i)
-        self._publish(w, Header(h.head + len(payloads), last_base, last_size))
+        last = parts[-1]
+        last_size = last.position + sum(map(len, last.pieces))
+        self._publish(w, h.head + sum(counts), last.base, last_size)
         if created:
             os.close(w.seg_fd)
             for _, fd in created[:-1]:
@@ -606,9 +684,11 @@ class EventLog:
         err.offset = h.head
         raise err from exc
 
-    def _publish(self, w: _WriterState, new: Header) -> None:
+    def _publish(self, w: _WriterState, head: int, segment_base: int, committed: int) -> None:
         # The commit point: readers see the new events from this pwrite on.
-        write_all(w.head_fd, pack_header(new), 0)
+        raw = pack_header(head, segment_base, committed)
+        if _pwrite(w.head_fd, raw, 0) != HEADER_SIZE:  # pragma: no cover - 32 bytes, one page
+            write_all(w.head_fd, raw, 0)
         if self.config.sync == "always":
             os.fdatasync(w.head_fd)
         else:

@@ -1,0 +1,657 @@
+"""Storage benchmarks: eventpipe's EventLog against a naive JSON-lines file and SQLite.
+
+Regenerate the results (the first form creates the venv and installs what is needed)::
+
+    python3 dev.py bench bench_storage.py
+    .venv/bin/python benchmarks/bench_storage.py [--runs N] [--quick] [--dir DIR] [--big N]
+                                                 [--only 1,2,...] [--json]
+
+It prints an environment line, then one table row per measurement. Every number is the median
+of ``--runs`` runs (default 5; 3 with ``--quick``), each run in a fresh temporary directory under
+``--dir`` (default: the system temp dir). Baselines run in the same process, in the same runs,
+interleaved with ours, on the same events ``{"ts": <int>, "name": "event<i>"}``. Ratios are
+throughput ours / baseline unless the row says otherwise. Targets are a report, not a gate:
+the script exits 0 whatever they say (non-zero only if it crashed, e.g. a failed check).
+
+Rows:
+  1  append_many 100k, one call (compression None, and default gzip) vs naive file writes
+  2  append 100k, one call each: rate, and vs SQLite autocommit inserts (WAL, NORMAL)
+  3  buffered writer (log.writer()) 100k
+  4  append_many 100k vs SQLite executemany in one transaction (WAL, NORMAL)
+  5  sync="always" 2k appends vs SQLite autocommit with synchronous=FULL
+  6  full read of 300k events: decoded vs naive ``for line in f: loads(line)`` and vs SQLite;
+     read_raw (undecoded) vs naive raw lines
+  7  4 processes appending N/4 each, concurrently, vs 1 process appending N
+  8  latency of single appends while 1 MiB segments roll and gzip in the background
+  9  open + read the last event: log of --big events (default 10M) vs 10k events
+
+``--quick`` shrinks every size (for smoke tests); ``--json`` prints the results as JSON on
+stdout instead of the table (progress always goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import orjson
+from _bench import (
+    Row,
+    environment,
+    environment_line,
+    fmt_rate,
+    fmt_seconds,
+    fresh_dir,
+    median,
+    percentile,
+    progress,
+    render_table,
+    rows_to_json,
+    timed,
+)
+
+from eventpipe import EventLog
+
+TS_BASE = 1_700_000_000_000  # a millisecond timestamp, so "ts" has a realistic width
+SQL_CREATE = "CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)"
+SQL_INSERT = "INSERT INTO t (body) VALUES (?)"
+Events = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    write: int  # rows 1-4
+    fsync: int  # row 5
+    read: int  # row 6
+    procs_total: int  # row 7
+    procs: int  # row 7
+    latency: int  # row 8
+    big: int  # row 9
+    small: int  # row 9
+    open_repeats: int  # row 9
+    latency_segment_bytes: int  # row 8
+
+
+FULL = Sizes(write=100_000, fsync=2_000, read=300_000, procs_total=100_000, procs=4,
+             latency=200_000, big=10_000_000, small=10_000, open_repeats=20,
+             latency_segment_bytes=1 << 20)
+QUICK = Sizes(write=10_000, fsync=200, read=30_000, procs_total=20_000, procs=4,
+              latency=20_000, big=1_000_000, small=10_000, open_repeats=20,
+              latency_segment_bytes=1 << 20)
+
+
+@dataclass(frozen=True)
+class Options:
+    runs: int
+    sizes: Sizes
+    dir: str | None
+    quick: bool
+
+
+def count(n: int) -> str:
+    """``n`` for a row name: 200, 10k, 2.5M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:g}M"
+    if n >= 1000:
+        return f"{n / 1e3:g}k"
+    return str(n)
+
+
+def make_events(start: int, count: int) -> Events:
+    return [{"ts": TS_BASE + i, "name": f"event{i}"} for i in range(start, start + count)]
+
+
+def at_least(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
+
+
+def sqlite_open(path: str, synchronous: str) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None)  # autocommit: one transaction per insert
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(f"PRAGMA synchronous={synchronous}")
+    con.execute(SQL_CREATE)
+    return con
+
+
+def fdatasync_cost(base: str | None, count: int = 200) -> float:
+    """Median seconds of one small pwrite + fdatasync in ``base``: what durability costs here."""
+    samples = []
+    with fresh_dir(base) as tmp:
+        fd = os.open(os.path.join(tmp, "probe"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for i in range(count):
+                start = time.perf_counter()
+                os.pwrite(fd, b"x" * 64, i * 64)
+                os.fdatasync(fd)
+                samples.append(time.perf_counter() - start)
+        finally:
+            os.close(fd)
+    return median(samples)
+
+
+# ------------------------------------------------------------------------ rows 1 and 4: batch
+
+
+def bench_batch(opts: Options) -> tuple[list[Row], list[Row]]:
+    n = opts.sizes.write
+    events = make_events(0, n)
+    plain: list[float] = []
+    gzip: list[float] = []
+    naive: list[float] = []
+    sql: list[float] = []
+    for run in range(opts.runs):
+        progress(f"rows 1+4: batch append of {n:,} events, run {run + 1}/{opts.runs}")
+        with fresh_dir(opts.dir) as tmp:
+            for compression, samples in ((None, plain), ("gzip", gzip)):
+                log = EventLog(os.path.join(tmp, f"log-{compression}"), compression=compression)
+
+                def batch(log: EventLog = log) -> None:
+                    log.append_many(events)
+
+                samples.append(timed(batch))
+                assert log.head == n
+                log.close()
+
+            path = os.path.join(tmp, "naive.jsonl")
+
+            def naive_write(path: str = path) -> None:
+                dumps = orjson.dumps
+                with open(path, "wb") as f:
+                    for i in range(0, n, 1000):
+                        f.write(b"\n".join(map(dumps, events[i : i + 1000])) + b"\n")
+
+            naive.append(timed(naive_write))
+
+            con = sqlite_open(os.path.join(tmp, "batch.db"), "NORMAL")
+
+            def sql_batch(con: sqlite3.Connection = con) -> None:
+                dumps = orjson.dumps
+                con.execute("BEGIN")
+                con.executemany(SQL_INSERT, ((dumps(e).decode(),) for e in events))
+                con.execute("COMMIT")
+
+            sql.append(timed(sql_batch))
+            con.close()
+
+    ours_plain, ours_gzip = median(plain), median(gzip)
+    rows1 = [
+        Row(f"append_many {count(n)}, compression=None", n, ours_plain, plain,
+            "naive file, write/1000 ev", median(naive), naive,
+            ratio=median(naive) / ours_plain, target=">= 0.8x",
+            passed=at_least(median(naive) / ours_plain, 0.8)),
+        Row(f"append_many {count(n)}, default (gzip)", n, ours_gzip, gzip,
+            "naive file, write/1000 ev", median(naive), naive,
+            ratio=median(naive) / ours_gzip, target=">= 0.8x",
+            passed=at_least(median(naive) / ours_gzip, 0.8),
+            note="one segment (16 MiB) holds the whole batch, so nothing is compressed here;"
+                 " compression is exercised by row 8"),
+    ]
+    rows4 = [
+        Row(f"append_many {count(n)} vs SQLite batch", n, ours_gzip, gzip,
+            "sqlite executemany, 1 txn", median(sql), sql,
+            ratio=median(sql) / ours_gzip, target=">= 2x",
+            passed=at_least(median(sql) / ours_gzip, 2.0),
+            note="ours with default options; SQLite in WAL mode, synchronous=NORMAL, "
+                 "body TEXT from orjson"),
+    ]
+    return rows1, rows4
+
+
+# --------------------------------------------------------------------- row 2: single appends
+
+
+def bench_append(opts: Options) -> list[Row]:
+    n = opts.sizes.write
+    events = make_events(0, n)
+    ours: list[float] = []
+    sql: list[float] = []
+    for run in range(opts.runs):
+        progress(f"row 2: {n:,} single appends vs SQLite autocommit, run {run + 1}/{opts.runs}")
+        with fresh_dir(opts.dir) as tmp:
+            log = EventLog(os.path.join(tmp, "log"))  # defaults: sync="interval", gzip
+
+            def one_by_one(log: EventLog = log) -> None:
+                append = log.append
+                for e in events:
+                    append(e)
+
+            ours.append(timed(one_by_one))
+            assert log.head == n
+            log.close()
+
+            con = sqlite_open(os.path.join(tmp, "auto.db"), "NORMAL")
+
+            def sql_autocommit(con: sqlite3.Connection = con) -> None:
+                execute, dumps = con.execute, orjson.dumps
+                for e in events:
+                    execute(SQL_INSERT, (dumps(e).decode(),))
+
+            sql.append(timed(sql_autocommit))
+            con.close()
+    t, b = median(ours), median(sql)
+    return [
+        Row(f"append {count(n)}, one call each", n, t, ours, target=">= 150k/s",
+            passed=n / t >= 150_000, note="default options (sync=\"interval\", gzip)"),
+        Row(f"append {count(n)} vs SQLite autocommit", n, t, ours,
+            "sqlite insert/txn (WAL,NORMAL)", b, sql, ratio=b / t, target=">= 2x",
+            passed=b / t >= 2.0),
+    ]
+
+
+# --------------------------------------------------------------------- row 3: buffered writer
+
+
+def bench_buffered(opts: Options) -> list[Row]:
+    n = opts.sizes.write
+    events = make_events(0, n)
+    ours: list[float] = []
+    for run in range(opts.runs):
+        progress(f"row 3: buffered writer, {n:,} events, run {run + 1}/{opts.runs}")
+        with fresh_dir(opts.dir) as tmp:
+            log = EventLog(os.path.join(tmp, "log"))
+
+            def buffered(log: EventLog = log) -> None:
+                w = log.writer()
+                append = w.append
+                for e in events:
+                    append(e)
+                w.close()
+
+            ours.append(timed(buffered))
+            assert log.head == n
+            log.close()
+    t = median(ours)
+    return [Row(f"writer() {count(n)}, append+close", n, t, ours, target=">= 500k/s",
+                passed=n / t >= 500_000, note="log.writer() defaults: max_events=1000, "
+                "linger=0.05 s; timed from writer() to close()")]
+
+
+# ----------------------------------------------------------------------- row 5: fsync always
+
+
+def bench_fsync(opts: Options) -> list[Row]:
+    n = opts.sizes.fsync
+    events = make_events(0, n)
+    ours: list[float] = []
+    sql: list[float] = []
+    for run in range(opts.runs):
+        progress(f"row 5: sync=\"always\", {n:,} appends vs SQLite FULL, run {run + 1}/{opts.runs}")
+        with fresh_dir(opts.dir) as tmp:
+            log = EventLog(os.path.join(tmp, "log"), sync="always")
+
+            def durable(log: EventLog = log) -> None:
+                append = log.append
+                for e in events:
+                    append(e)
+
+            ours.append(timed(durable))
+            log.close()
+
+            con = sqlite_open(os.path.join(tmp, "full.db"), "FULL")
+
+            def sql_full(con: sqlite3.Connection = con) -> None:
+                execute, dumps = con.execute, orjson.dumps
+                for e in events:
+                    execute(SQL_INSERT, (dumps(e).decode(),))
+
+            sql.append(timed(sql_full))
+            con.close()
+    cost = fdatasync_cost(opts.dir)
+    t, b = median(ours), median(sql)
+    return [Row(f"append sync=always {count(n)}", n, t, ours,
+                "sqlite autocommit, FULL", b, sql, ratio=b / t, target=">= 2x",
+                passed=b / t >= 2.0,
+                note=f"one pwrite+fdatasync costs {cost * 1e6:.0f} µs on this disk (a VM disk "
+                     "with a write-back cache; a real disk flush costs far more), so this row "
+                     f"measures syscalls more than the device. ours {t / n * 1e6:.0f} µs/append, "
+                     f"SQLite {b / n * 1e6:.0f} µs/insert")]
+
+
+# ------------------------------------------------------------------------------ row 6: read
+
+
+def bench_read(opts: Options) -> list[Row]:
+    n = opts.sizes.read
+    dec: list[float] = []
+    raw: list[float] = []
+    naive: list[float] = []
+    naive_raw: list[float] = []
+    sql: list[float] = []
+    for run in range(opts.runs):
+        progress(f"row 6: full read of {n:,} events, run {run + 1}/{opts.runs} (building...)")
+        with fresh_dir(opts.dir) as tmp:
+            log_path = os.path.join(tmp, "log")
+            plain_path = os.path.join(tmp, "naive.jsonl")
+            db_path = os.path.join(tmp, "read.db")
+            with EventLog(log_path) as w, open(plain_path, "wb") as f:
+                con = sqlite_open(db_path, "NORMAL")
+                con.execute("BEGIN")
+                for start in range(0, n, 100_000):
+                    events = make_events(start, min(100_000, n - start))
+                    w.append_many(events)
+                    lines = [orjson.dumps(e) for e in events]
+                    f.write(b"\n".join(lines) + b"\n")
+                    con.executemany(SQL_INSERT, ((ln.decode(),) for ln in lines))
+                con.execute("COMMIT")
+                con.close()
+            log = EventLog(log_path)  # a fresh reader, as another process would open it
+
+            def ours(log: EventLog = log) -> None:
+                count = 0
+                for _ in log.read():
+                    count += 1
+                assert count == n
+
+            def ours_raw(log: EventLog = log) -> None:
+                count = 0
+                for _ in log.read_raw():
+                    count += 1
+                assert count == n
+
+            def naive_loop(plain_path: str = plain_path) -> None:
+                count = 0
+                loads = orjson.loads
+                with open(plain_path, "rb") as f:
+                    for line in f:
+                        loads(line)
+                        count += 1
+                assert count == n
+
+            def naive_lines(plain_path: str = plain_path) -> None:
+                count = 0
+                with open(plain_path, "rb") as f:
+                    for _ in f:
+                        count += 1
+                assert count == n
+
+            def sql_select(db_path: str = db_path) -> None:
+                count = 0
+                loads = orjson.loads
+                con = sqlite3.connect(db_path)
+                for (body,) in con.execute("SELECT body FROM t ORDER BY id"):
+                    loads(body)
+                    count += 1
+                con.close()
+                assert count == n
+
+            for fn, samples in ((ours, dec), (naive_loop, naive), (sql_select, sql),
+                                (ours_raw, raw), (naive_lines, naive_raw)):
+                samples.append(timed(fn))
+            log.close()
+    t, r = median(dec), median(raw)
+    return [
+        Row(f"read() {count(n)}, decoded Records", n, t, dec,
+            "naive: for line in f: loads", median(naive), naive,
+            ratio=median(naive) / t, target=">= 0.6x",
+            passed=median(naive) / t >= 0.6,
+            note="reads run from the page cache (the files were just written); all sides "
+                 "count events in a Python for loop"),
+        Row(f"read() {count(n)} vs SQLite", n, t, dec,
+            "sqlite SELECT ORDER BY id+loads", median(sql), sql,
+            ratio=median(sql) / t, target=">= 1.2x", passed=median(sql) / t >= 1.2),
+        Row(f"read_raw() {count(n)}, undecoded", n, r, raw,
+            "naive: for line in f", median(naive_raw), naive_raw,
+            ratio=median(naive_raw) / r, target="info"),
+    ]
+
+
+# ---------------------------------------------------------------------- row 7: processes
+
+
+def writer_process(path: str, first: int, count: int, barrier: Barrier,
+                   results: Queue[tuple[int, float, float]]) -> None:
+    """Append ``count`` events one call at a time once every writer is ready."""
+    events = make_events(first, count)
+    log = EventLog(path)
+    append = log.append
+    barrier.wait(timeout=120)
+    start = time.perf_counter()  # CLOCK_MONOTONIC: comparable between processes
+    for e in events:
+        append(e)
+    end = time.perf_counter()
+    log.close()
+    results.put((first, start, end))
+
+
+def run_writers(path: str, total: int, procs: int) -> float:
+    """Seconds from the first writer's start to the last writer's end."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    results: Queue[tuple[int, float, float]] = ctx.Queue()
+    per = total // procs
+    workers = [
+        ctx.Process(target=writer_process, name=f"bench-writer-{k}",
+                    args=(path, k * per, per if k < procs - 1 else total - k * per,
+                          barrier, results))
+        for k in range(procs)
+    ]
+    for p in workers:
+        p.start()
+    got = [results.get(timeout=600) for _ in workers]
+    for p in workers:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"{p.name} exited with {p.exitcode}")
+    return max(e for _, _, e in got) - min(s for _, s, _ in got)
+
+
+def check_log(path: str, total: int) -> None:
+    """Assert the log holds exactly events 0..total-1, each once, at dense offsets."""
+    with EventLog(path) as log:
+        assert log.head == total, f"log has {log.head} events, expected {total}"
+        seen = set()
+        for k, rec in enumerate(log.read()):
+            assert rec.offset == k, (rec.offset, k)
+            seen.add(rec.event["name"])
+        assert seen == {f"event{i}" for i in range(total)}, "events lost or duplicated"
+
+
+def bench_processes(opts: Options) -> list[Row]:
+    n, k = opts.sizes.procs_total, opts.sizes.procs
+    multi: list[float] = []
+    single: list[float] = []
+    for run in range(opts.runs):
+        progress(f"row 7: {k} writer processes x {n // k:,} appends vs 1 x {n:,}, "
+                 f"run {run + 1}/{opts.runs}")
+        order = ((k, multi), (1, single)) if run % 2 == 0 else ((1, single), (k, multi))
+        for procs, samples in order:
+            with fresh_dir(opts.dir) as tmp:
+                path = os.path.join(tmp, "log")
+                EventLog(path).close()  # created up front: workers only open it
+                samples.append(run_writers(path, n, procs))
+                check_log(path, n)
+    t, b = median(multi), median(single)
+    return [Row(f"{k} procs x {count(n // k)} append", n, t, multi,
+                f"1 process x {count(n)} append", b, single, ratio=b / t, target=">= 1.0x",
+                passed=b / t >= 1.0,
+                note=f"aggregate rate over {os.cpu_count()} cpus, start together at a barrier "
+                     "(spawned processes); every run checked: head == N, each event once")]
+
+
+# ---------------------------------------------------------------------- row 8: latency
+
+
+def bench_latency(opts: Options) -> list[Row]:
+    n = opts.sizes.latency
+    seg = opts.sizes.latency_segment_bytes
+    events = make_events(0, n)
+    totals: list[float] = []
+    stats: dict[str, list[float]] = {"p50": [], "p99": [], "p99.9": [], "max": []}
+    compressed: list[int] = []
+    for run in range(opts.runs):
+        progress(f"row 8: latency of {n:,} appends with {seg >> 10} KiB gzip segments, "
+                 f"run {run + 1}/{opts.runs}")
+        with fresh_dir(opts.dir) as tmp:
+            log = EventLog(os.path.join(tmp, "log"), segment_max_bytes=seg,
+                           compression="gzip")
+            lat = [0] * n
+            clock = time.perf_counter_ns
+            append = log.append
+            start = time.perf_counter()
+            for i, e in enumerate(events):
+                t0 = clock()
+                append(e)
+                lat[i] = clock() - t0
+            totals.append(time.perf_counter() - start)
+            compressed.append(sum(name.endswith(".gz") for name in os.listdir(log.segments_dir)))
+            log.close()
+        lat.sort()
+        for key, pct in (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9), ("max", 100.0)):
+            stats[key].append(percentile(lat, pct) / 1e9)
+    med = {key: median(v) for key, v in stats.items()}
+    t = median(totals)
+    parts = ", ".join(f"{key} {fmt_seconds(v)}" for key, v in med.items())
+    return [Row(f"append latency, {seg >> 20} MiB gzip segs", n, t, totals,
+                ratio=None, target="p99 < 5 ms", passed=med["p99"] < 5e-3,
+                extra={f"{key}_s": v for key, v in med.items()}
+                | {"worst_max_s": max(stats["max"])},
+                note=f"per-call latency (median over runs): {parts}; worst max over runs "
+                     f"{fmt_seconds(max(stats['max']))}; ~{median(compressed):.0f} segments "
+                     "gzip'd by the background thread during a run")]
+
+
+# ------------------------------------------------------------------ row 9: open + read last
+
+
+def build_log(path: str, total: int, label: str) -> float:
+    start = time.perf_counter()
+    with EventLog(path, compression=None) as log:
+        for first in range(0, total, 100_000):
+            log.append_many(make_events(first, min(100_000, total - first)))
+            if first and first % 1_000_000 == 0:
+                progress(f"row 9: building {label} log: {first:,}/{total:,}")
+        assert log.head == total
+    return time.perf_counter() - start
+
+
+def open_and_read_last(path: str, total: int) -> float:
+    start = time.perf_counter()
+    log = EventLog(path, compression=None)
+    records = log.read(log.head - 1)
+    rec = next(records)
+    elapsed = time.perf_counter() - start
+    del records  # drops the generator: its segment file is closed
+    log.close()
+    assert rec.offset == total - 1 and rec.event["name"] == f"event{total - 1}"
+    return elapsed
+
+
+def bench_open(opts: Options) -> list[Row]:
+    big, small, reps = opts.sizes.big, opts.sizes.small, opts.sizes.open_repeats
+    big_s: list[float] = []
+    small_s: list[float] = []
+    with fresh_dir(opts.dir) as tmp:
+        big_path, small_path = os.path.join(tmp, "big"), os.path.join(tmp, "small")
+        progress(f"row 9: building a {big:,}-event log (append_many, batches of 100k)")
+        build = build_log(big_path, big, "big")
+        build_log(small_path, small, "small")
+        segments = len(os.listdir(os.path.join(big_path, "segments")))
+        size = sum(e.stat().st_size for e in os.scandir(os.path.join(big_path, "segments")))
+        for run in range(opts.runs):
+            progress(f"row 9: open + read last, {reps} repeats each, run {run + 1}/{opts.runs}")
+            b: list[float] = []
+            s: list[float] = []
+            for _ in range(reps):
+                b.append(open_and_read_last(big_path, big))
+                s.append(open_and_read_last(small_path, small))
+            big_s.append(median(b))
+            small_s.append(median(s))
+    t, base = median(big_s), median(small_s)
+    return [Row(f"open+read last, {count(big)}-event log", 0, t, big_s,
+                f"same on a {count(small)}-event log", base, small_s, ratio=t / base,
+                target="<= 1.5x (time big/small)", passed=t / base <= 1.5,
+                note=f"fresh EventLog each time, median of {reps} repeats per run; the big log "
+                     f"({segments} segments, {size / 2**20:.0f} MiB, built once in "
+                     f"{build:.1f} s = {fmt_rate(big / build)} via append_many) is read from "
+                     "the page cache")]
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Options, set[int], bool]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs per measurement, reported as their median (default 5, quick 3)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    ap.add_argument("--dir", default=None, help="where to make the temporary directories")
+    ap.add_argument("--big", type=lambda s: int(s.replace("_", "")), default=None,
+                    help="events in row 9's big log (default 10_000_000, quick 1_000_000)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-9)")
+    ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
+    a = ap.parse_args(argv)
+    sizes = QUICK if a.quick else FULL
+    if a.big is not None:
+        if a.big < 2:
+            ap.error("--big must be >= 2")
+        sizes = Sizes(**{**asdict(sizes), "big": a.big})
+    runs = a.runs if a.runs is not None else (3 if a.quick else 5)
+    if runs < 1:
+        ap.error("--runs must be >= 1")
+    only = {int(x) for x in a.only.split(",") if x.strip()} or set(range(1, 10))
+    if not only <= set(range(1, 10)):
+        ap.error("--only takes row numbers 1-9")
+    if a.dir is not None:
+        os.makedirs(a.dir, exist_ok=True)
+    return Options(runs=runs, sizes=sizes, dir=a.dir, quick=a.quick), only, a.json
+
+
+def run(opts: Options, only: set[int]) -> list[tuple[str, Row]]:
+    """Run the selected rows; returns (label, row) pairs in table order."""
+    out: dict[int, list[Row]] = {}
+    if only & {1, 4}:
+        out[1], out[4] = bench_batch(opts)
+    single: list[tuple[int, Callable[[Options], list[Row]]]] = [
+        (2, bench_append), (3, bench_buffered), (5, bench_fsync), (6, bench_read),
+        (7, bench_processes), (8, bench_latency), (9, bench_open),
+    ]
+    for number, fn in single:
+        if number in only:
+            out[number] = fn(opts)
+    labelled = []
+    for number in sorted(only):
+        rows = out[number]
+        for k, row in enumerate(rows):
+            labelled.append((f"{number}{'abc'[k]}" if len(rows) > 1 else str(number), row))
+    return labelled
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts, only, as_json = parse_args(argv)
+    env = environment(opts.dir)
+    env["eventpipe_env"] = {k: v for k, v in os.environ.items() if k.startswith("EVENTPIPE_")}
+    progress(environment_line(env))
+    started = time.perf_counter()
+    rows = run(opts, only)
+    elapsed = time.perf_counter() - started
+    progress(f"done in {elapsed:.0f} s")
+    settings = {"runs": opts.runs, "quick": opts.quick, "sizes": asdict(opts.sizes),
+                "rows": sorted(only), "elapsed_s": elapsed}
+    if as_json:
+        print(rows_to_json(env, rows, settings))
+        return 0
+    mode = "quick" if opts.quick else "full"
+    print(f"eventpipe storage benchmarks ({mode}; median of {opts.runs} runs; "
+          f"ratio = ours/baseline throughput unless noted; total {elapsed:.0f} s)")
+    print(environment_line(env))
+    if env["eventpipe_env"]:
+        print(f"EVENTPIPE_* environment in effect: {env['eventpipe_env']}")
+    print()
+    print(render_table(rows))
+    failed = [label for label, r in rows if r.passed is False]
+    print()
+    print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
