@@ -5,7 +5,9 @@ readers and consumers in other processes follow it, each from its own position.
 """
 
 from .buffered import BufferedWriter
+from .checkpoint import Checkpoint
 from .config import LogConfig
+from .consumer import Consumer
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -24,6 +26,7 @@ from .errors import (
     UnserializableEventError,
     UnsupportedFormatError,
 )
+from .follow import Follower
 from .log import EventLog
 from .record import Record
 
@@ -31,14 +34,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BufferedWriter",
+    "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
     "ConfigError",
+    "Consumer",
     "ConsumerBusyError",
     "CorruptLogError",
     "EventLog",
     "EventPipeError",
     "EventTooLargeError",
+    "Follower",
     "HandlerError",
     "LockTimeout",
     "LogClosedError",

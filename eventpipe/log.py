@@ -852,6 +852,18 @@ class EventLog:
                 )
         return CorruptLogError("stored event is not valid JSON", path=self.segments_dir)
 
+    def follow(self, start: int | None = None, *, poll_interval: float = 1.0,
+               notifications: bool = True) -> Follower:
+        """Every event from ``start`` (default: the head now) on, waiting for new ones.
+
+        Returns a :class:`~eventpipe.follow.Follower`: iterate it in a thread or ``async for``
+        it in an event loop; it ends on its ``stop()`` or when the async task is cancelled.
+        """
+        from .follow import Follower
+
+        self._check_open()
+        return Follower(self, start, poll_interval=poll_interval, notifications=notifications)
+
     def writer(self, *, max_events: int = 1000, max_bytes: int = 1 << 20,
                linger: float | None = 0.05) -> BufferedWriter:
         """A buffered writer for high-rate producers; see :class:`BufferedWriter`."""
@@ -894,3 +906,4 @@ class EventLog:
 
 
 from .buffered import BufferedWriter  # noqa: E402  (cycle: BufferedWriter wraps EventLog)
+from .follow import Follower  # noqa: E402  (cycle: Follower reads an EventLog)

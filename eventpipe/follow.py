@@ -1,0 +1,87 @@
+"""Following a log as it grows: a blocking iterator and an async iterator on one notifier."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+from .notify import ChangeNotifier
+
+if TYPE_CHECKING:
+    from .log import EventLog
+    from .record import Record
+
+__all__ = ["Follower"]
+
+HEAD_FILE = "head"
+
+
+class Follower:
+    """Yields every event from ``start`` on, then each new one as it is committed.
+
+    Iterate it (``for record in log.follow(0)``) in a thread, or ``async for`` it in an event
+    loop. New events are noticed through filesystem notifications on the log's header, with
+    ``poll_interval`` as the bound when a notification is lost or none exist (network
+    filesystems; ``notifications=False``). The async form never blocks the loop on a wait and
+    stops cleanly when its task is cancelled. :meth:`stop` (thread-safe) ends iteration.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        start: int | None = None,
+        *,
+        poll_interval: float = 1.0,
+        notifications: bool = True,
+    ) -> None:
+        self._log = log
+        self._start = start
+        self._poll = poll_interval
+        self._notifications = notifications
+        self._stopped = threading.Event()
+        self._notifier: ChangeNotifier | None = None
+
+    def stop(self) -> None:
+        """End iteration soon (from any thread); a blocked wait returns at once."""
+        self._stopped.set()
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.wake()
+
+    def _begin(self) -> tuple[ChangeNotifier, int]:
+        notifier = ChangeNotifier(self._log.path, HEAD_FILE, use_watchdog=self._notifications)
+        # Watch first, read second: an append racing with the first read leaves a hint.
+        notifier.start()
+        self._notifier = notifier
+        offset = self._log.head if self._start is None else self._start
+        return notifier, offset
+
+    def __iter__(self) -> Iterator[Record]:
+        notifier, offset = self._begin()
+        try:
+            while not self._stopped.is_set():
+                for record in self._log.read(offset):
+                    yield record
+                    offset = record[0] + 1
+                    if self._stopped.is_set():
+                        return
+                notifier.wait(self._poll)
+        finally:
+            notifier.close()
+
+    async def _aiter(self) -> AsyncIterator[Record]:
+        notifier, offset = self._begin()
+        try:
+            while not self._stopped.is_set():
+                for record in self._log.read(offset):
+                    yield record
+                    offset = record[0] + 1
+                    if self._stopped.is_set():
+                        return
+                await notifier.wait_async(self._poll)
+        finally:
+            notifier.close()
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return self._aiter()
