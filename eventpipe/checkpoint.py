@@ -93,8 +93,17 @@ def save_checkpoint(path: str, checkpoint: Checkpoint, mode: int) -> None:
         # A hard link costs no copy; rename over .prev keeps the swap atomic.
         tmp_prev = f"{prev}.tmp.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_prev)  # left by a process of the same pid killed right here
+        try:
             os.link(path, tmp_prev)
+        except FileNotFoundError:
+            pass  # no checkpoint yet
+        else:
             os.rename(tmp_prev, prev)
+            # rename() does nothing when both names are already one file (a writer killed
+            # between this step and the next left .prev == current): drop the temp name.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_prev)
     atomic_write(path, data, mode)
 
 

@@ -27,7 +27,13 @@ import filelock
 import orjson
 
 from ._fsutil import atomic_write, make_dirs
-from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    validate_name,
+)
 from .config import Option, resolve
 from .errors import (
     CheckpointMismatchError,
@@ -177,9 +183,20 @@ class Consumer:
         if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
             raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
                               option="dead_letter")
+        validate_name(name)
         self._owns_log = not isinstance(log_or_path, EventLog)
         self.log = EventLog(log_or_path) if not isinstance(log_or_path, EventLog) \
             else log_or_path
+        try:
+            self._setup(name, handler, initial_state, on_caught_up, on_idle)
+        except BaseException:
+            if self._owns_log:
+                self.log.close()
+            raise
+
+    def _setup(self, name: str, handler: Handler, initial_state: Any,
+               on_caught_up: Hook | None, on_idle: Hook | None) -> None:
+        opts = self.options
         self.name = name
         self.handler = handler
         self.on_caught_up = on_caught_up
@@ -212,14 +229,19 @@ class Consumer:
         self._closed = False
         if not self._name_lock.try_acquire():
             if not opts["standby"]:
-                self.close()
+                self.systemd.close()
                 raise ConsumerBusyError(
                     f"consumer {name!r} is already running ({self._name_lock.holder()}); "
                     "use standby to wait for it",
                     holder=self._name_lock.holder(), path=self._name_lock.path,
                 )
         else:
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                self._name_lock.release()
+                self.systemd.close()
+                raise
 
     # ------------------------------------------------------------------- name and checkpoint
 

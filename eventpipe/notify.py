@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,20 @@ _EVENT_TYPES: Final[list[type[FileSystemEvent]]] = [
 
 # See _block(): the longest a signal handler's wake() can be delayed on the main thread.
 _MAIN_THREAD_SLICE: Final = 0.1
+
+# Stopping an InotifyEmitter while an event is in flight makes watchdog log this at ERROR
+# level, although nothing is wrong (the emitter is being stopped on purpose). close() can
+# always race with appends, so without this filter closing a busy notifier would print an
+# alarming line on stderr. The filter drops that one message and nothing else.
+_SHUTDOWN_RACE_MESSAGE: Final = "InotifyEmitter.queue_events() called when the thread is inactive"
+
+
+class _DropShutdownRace(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _SHUTDOWN_RACE_MESSAGE
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_DropShutdownRace())
 
 
 def _basename(path: bytes | str) -> str:

@@ -6,12 +6,15 @@ returned, so the parent knows exactly what was acknowledged before it killed the
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 
 
 def writer(path: str, wid: str, count: str, seed: str, seg_bytes: str) -> None:
@@ -58,8 +61,47 @@ def reader(path: str) -> None:
                 return
 
 
+def fold(state: dict[str, Any], event: Any, offset: int) -> dict[str, Any]:
+    """The test consumers' handler: counts and sums, and insists on seeing every offset once."""
+    if state["next"] != offset:
+        raise AssertionError(f"expected offset {state['next']}, got {offset}")
+    state["next"] = offset + 1
+    state["n"] += 1
+    state["sum"] += event.get("seq", 0) if isinstance(event, dict) else 0
+    return state
+
+
+INITIAL = {"next": 0, "n": 0, "sum": 0}
+
+
+def consumer(path: str, name: str, *flags: str) -> None:
+    """Run a Consumer with the fold handler; prints "caught-up", each offset with --echo."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--standby", action="store_true")
+    parser.add_argument("--poll", type=float, default=1.0)
+    parser.add_argument("--no-notify", action="store_true")
+    parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--every", type=int, default=100)
+    args = parser.parse_args(flags)
+
+    def handler(state: dict[str, Any], event: Any, offset: int) -> dict[str, Any]:
+        state = fold(state, event, offset)
+        if args.echo:
+            print(offset, flush=True)
+        return state
+
+    with Consumer(path, name, handler, INITIAL, standby=args.standby,
+                  poll_interval=args.poll, notifications=not args.no_notify,
+                  checkpoint_every=args.every,
+                  on_caught_up=lambda c: print("caught-up", flush=True)) as c:
+        c.run()
+        print("final", json.dumps(c.state), c.offset, flush=True)
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
-    programs: dict[str, Callable[..., None]] = {"writer": writer, "reader": reader}
+    programs: dict[str, Callable[..., None]] = {
+        "writer": writer, "reader": reader, "consumer": consumer,
+    }
     programs[name](*args)
     os._exit(0)

@@ -35,6 +35,7 @@ class Children:
 
     def popen(self, cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
         kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("bufsize", 0)  # so select() on a child's stdout sees every line
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         kwargs.setdefault("env", env)
