@@ -68,6 +68,18 @@ def _int_at_least(low: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _int_between(low: int, high: int) -> Callable[[Any], str | None]:
+    at_least = _int_at_least(low)
+
+    def check(value: Any) -> str | None:
+        complaint = at_least(value)
+        if complaint is None and value > high:
+            complaint = f"must be <= {high}, got {value}"
+        return complaint
+
+    return check
+
+
 def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     return lambda value: None if value is None else check(value)
 
@@ -100,7 +112,7 @@ LOG_OPTIONS: tuple[Option, ...] = (
            "Roll to a new segment after this many events (None: no limit)."),
     Option("compression", "gzip", _parse_optional_str, _one_of("gzip", None),
            'Compress sealed segments: "gzip" or None.'),
-    Option("compression_level", 6, _parse_int, _one_of(*range(1, 10)),
+    Option("compression_level", 6, _parse_int, _int_between(1, 9),
            "gzip level 1 (fast) .. 9 (small)."),
     Option("sync", "interval", str.strip, _one_of("none", "interval", "always"),
            'Durability: "none", "interval" (fsync every sync_interval s) or "always".'),
