@@ -122,6 +122,10 @@ LOG_OPTIONS: tuple[Option, ...] = (
            "Largest encoded event accepted; larger ones raise EventTooLargeError."),
     Option("file_mode", 0o644, _parse_mode, _mode,
            "Mode of created files; folders get the same plus x where r (0o664 -> 0o775)."),
+    Option("retention_max_age", None, _parse_optional_float, _optional(_positive_number),
+           "Remove sealed segments older than this many seconds (None: keep)."),
+    Option("retention_max_bytes", None, _parse_optional_int, _optional(_int_at_least(1)),
+           "Remove the oldest sealed segments beyond this total size (None: keep)."),
     Option("lock_timeout", None, _parse_optional_float, _optional(_positive_number),
            "Seconds to wait for the writer lock before LockTimeout (None: wait)."),
 )
@@ -180,6 +184,8 @@ class LogConfig:
     max_event_bytes: int
     file_mode: int
     lock_timeout: float | None
+    retention_max_age: float | None
+    retention_max_bytes: int | None
 
     @classmethod
     def from_options(

@@ -240,8 +240,7 @@ class EventLog:
             w = self._writer_state = _WriterState(lock_fd, head_fd)
             if self.config.sync == "interval":
                 self._start_syncer()
-            if self.config.compression is not None:
-                self._compression().kick()  # finish what earlier writers left uncompressed
+            self._compression().kick()  # finish what earlier writers left unsealed
         return w
 
     def _open_head_for_writing(self) -> int:
@@ -624,8 +623,7 @@ class EventLog:
                 os.close(fd)
             w.seg_base, w.seg_fd = created[-1]
             self._bases_stale()
-            if cfg.compression is not None:
-                self._compression().kick()
+            self._compression().kick()  # checksum (and compress) the sealed segments
 
     def _remove_orphans(self, h: Header) -> None:
         """Remove segments past the active one: left by writers that died before committing.
@@ -727,6 +725,8 @@ class EventLog:
                 self.segments_dir,
                 os.path.join(self.path, COMPRESS_LOCK),
                 lambda: self._read_header().segment_base,
+                compress=self.config.compression is not None,
+                after_pass=self._apply_retention,
                 level=self.config.compression_level,
                 file_mode=self.config.file_mode,
             )
@@ -738,9 +738,45 @@ class EventLog:
         Waits while another process is compressing. Works whatever the ``compression`` option.
         """
         self._check_open()
-        return self._compression().run_pass(blocking=True)
+        return self._compression().run_pass(blocking=True, compress=True)
+
+    def prune(
+        self,
+        *,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        before: int | None = None,
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Remove the oldest sealed segments by age, total size or offset.
+
+        Never removes what a known consumer has not processed, unless ``force``; the report
+        says what was held back. See :mod:`eventpipe.retention`.
+        """
+        from .retention import prune
+
+        self._check_open()
+        return prune(self, max_age=max_age, max_bytes=max_bytes, before=before, force=force,
+                     dry_run=dry_run)
+
+    def _apply_retention(self) -> None:
+        cfg = self.config
+        if cfg.retention_max_age is not None or cfg.retention_max_bytes is not None:
+            from .retention import prune
+
+            prune(self, max_age=cfg.retention_max_age, max_bytes=cfg.retention_max_bytes,
+                  blocking=False)
 
     # ------------------------------------------------------------------------------ reading
+
+    @property
+    def first_offset(self) -> int:
+        """The first offset still stored (0 unless retention removed older segments)."""
+        self._check_open()
+        h = self._read_header()
+        bases = self._segment_bases(h)
+        return bases[0] if bases else h.head
 
     def _check_open(self) -> None:
         if self._closed:
@@ -907,3 +943,4 @@ class EventLog:
 
 from .buffered import BufferedWriter  # noqa: E402  (cycle: BufferedWriter wraps EventLog)
 from .follow import Follower  # noqa: E402  (cycle: Follower reads an EventLog)
+from .retention import PruneReport  # noqa: E402  (cycle: prune works on an EventLog)

@@ -136,7 +136,7 @@ def test_append_refuses_unserialisable_event(
 
 
 @pytest.mark.parametrize(("bad", "reason"), UNSERIALISABLE)
-@pytest.mark.parametrize("k", [0, 1, 5])
+@pytest.mark.parametrize("k", [0, 1, 5, 1500])  # 1500: past the first encoding slice
 def test_append_many_refuses_whole_batch_naming_the_bad_index(
     log: EventLog, log_path: Path, bad: Any, reason: str, k: int
 ) -> None:
@@ -213,7 +213,7 @@ def test_append_refuses_event_over_max_event_bytes(small_log: EventLog, log_path
     assert_unchanged(before, log_path)
 
 
-@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("k", [0, 3, 1500])
 def test_append_many_refuses_batch_with_event_over_max_event_bytes(
     small_log: EventLog, log_path: Path, k: int
 ) -> None:
@@ -369,6 +369,18 @@ def test_non_empty_folder_that_is_not_a_log_is_refused(
     assert isinstance(info.value, ValueError) and isinstance(info.value, EventPipeError)
     assert info.value.path == str(folder) and str(folder) in str(info.value)
     assert_unchanged(before, folder)
+
+
+def test_path_that_is_a_regular_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"someone's file\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(EventPipeError) as info:
+        EventLog(target, sync="none", compression=None)
+    assert isinstance(info.value, NotAnEventLogError | StorageError), info.value
+    assert info.value.path is not None and info.value.path.startswith(str(target))
+    assert str(target) in str(info.value)
+    assert_unchanged(before, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,11 @@ def events(n: int, start: int = 0) -> list[dict[str, object]]:
     return [{"ts": 1_700_000_000 + i, "name": f"event{i}"} for i in range(start, start + n)]
 
 
+def segment_names(log_path: Path) -> list[str]:
+    """Segment files (not their checksum sidecars), sorted."""
+    return sorted(p.name for p in (log_path / "segments").iterdir() if ".jsonl" in p.name)
+
+
 def header(log_path: Path) -> tuple[int, int, int]:
     magic, head, base, committed, _crc = struct.unpack("<4sQQQI", (log_path / "head").read_bytes())
     assert magic == b"EPH1"
@@ -50,7 +55,7 @@ def test_append_and_read_back(log_path: Path) -> None:
 def test_reads_from_any_offset_across_rolled_and_compressed_segments(log_path: Path) -> None:
     with EventLog(log_path, segment_max_bytes=500, compression=None) as log:
         log.append_many(events(300))
-        plain = sorted(p.name for p in (log_path / "segments").iterdir())
+        plain = segment_names(log_path)
         assert len(plain) > 10
         for start, stop in [(0, 300), (17, 18), (150, 290), (299, None), (0, 1), (300, None)]:
             want = events(300)[start:stop]
@@ -58,7 +63,7 @@ def test_reads_from_any_offset_across_rolled_and_compressed_segments(log_path: P
             offsets = [r.offset for r in log.read(start, stop)]
             assert offsets == list(range(start, start + len(want)))
         assert log.compress() == len(plain) - 1  # every segment but the active one
-        names = sorted(p.name for p in (log_path / "segments").iterdir())
+        names = segment_names(log_path)
         assert all(n.endswith(".jsonl.gz") for n in names[:-1]) and names[-1].endswith(".jsonl")
         for start in (0, 1, 33, 151, 299):
             assert [r.event for r in log.read(start)] == events(300)[start:]
@@ -71,7 +76,7 @@ def test_segment_event_limit_and_batches_split_across_segments(log_path: Path) -
     with EventLog(log_path, segment_max_events=10, compression=None) as log:
         assert log.append_many(events(35)) == range(35)
         log.append({"x": 1})
-        bases = sorted(int(p.name.split(".")[0]) for p in (log_path / "segments").iterdir())
+        bases = [int(name.split(".")[0]) for name in segment_names(log_path)]
         assert bases == [0, 10, 20, 30]
         assert [r.event for r in log.read(8, 12)] == events(35)[8:12]
     assert header(log_path) == (36, 30, header(log_path)[2])

@@ -60,11 +60,19 @@ def _bulk(n: int, tag: str) -> list[Json]:
     return [{"n": i, "tag": tag, "pad": "x" * (i % 37)} for i in range(n)]
 
 
+def _big(size: int) -> list[Json]:
+    """Events bigger than any segment limit drawn here, between small ones."""
+    return [{"small": 1}, {"big": "B" * size}, {"small": 2}, {"big": "b" * (size // 2)}]
+
+
 batches: st.SearchStrategy[list[Json]] = st.one_of(
     st.just([]),
     st.lists(json_values, min_size=1, max_size=12),
     st.builds(_bulk, st.integers(30, 250), st.text(max_size=10)),
+    st.builds(_big, st.integers(150, 5000)),
 )
+# Batches of more than a thousand events are encoded and planned in several slices.
+huge_batches = st.builds(_bulk, st.integers(990, 1300), st.text(max_size=4))
 
 limits_st: st.SearchStrategy[dict[str, Any]] = st.one_of(
     st.fixed_dictionaries({"segment_max_bytes": st.integers(200, 2000)}),
@@ -152,8 +160,8 @@ class LogMachine(RuleBasedStateMachine):
 
     def _open(self) -> None:
         self.log = EventLog(self.path, sync="none", compression=self.compression, **self.limits)
-        # A reader with unrelated limits: limits only steer writers.
-        self.view = EventLog(self.path, sync="none", compression=None)
+        # Another "process view" of the same log: mostly reads, sometimes writes too.
+        self.view = EventLog(self.path, sync="none", compression=None, **self.limits)
 
     def _close(self) -> None:
         for log in (self.log, self.view):
@@ -197,6 +205,24 @@ class LogMachine(RuleBasedStateMachine):
     def append_many(self, batch: list[Json]) -> None:
         offsets = self._writer_log().append_many(batch)
         assert offsets == range(len(self.model), len(self.model) + len(batch))
+        self._record(batch)
+
+    @rule(batch=huge_batches)
+    def append_huge_batch(self, batch: list[Json]) -> None:
+        self.append_many(batch)
+
+    @rule(event=st.builds(lambda n: {"big": "B" * n}, st.integers(150, 5000)))
+    def append_big_event(self, event: Json) -> None:
+        self.append(event)
+
+    @rule(batch=batches)
+    def append_via_other_instance(self, batch: list[Json]) -> None:
+        assert self.view is not None
+        if len(batch) == 1:
+            assert self.view.append(batch[0]) == len(self.model)
+        else:
+            offsets = self.view.append_many(batch)
+            assert offsets == range(len(self.model), len(self.model) + len(batch))
         self._record(batch)
 
     @rule(

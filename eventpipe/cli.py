@@ -1,0 +1,393 @@
+"""The ``eventpipe`` command line: JSON lines in and out, messages on stderr.
+
+Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, ``append``);
+2 bad usage or a bad option; 3 an eventpipe error (corrupt log, storage, busy consumer...);
+130 interrupted by SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import select
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO, TextIO
+
+import orjson
+
+from . import __version__
+from .errors import ConfigError, EventPipeError, OffsetOutOfRangeError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_APPEND_BATCH = 1000
+
+
+def _err(msg: str) -> None:
+    print(f"eventpipe: {msg}", file=sys.stderr)
+
+
+def _stdout() -> BinaryIO:
+    return sys.stdout.buffer
+
+
+# --------------------------------------------------------------------------------- append
+
+
+def cmd_append(args: argparse.Namespace) -> int:
+    from .log import EventLog
+
+    source: BinaryIO = sys.stdin.buffer
+    out = _stdout()
+    rejected = 0
+    written = 0
+    first_offset: int | None = None
+    with EventLog(args.path) as log:
+        batch: list[bytes] = []
+
+        def commit() -> None:
+            nonlocal written, first_offset
+            if not batch:
+                return
+            offsets = log.append_encoded(batch)
+            batch.clear()
+            written += len(offsets)
+            if first_offset is None:
+                first_offset = offsets.start
+            if not args.json:
+                out.write(b"".join(b"%d\n" % o for o in offsets))
+
+        for lineno, raw in enumerate(source, 1):
+            text = raw.strip()
+            if not text:
+                continue
+            try:
+                # Re-encode: stored events are compact, one per line, whatever came in.
+                batch.append(orjson.dumps(orjson.loads(text)))
+            except orjson.JSONDecodeError as exc:
+                rejected += 1
+                _err(f"line {lineno}: not JSON ({exc}); nothing of it was written")
+                if not args.skip_bad:
+                    commit()
+                    _err(f"stopped at line {lineno}: {written} events written before it")
+                    return EXIT_FAILED
+                continue
+            if len(batch) >= _APPEND_BATCH:
+                commit()
+        commit()
+    if args.json:
+        doc = {"written": written, "first_offset": first_offset, "rejected": rejected}
+        out.write(orjson.dumps(doc) + b"\n")
+    elif rejected:
+        _err(f"{written} events written, {rejected} lines rejected")
+    return EXIT_FAILED if rejected else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- read
+
+
+def _reader_gone(fd: int) -> bool:
+    """True once the read end of our stdout pipe is closed (``... | head`` finished)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
+                notifications: bool) -> Iterator[tuple[int, list[bytes]]]:
+    """(first offset, lines) from ``start``, waiting for more until ``stop`` (if any).
+
+    While idle it also watches stdout, so that a follower whose reader went away ends at
+    once instead of at its next write.
+    """
+    from .notify import ChangeNotifier
+
+    out_fd = sys.stdout.fileno()
+    with ChangeNotifier(log.path, "head", use_watchdog=notifications) as notifier:
+        offset = start
+        while stop is None or offset < stop:
+            for chunk in log.chunks(offset, stop):
+                yield chunk.first_offset, chunk.lines
+                offset = chunk.first_offset + len(chunk.lines)
+            if stop is not None and offset >= stop:
+                return
+            deadline = time.monotonic() + poll
+            while not notifier.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                if _reader_gone(out_fd):
+                    raise BrokenPipeError
+                if time.monotonic() >= deadline:
+                    break
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from .log import EventLog
+
+    out = _stdout()
+    with EventLog(args.path) as log:
+        start = args.from_ if args.from_ >= 0 else max(0, log.head + args.from_)
+        if args.follow:
+            source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notify)
+        else:
+            source = ((c.first_offset, c.lines) for c in log.chunks(start, args.to))
+        for first, lines in source:
+            if args.with_offsets:
+                # Byte-level framing: no decode and re-encode of stored events.
+                data = b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
+                                for i, line in enumerate(lines))
+            else:
+                data = b"\n".join(lines) + b"\n"
+            out.write(data)
+            if args.follow:
+                out.flush()
+    out.flush()
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------- consume
+
+
+def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
+    """``module:function`` or ``path/to/file.py:function`` to a callable; ConfigError if not."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"handler {spec!r} must look like MODULE:FUNCTION", option="handler")
+    try:
+        if target.endswith(".py") or os.sep in target:
+            name = "eventpipe_handler_" + os.path.basename(target).removesuffix(".py")
+            module_spec = importlib.util.spec_from_file_location(name, target)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"cannot load {target}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        func = getattr(module, attr)
+    except (ImportError, AttributeError, OSError) as exc:
+        raise ConfigError(f"cannot load handler {spec!r}: {exc}", option="handler") from None
+    if not callable(func):
+        raise ConfigError(f"handler {spec!r} is not callable", option="handler")
+    return func  # type: ignore[no-any-return]
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from .consumer import Consumer
+
+    handler = load_handler(args.handler)
+    try:
+        initial = orjson.loads(args.initial_state) if args.initial_state is not None else None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"--initial-state is not JSON: {exc}", option="initial_state") from None
+    options: dict[str, Any] = {}
+    for key in ("checkpoint_every", "checkpoint_interval", "poll_interval", "on_error",
+                "max_retries", "dead_letter", "checkpoint_dir"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.standby:
+        options["standby"] = True
+    if args.no_notify:
+        options["notifications"] = False
+    with Consumer(args.path, args.name, handler, initial, **options) as consumer:
+        state = consumer.catch_up() if args.catch_up else consumer.run()
+        if args.print_state:
+            _stdout().write(orjson.dumps(state) + b"\n")
+        _err(f"consumer {args.name}: stopped at offset {consumer.offset}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- status, verify, etc.
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_status, log_status
+
+    report = log_status(args.path)
+    if args.json:
+        _stdout().write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(format_status(report))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_log
+
+    progress = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    problems, summary = verify_log(args.path, progress=progress)
+    if args.json:
+        doc = {"ok": not problems, "problems": [p._asdict() for p in problems], **summary}
+        _stdout().write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        for p in problems:
+            where = f" offset {p.offset}" if p.offset is not None else ""
+            print(f"{p.path}:{where} {p.problem}")
+        verdict = "ok" if not problems else f"{len(problems)} problem(s)"
+        _err(f"verified {summary['segments']} segments, {summary['events']} events, "
+             f"{summary['checkpoints']} checkpoints: {verdict}")
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def _progress_printer(stream: TextIO) -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2 or done == total:
+            last[0] = now
+            end = "\n" if done == total else ""
+            print(f"\r  {done}/{total} segments", end=end, file=stream, flush=True)
+
+    return show
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .log import EventLog
+
+    if args.max_age is None and args.max_bytes is None and args.before is None:
+        raise ConfigError("prune needs --max-age, --max-bytes or --before", option="prune")
+    with EventLog(args.path) as log:
+        report = log.prune(max_age=args.max_age, max_bytes=args.max_bytes,
+                           before=args.before, force=args.force, dry_run=args.dry_run)
+    if args.json:
+        _stdout().write(orjson.dumps(report._asdict()) + b"\n")
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(report.removed)} segments ({report.bytes_removed} bytes); "
+              f"log now starts at offset {report.first_offset}")
+        for note in report.held_back:
+            _err(f"held back: {note}")
+    return EXIT_OK
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .log import EventLog
+
+    with EventLog(args.path) as log:
+        done = log.compress()
+    print(f"compressed {done} segments")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.dir, seconds=args.seconds, writers=args.writers, rate=args.rate)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventpipe",
+        description="Durable multi-process event logs and consumers in a directory.",
+        epilog="Exit codes: 0 ok, 1 check failed or input rejected, 2 usage, 3 eventpipe "
+               "error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"eventpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("append", help="append JSON lines from stdin; prints their offsets")
+    p.add_argument("path")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip lines that are not JSON (reported on stderr) instead of stopping")
+    p.add_argument("--json", action="store_true", help="print one summary object instead")
+    p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("read", help="print events as JSON lines")
+    p.add_argument("path")
+    p.add_argument("--from", dest="from_", type=int, default=0,
+                   help="first offset (negative: that many before the head)")
+    p.add_argument("--to", type=int, default=None, help="stop before this offset")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--with-offsets", action="store_true",
+                   help='print {"offset": N, "event": ...} objects')
+    p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--no-notify", action="store_true", help="poll only (network filesystems)")
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("consume", help="run a consumer (what the systemd unit starts)")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--handler", required=True, help="MODULE:FUNCTION or FILE.py:FUNCTION")
+    p.add_argument("--initial-state", help="JSON for the state before the first event")
+    p.add_argument("--standby", action="store_true",
+                   help="wait for the name if another process holds it")
+    p.add_argument("--catch-up", action="store_true",
+                   help="stop once caught up instead of following")
+    p.add_argument("--print-state", action="store_true", help="print the final state as JSON")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-interval", type=float)
+    p.add_argument("--poll-interval", type=float)
+    p.add_argument("--no-notify", action="store_true")
+    p.add_argument("--on-error", choices=("stop", "retry", "dead_letter"))
+    p.add_argument("--max-retries", type=int)
+    p.add_argument("--dead-letter", help="log path for events the handler fails on")
+    p.add_argument("--checkpoint-dir")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("status", help="head, segments, consumers and writers")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="check every segment and checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="remove old sealed segments (retention)")
+    p.add_argument("path")
+    p.add_argument("--max-age", type=float, help="seconds: remove segments sealed longer ago")
+    p.add_argument("--max-bytes", type=int, help="keep at most this many bytes of segments")
+    p.add_argument("--before", type=int, help="remove segments wholly before this offset")
+    p.add_argument("--force", action="store_true",
+                   help="also remove what known consumers have not processed yet")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("compress", help="gzip every sealed segment now")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("demo", help="run a writer/consumer pipeline demo and check it")
+    p.add_argument("--dir", help="directory to use (default: a new temporary one)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--writers", type=int, default=3)
+    p.add_argument("--rate", type=float, default=20000.0, help="events/s, all writers")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`eventpipe read ... | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OffsetOutOfRangeError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except EventPipeError as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR

@@ -1,0 +1,112 @@
+"""``eventpipe status``: what a log holds and who is using it, from the directory alone."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .checkpoint import load_checkpoint
+from .errors import EventPipeError
+from .log import COMPRESS_LOCK, WRITER_LOCK, EventLog
+from .segment import list_segments
+
+__all__ = ["flock_holders", "format_status", "log_status"]
+
+
+def flock_holders(path: str) -> list[int]:
+    """PIDs holding a flock on ``path``, from /proc/locks (empty where unavailable).
+
+    Linux lists each lock with the pid that took it and the file's device and inode; a lock
+    inherited across fork() shows the original taker.
+    """
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:123 0 EOF" (blocked waiters have "->")
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        if parts[5] == dev:
+            pids.append(int(parts[4]))
+    return sorted(set(pids))
+
+
+def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready description of the log at ``path`` (read-only)."""
+    now = time.time()
+    with EventLog(path) as log:
+        head = log.head
+        segs = list_segments(log.segments_dir)
+        sizes = []
+        for s in segs:
+            try:
+                sizes.append(os.path.getsize(s.path))
+            except FileNotFoundError:
+                sizes.append(0)  # compressed or pruned while we looked
+        consumers = []
+        folder = os.path.join(log.path, "consumers")
+        names = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json")) \
+            if os.path.isdir(folder) else []
+        for name in names:
+            entry: dict[str, Any] = {"name": name}
+            try:
+                cp = load_checkpoint(os.path.join(folder, f"{name}.json"))
+            except EventPipeError as exc:
+                entry["error"] = str(exc)
+                cp = None
+            if cp is not None:
+                entry.update(offset=cp.offset, lag=max(0, head - cp.offset),
+                             last_checkpoint=cp.updated_at,
+                             checkpoint_age_seconds=round(now - cp.updated_at, 3))
+            entry["running_pids"] = flock_holders(os.path.join(folder, f"{name}.lock"))
+            consumers.append(entry)
+        quarantine = os.path.join(log.path, "quarantine")
+        return {
+            "path": log.path,
+            "log_id": log.log_id,
+            "head": head,
+            "first_offset": segs[0].base if segs else head,
+            "segments": {
+                "count": len(segs),
+                "bytes": sum(sizes),
+                "compressed": sum(1 for s in segs if s.compressed),
+                "plain": sum(1 for s in segs if not s.compressed),
+            },
+            "consumers": consumers,
+            "writers_holding_lock": flock_holders(os.path.join(log.path, WRITER_LOCK)),
+            "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
+            "quarantined_files": len(os.listdir(quarantine)) if os.path.isdir(quarantine) else 0,
+        }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The human-readable form of :func:`log_status`."""
+    seg = report["segments"]
+    lines = [
+        f"log        {report['path']}",
+        f"head       {report['head']:,} events (first stored offset {report['first_offset']:,})",
+        f"segments   {seg['count']} ({seg['compressed']} gzip, {seg['plain']} plain), "
+        f"{seg['bytes']:,} bytes on disk",
+        f"writers    {', '.join(map(str, report['writers_holding_lock'])) or 'none'} holding "
+        "the writer lock",
+    ]
+    if report["quarantined_files"]:
+        lines.append(f"quarantine {report['quarantined_files']} file(s) of cut torn tails")
+    lines.append("consumers" + ("" if report["consumers"] else "  none"))
+    for c in report["consumers"]:
+        if "error" in c:
+            lines.append(f"  {c['name']:<20} ERROR {c['error']}")
+            continue
+        running = f"running (pid {', '.join(map(str, c['running_pids']))})" \
+            if c["running_pids"] else "stopped"
+        lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
+                     f"{c.get('lag', 0):>10,}  checkpoint {c.get('checkpoint_age_seconds', 0):.1f}s"
+                     f" ago  {running}")
+    return "\n".join(lines) + "\n"
