@@ -313,11 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-notify", action="store_true", help="poll only (network filesystems)")
     p.set_defaults(func=cmd_read)
 
-    p = sub.add_parser("consume", help="run a consumer (what the systemd unit starts)")
-    p.add_argument("path")
+    env = os.environ
+    p = sub.add_parser(
+        "consume", help="run a consumer (what the systemd unit starts)",
+        description="Run a consumer until SIGTERM/SIGINT. PATH, --handler and "
+                    "--initial-state default to $EVENTPIPE_LOG_PATH, $EVENTPIPE_HANDLER and "
+                    "$EVENTPIPE_INITIAL_STATE (as set by a systemd EnvironmentFile); other "
+                    "options also read EVENTPIPE_<OPTION> variables.")
+    p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
+                   default=env.get("EVENTPIPE_LOG_PATH"))
     p.add_argument("--name", required=True)
-    p.add_argument("--handler", required=True, help="MODULE:FUNCTION or FILE.py:FUNCTION")
-    p.add_argument("--initial-state", help="JSON for the state before the first event")
+    p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
+                   default=env.get("EVENTPIPE_HANDLER"),
+                   help="MODULE:FUNCTION or FILE.py:FUNCTION")
+    p.add_argument("--initial-state", default=env.get("EVENTPIPE_INITIAL_STATE"),
+                   help="JSON for the state before the first event")
     p.add_argument("--standby", action="store_true",
                    help="wait for the name if another process holds it")
     p.add_argument("--catch-up", action="store_true",
