@@ -326,6 +326,11 @@ class Consumer:
         Returns early after ``budget`` events or when stop() is called.
         """
         start_offset = self.offset
+        if self._verify is not None and self.offset - 1 < self.log.first_offset:
+            # Retention removed the segment holding the event this checkpoint was taken after
+            # (it never removes what the consumer still needs): nothing left to compare.
+            self._verify = None
+            self._next_position = None
         first = self.offset - 1 if self._verify is not None else self.offset
         position = self._next_position
         for stored in self.log.chunks(first, stop, position=position):

@@ -8,7 +8,8 @@ from typing import Any
 
 from .checkpoint import load_checkpoint
 from .errors import EventPipeError
-from .log import COMPRESS_LOCK, WRITER_LOCK, EventLog
+from ._appender import WRITER_LOCK
+from .log import COMPRESS_LOCK, EventLog
 from .segment import list_segments
 
 __all__ = ["flock_holders", "format_status", "log_status"]
