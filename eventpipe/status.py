@@ -6,9 +6,9 @@ import os
 import time
 from typing import Any
 
+from ._appender import WRITER_LOCK
 from .checkpoint import load_checkpoint
 from .errors import EventPipeError
-from ._appender import WRITER_LOCK
 from .log import COMPRESS_LOCK, EventLog
 from .segment import list_segments
 
