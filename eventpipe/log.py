@@ -85,6 +85,7 @@ class EventLog:
         self._bases: list[int] = []
         self._closed = False
         self._compressor: Compressor | None = None
+        self._compressor_pid = 0
         self.log_id = self._open_or_create()
 
     # ----------------------------------------------------------------- opening and creating
@@ -266,7 +267,9 @@ class EventLog:
         self._compression().kick()
 
     def _compression(self) -> Compressor:
-        if self._compressor is None:
+        if self._compressor is None or self._compressor_pid != os.getpid():
+            # A forked child inherits the object but not its thread: give it its own.
+            self._compressor_pid = os.getpid()
             self._compressor = Compressor(
                 self.segments_dir,
                 os.path.join(self.path, COMPRESS_LOCK),
@@ -460,7 +463,7 @@ class EventLog:
         if self._closed:
             return
         self._closed = True
-        if self._compressor is not None:
+        if self._compressor is not None and self._compressor_pid == os.getpid():
             self._compressor.close()
         try:
             self._appender.close()
