@@ -39,7 +39,7 @@ def ensure_venv(extras: str) -> None:
 
 def run(*cmd: str) -> int:
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
 
 
 def main(argv: list[str]) -> int:

@@ -30,13 +30,18 @@ __all__ = [
     "fmt_rate",
     "fmt_seconds",
     "fresh_dir",
+    "make_events",
     "median",
+    "peak_rss_mb",
     "percentile",
     "progress",
     "render_table",
     "rows_to_json",
+    "short_count",
     "timed",
 ]
+
+TS_BASE = 1_700_000_000_000  # a millisecond timestamp, so "ts" has a realistic width
 
 
 def progress(message: str) -> None:
@@ -54,6 +59,39 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
         raise ValueError("no values")
     rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def make_events(start: int, count: int) -> list[dict[str, Any]]:
+    """The benchmark events ``{"ts": <int>, "name": "event<i>"}`` for i in start..start+count."""
+    return [{"ts": TS_BASE + i, "name": f"event{i}"} for i in range(start, start + count)]
+
+
+def peak_rss_mb() -> tuple[float | None, float]:
+    """This process's peak resident set so far, in MiB: ``(VmHWM, ru_maxrss)``.
+
+    ``VmHWM`` (``/proc/self/status``; None where there is none) is the high-water mark of the
+    process's own memory, reset by exec. ``ru_maxrss`` is not: a child started by fork (or
+    vfork) + exec, as ``subprocess`` and multiprocessing's spawn do, starts with its parent's
+    resident size, so it cannot show how much a small child grew.
+    """
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    hwm = None
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return hwm, maxrss
+
+
+def short_count(n: int) -> str:
+    """``n`` for a row name: 200, 10k, 2.5M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:g}M"
+    if n >= 1000:
+        return f"{n / 1e3:g}k"
+    return str(n)
 
 
 def timed(fn: Callable[[], object]) -> float:

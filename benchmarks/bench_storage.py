@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import sqlite3
 import sys
 import time
@@ -442,11 +443,26 @@ def run_writers(path: str, total: int, procs: int) -> float:
     ]
     for p in workers:
         p.start()
-    got = [results.get(timeout=600) for _ in workers]
-    for p in workers:
-        p.join(timeout=60)
-        if p.exitcode != 0:
-            raise RuntimeError(f"{p.name} exited with {p.exitcode}")
+    got: list[tuple[int, float, float]] = []
+    deadline = time.monotonic() + 600
+    try:
+        while len(got) < procs:
+            try:
+                got.append(results.get(timeout=0.5))
+            except queue.Empty:
+                dead = [p for p in workers if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    what = ", ".join(f"{p.name} exited with {p.exitcode}" for p in dead)
+                    raise RuntimeError(f"writer processes failed: {what or 'timed out'}") from None
+        for p in workers:
+            p.join(timeout=60)
+            if p.exitcode != 0:
+                raise RuntimeError(f"{p.name} exited with {p.exitcode}")
+    finally:
+        for p in workers:
+            if p.is_alive():
+                p.terminate()  # only our own children, e.g. ones stuck at the barrier
+                p.join(timeout=10)
     return max(e for _, _, e in got) - min(s for _, s, _ in got)
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -38,8 +39,12 @@ _pwrite = os.pwrite
 _flock = fcntl.flock
 _LOCK_EX = fcntl.LOCK_EX
 _LOCK_UN = fcntl.LOCK_UN
-_decode_header = _header.decode_header
 HEADER_SIZE = _header.HEADER_SIZE
+_MAGIC = _header.MAGIC
+_BODY = _header.BODY_SIZE
+_pack_body = _header.pack_body
+_unpack_header = _header.unpack_header
+_crc32 = zlib.crc32
 
 # Every appender of this process, so a forked child can drop the parent's writer state: flock
 # belongs to the open file description, which a child shares, so an inherited lock fd would
@@ -106,6 +111,11 @@ class Appender:
         self._closed = False
         self._syncer: threading.Thread | None = None
         self._syncer_stop = threading.Event()
+        # Options the hot path reads, as plain attributes.
+        self._max_bytes = config.segment_max_bytes
+        self._max_events = config.segment_max_events or sys.maxsize
+        self._always = config.sync == "always"
+        self._lock_timeout = config.lock_timeout
         _LIVE.add(self)
 
     def open(self) -> _WriterState:
@@ -294,38 +304,49 @@ class Appender:
     def commit(self, blobs: list[bytes], counts: Sequence[int], size: int, n: int) -> range:
         """Write ``blobs`` (``counts`` events each, ``size`` bytes, ``n`` events) and commit."""
         # The hot path of every append: kept to the syscalls it needs (flock, header pread,
-        # 1-byte pread for a torn tail, data pwrite, header pwrite, unlock) and few Python calls.
-        cfg = self.config
+        # 1-byte pread for a torn tail, data pwrite, header pwrite, unlock), with the header
+        # decoded and encoded inline and the options read from attributes set up front.
         with self.mutex:
             w = self._state or self.open()
-            if cfg.lock_timeout is None:
+            if self._lock_timeout is None:
                 _flock(w.lock_fd, _LOCK_EX)
             else:
                 self._acquire(w)
             try:
-                h = _decode_header(_pread(w.head_fd, HEADER_SIZE, 0))
-                if (h is None or h[1] != w.seg_base or not w.checked
-                        or _pread(w.seg_fd, 1, h[2])):
-                    h = self._prepare(w)  # another writer rolled, or a torn tail, or damage
-                head, base, committed = h
-                in_segment = head - base
-                if (committed + size <= cfg.segment_max_bytes
-                        and (cfg.segment_max_events is None
-                             or in_segment + n <= cfg.segment_max_events)):
+                raw = _pread(w.head_fd, HEADER_SIZE, 0)
+                if len(raw) == HEADER_SIZE:
+                    magic, head, base, committed, crc = _unpack_header(raw)
+                else:
+                    magic = b""
+                if (magic != _MAGIC or crc != _crc32(raw[:_BODY]) or base != w.seg_base
+                        or not w.checked or _pread(w.seg_fd, 1, committed)):
+                    # Damage, another writer rolled, or a writer died leaving a torn tail.
+                    head, base, committed = self._prepare(w)
+                if (committed + size <= self._max_bytes
+                        and head - base + n <= self._max_events):
+                    seg_fd = w.seg_fd
                     try:
                         position = committed
                         for blob in blobs:
-                            if _pwrite(w.seg_fd, blob, position) != len(blob):
-                                write_all(w.seg_fd, blob, position)  # short write: finish or raise
+                            if _pwrite(seg_fd, blob, position) != len(blob):
+                                write_all(seg_fd, blob, position)  # short write: finish or raise
                             position += len(blob)
-                        if cfg.sync == "always":
-                            os.fdatasync(w.seg_fd)
+                        if self._always:
+                            os.fdatasync(seg_fd)
                     except BaseException as exc:
+                        h = Header(head, base, committed)
                         self._undo(w, h, [])
                         self._raise_write_error(exc, h)
-                    self._publish(w, head + n, base, committed + size)
+                    # The commit point: readers see the new events from this pwrite on.
+                    body = _pack_body(_MAGIC, head + n, base, position)
+                    _pwrite(w.head_fd, body + _crc32(body).to_bytes(4, "little"), 0)
+                    if self._always:
+                        os.fdatasync(w.head_fd)
+                    else:
+                        w.dirty = True
                 else:
-                    self._commit_across_segments(w, h, blobs, counts)
+                    self._commit_across_segments(w, Header(head, base, committed), blobs,
+                                                 counts)
             finally:
                 _flock(w.lock_fd, _LOCK_UN)
         return range(head, head + n)
@@ -469,11 +490,10 @@ class Appender:
         raise err from exc
 
     def _publish(self, w: _WriterState, head: int, segment_base: int, committed: int) -> None:
-        # The commit point: readers see the new events from this pwrite on.
-        raw = pack_header(head, segment_base, committed)
-        if _pwrite(w.head_fd, raw, 0) != HEADER_SIZE:  # pragma: no cover - 32 bytes, one page
-            write_all(w.head_fd, raw, 0)
-        if self.config.sync == "always":
+        # The commit point: readers see the new events from this pwrite on. (commit() inlines
+        # this for the common case.) 32 bytes in one page: a pwrite that cannot come up short.
+        write_all(w.head_fd, pack_header(head, segment_base, committed), 0)
+        if self._always:
             os.fdatasync(w.head_fd)
         else:
             w.dirty = True

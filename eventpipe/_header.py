@@ -29,7 +29,9 @@ _FORMAT = struct.Struct("<4sQQQ")
 _WHOLE = struct.Struct("<4sQQQI")
 MAGIC = b"EPH1"
 HEADER_SIZE = _WHOLE.size
-_BODY = _FORMAT.size
+BODY_SIZE = _BODY = _FORMAT.size
+pack_body = _FORMAT.pack  # (MAGIC, head, segment_base, committed) -> the bytes the CRC covers
+unpack_header = _WHOLE.unpack  # 32 bytes -> (magic, head, segment_base, committed, crc)
 _crc32 = zlib.crc32
 _new_tuple = tuple.__new__  # skips NamedTuple's Python-level __new__ on the append path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import select
 import sys
@@ -39,6 +40,26 @@ def _stdout() -> BinaryIO:
 # --------------------------------------------------------------------------------- append
 
 
+def _has_huge_int(text: bytes) -> bool:
+    """Whether JSON ``text`` holds an integer outside the signed/unsigned 64-bit range.
+
+    Only called for lines whose re-encoding shows a float, so the slow parser rarely runs.
+    """
+    def check(literal: str) -> int:
+        value = int(literal)
+        if not -(2**63) <= value < 2**64:
+            raise OverflowError(literal)
+        return value
+
+    try:
+        json.loads(text, parse_int=check)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
 def cmd_append(args: argparse.Namespace) -> int:
     from .log import EventLog
 
@@ -62,28 +83,43 @@ def cmd_append(args: argparse.Namespace) -> int:
             if not args.json:
                 out.write(b"".join(b"%d\n" % o for o in offsets))
 
+        limit = log.config.max_event_bytes
         for lineno, raw in enumerate(source, 1):
             text = raw.strip()
             if not text:
                 continue
+            problem = None
             try:
                 # Re-encode: stored events are compact, one per line, whatever came in.
-                batch.append(orjson.dumps(orjson.loads(text)))
+                encoded = orjson.dumps(orjson.loads(text))
             except orjson.JSONDecodeError as exc:
+                problem = f"not JSON ({exc})"
+            except orjson.JSONEncodeError as exc:  # valid JSON orjson cannot write (depth)
+                problem = f"cannot be stored ({exc})"
+            else:
+                if len(encoded) > limit:
+                    problem = (f"event is {len(encoded)} bytes encoded, over "
+                               f"max_event_bytes={limit}")
+                elif (b"e" in encoded or b"." in encoded) and _has_huge_int(text):
+                    # orjson reads integers beyond 64 bits as floats: storing that would
+                    # silently change the event, so refuse it as the Python API does.
+                    problem = "an integer does not fit in 64 bits"
+            if problem is not None:
                 rejected += 1
-                _err(f"line {lineno}: not JSON ({exc}); nothing of it was written")
+                _err(f"line {lineno}: {problem}; nothing of it was written")
                 if not args.skip_bad:
                     commit()
                     _err(f"stopped at line {lineno}: {written} events written before it")
-                    return EXIT_FAILED
+                    break
                 continue
+            batch.append(encoded)
             if len(batch) >= _APPEND_BATCH:
                 commit()
         commit()
     if args.json:
         doc = {"written": written, "first_offset": first_offset, "rejected": rejected}
         out.write(orjson.dumps(doc) + b"\n")
-    elif rejected:
+    elif rejected and args.skip_bad:
         _err(f"{written} events written, {rejected} lines rejected")
     return EXIT_FAILED if rejected else EXIT_OK
 
@@ -128,8 +164,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     from .log import EventLog
 
     out = _stdout()
-    with EventLog(args.path) as log:
-        start = args.from_ if args.from_ >= 0 else max(0, log.head + args.from_)
+    with EventLog(args.path, create=False) as log:
+        if args.from_ is None:
+            start = log.first_offset  # "from the start" of a pruned log is its first event
+        else:
+            start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
         if args.follow:
             source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notify)
         else:
@@ -168,8 +207,9 @@ def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
         else:
             module = importlib.import_module(target)
         func = getattr(module, attr)
-    except (ImportError, AttributeError, OSError) as exc:
-        raise ConfigError(f"cannot load handler {spec!r}: {exc}", option="handler") from None
+    except Exception as exc:  # whatever importing the module raised (SyntaxError too)
+        raise ConfigError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}",
+                          option="handler") from None
     if not callable(func):
         raise ConfigError(f"handler {spec!r} is not callable", option="handler")
     return func  # type: ignore[no-any-return]
@@ -251,7 +291,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.max_age is None and args.max_bytes is None and args.before is None:
         raise ConfigError("prune needs --max-age, --max-bytes or --before", option="prune")
-    with EventLog(args.path) as log:
+    with EventLog(args.path, create=False) as log:
         report = log.prune(max_age=args.max_age, max_bytes=args.max_bytes,
                            before=args.before, force=args.force, dry_run=args.dry_run)
     if args.json:
@@ -268,7 +308,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from .log import EventLog
 
-    with EventLog(args.path) as log:
+    with EventLog(args.path, create=False) as log:
         done = log.compress()
     print(f"compressed {done} segments")
     return EXIT_OK
@@ -303,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("read", help="print events as JSON lines")
     p.add_argument("path")
-    p.add_argument("--from", dest="from_", type=int, default=0,
-                   help="first offset (negative: that many before the head)")
+    p.add_argument("--from", dest="from_", type=int, default=None,
+                   help="first offset (negative: that many before the head; default: the "
+                        "first stored event)")
     p.add_argument("--to", type=int, default=None, help="stop before this offset")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--with-offsets", action="store_true",

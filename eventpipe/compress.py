@@ -311,7 +311,7 @@ class Compressor:
         """Sealed segments lacking a checksum or (when compressing) compression."""
         limit = self._sealed_below()
         segs = [s for s in list_segments(self._folder) if s.base < limit]
-        nexts = [s.base for s in segs[1:]] + [limit]
+        nexts = [s.base for s in segs[1:]] + [limit] if segs else []
         return [(s, n - s.base) for s, n in zip(segs, nexts, strict=True)
                 if not os.path.exists(sum_path(self._folder, s.base))
                 or (self._compress and not s.compressed)]
@@ -322,7 +322,7 @@ class Compressor:
         damaged: list[CorruptLogError] = []
         limit = self._sealed_below()
         segs = [s for s in list_segments(self._folder) if s.base < limit]
-        nexts = [s.base for s in segs[1:]] + [limit]
+        nexts = [s.base for s in segs[1:]] + [limit] if segs else []
         for seg, next_base in zip(segs, nexts, strict=True):
             if self._stop.is_set():
                 raise _Stopped

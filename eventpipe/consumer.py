@@ -89,8 +89,8 @@ def _optional_str(text: str) -> str | None:
 
 
 CONSUMER_OPTIONS: tuple[Option, ...] = (
-    Option("checkpoint_every", 1000, int, _count_at_least(1),
-           "Checkpoint after this many events."),
+    Option("checkpoint_every", 100_000, int, _count_at_least(1),
+           "Checkpoint after this many events (bounds what a restart replays)."),
     Option("checkpoint_interval", 1.0, float, _positive,
            "...or after this many seconds with progress, whichever comes first."),
     Option("poll_interval", 1.0, float, _positive,
@@ -218,7 +218,7 @@ class Consumer:
         self._next_position: tuple[int, int] | None = None
         self._since_checkpoint = 0
         self._checkpointed_offset = -1
-        self._checkpoint_due = 0.0
+        self._checkpoint_due = time.monotonic() + opts["checkpoint_interval"]
         self._stop_flag = [False]
         self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
@@ -570,16 +570,22 @@ class Consumer:
                     if budget is not None:
                         yield None
                     continue
-                # Idle: everything known is handled. Persist it now rather than on a timer,
-                # so a restart replays nothing.
-                self.checkpoint()
+                # Idle: everything known is handled. Checkpoint once the interval since the
+                # last one has passed, not at once: at a trickle of events an immediate
+                # checkpoint would cost a few fsyncs per event and delay the next one.
+                if self.offset != self._checkpointed_offset and (
+                        time.monotonic() >= self._checkpoint_due):
+                    self.checkpoint()
                 if not idle_reported:
                     idle_reported = True
                     sd.status(self._status())
                     if self.on_idle is not None:
                         self.on_idle(self)
                     continue  # the hook may have appended or stopped: look again first
-                yield poll if watchdog is None else min(poll, watchdog)
+                timeout = poll if watchdog is None else min(poll, watchdog)
+                if self.offset != self._checkpointed_offset:
+                    timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
+                yield timeout
         finally:
             try:
                 self.checkpoint()

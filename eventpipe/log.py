@@ -64,7 +64,8 @@ _ENCODE_SLICE = 1000
 class EventLog:
     """A durable, append-only log of JSON events in the directory ``path``.
 
-    Opens the log, creating it if ``path`` is missing or an empty directory. ``options`` are
+    Opens the log, creating it if ``path`` is missing or an empty directory (unless ``create``
+    is False: then NotAnEventLogError). ``options`` are
     those of :data:`eventpipe.config.LOG_OPTIONS` (``segment_max_bytes``, ``sync``, ...), layered
     over ``EVENTPIPE_*`` environment variables and built-in defaults.
 
@@ -74,8 +75,10 @@ class EventLog:
     process may not create or read it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
+                 **options: Any) -> None:
         self.config = LogConfig.from_options(options)
+        self._create_missing = create
         self.path = os.path.abspath(os.fspath(path))
         self.segments_dir = os.path.join(self.path, SEGMENTS_DIR)
         self._head_path = os.path.join(self.path, HEAD_FILE)
@@ -93,6 +96,8 @@ class EventLog:
     def _open_or_create(self) -> str:
         meta_path = os.path.join(self.path, META_FILE)
         if not os.path.exists(meta_path):
+            if not self._create_missing:
+                raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
             self._create(meta_path)
         meta = self._read_meta(meta_path)
         if not os.path.exists(self._head_path):

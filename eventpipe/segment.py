@@ -120,25 +120,28 @@ def _plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
 
 
 def _gzip_blocks(fd: int, path: str, skip: int) -> Iterator[bytes]:
-    """Decompressed content of a gzip segment, minus its first ``skip`` bytes."""
+    """Decompressed content of a gzip segment, minus its first ``skip`` bytes.
+
+    Inflates at most CHUNK_BYTES at a time (JSON compresses ~8x, so one compressed read would
+    otherwise become a block eight times the size readers are meant to hold).
+    """
     inflater = zlib.decompressobj(wbits=31)
     position = 0
+    pending = b""  # compressed input not yet inflated
     try:
-        while True:
-            raw = os.pread(fd, CHUNK_BYTES, position)
-            position += len(raw)
-            data = inflater.decompress(raw) if raw else inflater.flush()
+        while not inflater.eof:
+            if not pending:
+                pending = os.pread(fd, CHUNK_BYTES // 8, position)
+                position += len(pending)
+                if not pending:
+                    raise CorruptLogError("gzip segment is truncated", path=path, offset=None)
+            data = inflater.decompress(pending, CHUNK_BYTES)
+            pending = inflater.unconsumed_tail
             if skip:
                 cut = min(skip, len(data))
                 data, skip = data[cut:], skip - cut
             if data:
                 yield data
-            if not raw:
-                if not inflater.eof:
-                    raise CorruptLogError("gzip segment is truncated", path=path)
-                return
-            if inflater.eof:
-                return
     except zlib.error as exc:
         raise CorruptLogError(f"gzip segment is damaged: {exc}", path=path) from None
 
@@ -151,8 +154,10 @@ def _find_from_end(fd: int, end: int, lines_back: int) -> int:
     """
     need = lines_back  # newlines to pass, not counting the one that ends the last line
     hi = end - 1
+    step = 4096  # start small: the last few events are what most readers want
     while hi > 0:
-        lo = max(0, hi - CHUNK_BYTES)
+        lo = max(0, hi - step)
+        step = min(step * 4, CHUNK_BYTES)
         block = os.pread(fd, hi - lo, lo)
         count = block.count(b"\n")
         if count >= need:

@@ -40,9 +40,12 @@ def flock_holders(path: str) -> list[int]:
 
 
 def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON-ready description of the log at ``path`` (read-only)."""
+    """A JSON-ready description of the log at ``path`` (read-only).
+
+    Raises NotAnEventLogError when ``path`` holds no log (opening one would create it).
+    """
     now = time.time()
-    with EventLog(path) as log:
+    with EventLog(path, create=False) as log:
         head = log.head
         segs = list_segments(log.segments_dir)
         sizes = []

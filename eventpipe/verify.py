@@ -21,7 +21,7 @@ from ._header import HEADER_SIZE, decode_header
 from .checkpoint import load_checkpoint
 from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from .errors import EventPipeError
-from .segment import SegmentFile, list_segments
+from .segment import SegmentFile, list_segments, segment_path
 
 __all__ = ["Problem", "verify_log"]
 
@@ -59,6 +59,20 @@ def _gzip_content(path: str, problems: list[Problem], base: int) -> bytes | None
         problems.append(Problem(path, None, f"{len(inflater.unused_data)} bytes of trailing "
                                             "data after the gzip stream"))
     return b"".join(out)
+
+
+def _content(seg: SegmentFile, sealed: bool, committed: int,
+             problems: list[Problem]) -> bytes | None:
+    """A segment's uncompressed content (the committed part of the active one); None when
+    its gzip data is damaged (reported). Raises OSError when the file cannot be read."""
+    if seg.compressed:
+        return _gzip_content(seg.path, problems, seg.base)
+    with open(seg.path, "rb") as f:
+        content = f.read() if sealed else f.read(committed)
+    if not sealed and len(content) < committed:
+        problems.append(Problem(seg.path, None, f"active segment is shorter "
+                                f"({len(content)} bytes) than committed ({committed})"))
+    return content
 
 
 def _lines(content: bytes) -> Iterator[tuple[int, bytes]]:
@@ -158,22 +172,33 @@ def verify_log(
                                 "the active segment named by the header is missing"))
     summary["head"] = header.head
     summary["first_offset"] = segs[0].base if segs else header.head
-    for i, seg in enumerate(segs):
+    for i, listed in enumerate(segs):
+        seg = listed
         if progress is not None:
             progress(i, len(segs))
         sealed = seg.base < header.segment_base
         next_base = segs[i + 1].base if i + 1 < len(segs) else header.head
-        if seg.compressed:
-            content = _gzip_content(seg.path, problems, seg.base)
-            if content is None:
-                continue
-        else:
-            with open(seg.path, "rb") as f:
-                content = f.read() if sealed else f.read(header.committed)
-                if not sealed and len(content) < header.committed:
-                    problems.append(Problem(seg.path, None, f"active segment is shorter "
-                                            f"({len(content)} bytes) than committed "
-                                            f"({header.committed})"))
+        try:
+            try:
+                content = _content(seg, sealed, header.committed, problems)
+            except FileNotFoundError:
+                if seg.compressed or not sealed:
+                    raise
+                # A writer's background thread compressed it since the listing.
+                seg = seg._replace(path=segment_path(folder, seg.base, compressed=True),
+                                   compressed=True)
+                content = _content(seg, sealed, header.committed, problems)
+        except FileNotFoundError:
+            now = list_segments(folder)
+            if sealed and now and seg.base < now[0].base:
+                continue  # removed by retention while we looked: no longer part of the log
+            problems.append(Problem(seg.path, seg.base, "segment file is missing"))
+            continue
+        except OSError as exc:
+            problems.append(Problem(seg.path, seg.base, f"segment unreadable: {exc.strerror}"))
+            continue
+        if content is None:
+            continue
         summary["events"] += _check_segment(seg, content, next_base - seg.base, problems,
                                             folder, sealed)
         summary["segments"] += 1

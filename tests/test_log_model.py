@@ -11,9 +11,11 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,7 +33,10 @@ from hypothesis.stateful import (
 
 from eventpipe import EventLog, OffsetOutOfRangeError
 from eventpipe._header import decode_header
+from eventpipe.compress import SUM_SUFFIX, read_sum, sum_blocks
 from eventpipe.segment import list_segments, parse_name
+
+from .conftest import Children
 
 Json = Any
 
@@ -57,7 +62,12 @@ json_values: st.SearchStrategy[Json] = st.recursive(
 
 def _bulk(n: int, tag: str) -> list[Json]:
     """A large-ish batch, built rather than drawn so that hypothesis stays fast."""
-    return [{"n": i, "tag": tag, "pad": "x" * (i % 37)} for i in range(n)]
+    return [{"n": i, "tag": tag, "pad": "x" * (i % 7)} for i in range(n)]
+
+
+def _huge(n: int) -> list[Json]:
+    """More events than one encoding slice (1000) holds, each tiny to keep segments few."""
+    return list(range(n))
 
 
 def _big(size: int) -> list[Json]:
@@ -68,11 +78,11 @@ def _big(size: int) -> list[Json]:
 batches: st.SearchStrategy[list[Json]] = st.one_of(
     st.just([]),
     st.lists(json_values, min_size=1, max_size=12),
-    st.builds(_bulk, st.integers(30, 250), st.text(max_size=10)),
+    st.builds(_bulk, st.integers(20, 100), st.text(max_size=6)),
     st.builds(_big, st.integers(150, 5000)),
 )
 # Batches of more than a thousand events are encoded and planned in several slices.
-huge_batches = st.builds(_bulk, st.integers(990, 1300), st.text(max_size=4))
+huge_batches = st.builds(_huge, st.integers(995, 1100))
 
 limits_st: st.SearchStrategy[dict[str, Any]] = st.one_of(
     st.fixed_dictionaries({"segment_max_bytes": st.integers(200, 2000)}),
@@ -97,18 +107,20 @@ def temp_dir() -> Iterator[str]:
 
 
 def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
-    """Check the files of a closed log: contiguous segments, whole lines, nothing stray.
+    """Check the files of a closed log: contiguous segments, whole lines, nothing stray, and
+    every checksum sidecar (``<base>.sum``, written for sealed segments) true to its segment.
 
     With ``limits`` (every event was written under these limits) also check that no segment
     exceeds them, except a segment holding a single event larger than a segment.
     """
     seg_dir = os.path.join(path, "segments")
     names = sorted(os.listdir(seg_dir))
-    parsed = [parse_name(n) for n in names]
-    stray = [n for n, p in zip(names, parsed, strict=True) if p is None]
+    sums = {n for n in names if n.endswith(SUM_SUFFIX) and n[: -len(SUM_SUFFIX)].isdigit()}
+    parsed = [parse_name(n) for n in names if n not in sums]
+    stray = [n for n in names if n not in sums and parse_name(n) is None]
     assert not stray, f"stray files in segments/: {stray}"
     bases = {p[0] for p in parsed if p is not None}
-    assert len(bases) == len(names), f"a segment is stored both plain and compressed: {names}"
+    assert len(bases) == len(parsed), f"a segment is stored both plain and compressed: {names}"
     assert not os.path.exists(os.path.join(path, "quarantine")), "nothing should be quarantined"
     with open(os.path.join(path, "head"), "rb") as f:
         h = decode_header(f.read())
@@ -118,6 +130,8 @@ def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
     assert segs[0].base == 0
     assert segs[-1].base == h.segment_base
     assert not segs[-1].compressed
+    sealed = {s.base for s in segs[:-1]}
+    assert {int(n[: -len(SUM_SUFFIX)]) for n in sums} <= sealed, f"stray checksums: {sums}"
     for k, seg in enumerate(segs):
         with open(seg.path, "rb") as f:
             data = f.read()
@@ -131,6 +145,10 @@ def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
             assert end > seg.base, f"sealed segment {seg.base} is empty"
         assert data.count(b"\n") == end - seg.base, f"segment {seg.base} holds wrong count"
         assert not data or data.endswith(b"\n")
+        checksum = read_sum(seg_dir, seg.base)
+        if checksum is not None:
+            assert (checksum.events, checksum.size) == (end - seg.base, len(data))
+            assert checksum.block_crcs == sum_blocks([data])[2]
         if limits is not None:
             events = end - seg.base
             max_events = limits.get("segment_max_events")
@@ -207,6 +225,8 @@ class LogMachine(RuleBasedStateMachine):
         assert offsets == range(len(self.model), len(self.model) + len(batch))
         self._record(batch)
 
+    # Every sealed segment costs a few fsyncs (checksum, compression): keep their number sane.
+    @precondition(lambda self: (self.limits.get("segment_max_events") or 20) >= 15)
     @rule(batch=huge_batches)
     def append_huge_batch(self, batch: list[Json]) -> None:
         self.append_many(batch)
@@ -432,3 +452,44 @@ def test_explicit_compress_while_background_compression_runs() -> None:
             compressor = log._compressor
             assert compressor is not None
             assert compressor.errors == [], f"background compression failed: {compressor.errors}"
+
+
+
+def test_compress_with_nothing_sealed_does_nothing(tmp_path: Path) -> None:
+    for n in (0, 1, 5):
+        with EventLog(tmp_path / f"log{n}", sync="none", compression=None) as log:
+            log.append_many([{"i": i} for i in range(n)])
+            assert log.compress() == 0
+            assert [r.event for r in log.read()] == [{"i": i} for i in range(n)]
+
+COMPRESS_CHILD = "import sys; from eventpipe import EventLog; EventLog(sys.argv[1]).compress()"
+
+
+def test_readers_opened_while_another_process_compresses_read_everything(
+    tmp_path: Path, children: Children,
+) -> None:
+    """Compression renames ``<base>.jsonl.gz`` into place and then unlinks ``<base>.jsonl``:
+    at every instant one of the two exists, so a reader listing the folder meanwhile must
+    still find every segment (and must not keep a bad listing cached afterwards)."""
+    n = 2500
+    events = [{"i": i} for i in range(n)]
+    for attempt in range(2):  # the window is narrow: give it two full compressions
+        path = str(tmp_path / f"log{attempt}")
+        with EventLog(path, sync="none", compression=None, segment_max_events=1) as log:
+            log.append_many(events)
+        readers: list[EventLog] = []
+        compressor = children.popen([sys.executable, "-c", COMPRESS_CHILD, path])
+        try:
+            while compressor.poll() is None:
+                # A fresh instance lists the segments folder on its first read.
+                reader = EventLog(path, sync="none", compression=None)
+                readers.append(reader)
+                assert [r.event for r in reader.read(n - 100)] == events[n - 100 :]
+            assert compressor.wait() == 0
+            for reader in readers:  # and every one of them still reads once it is done
+                assert [r.event for r in reader.read(n - 100)] == events[n - 100 :]
+        finally:
+            compressor.kill()
+            compressor.wait()
+            for reader in readers:
+                reader.close()
