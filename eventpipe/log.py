@@ -382,35 +382,54 @@ class EventLog:
                                         path=self.path, offset=start)
         if start >= end:
             return
-        bases = self._segment_bases(h)
-        i = bisect.bisect_right(bases, start) - 1
-        if i < 0:
-            raise OffsetOutOfRangeError(
-                f"offset is before the first stored segment ({bases[0] if bases else 'none'})",
-                path=self.path, offset=start,
-            )
-        for k in range(i, len(bases)):
-            base = bases[k]
-            if base >= end:
-                break
+        offset = start
+        relisted = False
+        while offset < end:
+            bases = self._segment_bases(h)
+            i = bisect.bisect_right(bases, offset) - 1
+            if i < 0 or bases[-1] != h.segment_base:
+                if not relisted:
+                    # The cached listing is stale, or a listing raced with compression (a
+                    # directory read can miss a file renamed in and one unlinked meanwhile):
+                    # list again before concluding anything.
+                    self._bases, relisted = [], True
+                    continue
+                if i < 0:
+                    raise OffsetOutOfRangeError(
+                        f"offset is before the first stored segment "
+                        f"({bases[0] if bases else 'none'})", path=self.path, offset=offset)
+                raise CorruptLogError("the active segment named by the header is missing",
+                                      path=segment_path(self.segments_dir, h.segment_base))
+            base = bases[i]
             active = base == h.segment_base
-            seg_end = h.head if active else bases[k + 1]
-            first = max(start, base)
+            seg_end = h.head if active else bases[i + 1]
             want = min(end, seg_end)
             known = position[1] if position is not None and position[0] == base else None
-            reached = first
-            for chunk in read_chunks(
-                self.segments_dir, base, start=first, stop=want,
-                byte_limit=h.committed if active else None, end_offset=seg_end,
-                start_position=known if first == start else None,
-            ):
-                reached = chunk.first_offset + len(chunk.lines)
-                yield chunk
-            if reached != want:
+            reached = offset
+            gone: OffsetOutOfRangeError | None = None
+            try:
+                for chunk in read_chunks(
+                    self.segments_dir, base, start=offset, stop=want,
+                    byte_limit=h.committed if active else None, end_offset=seg_end,
+                    start_position=known if offset == start else None,
+                ):
+                    reached = chunk.first_offset + len(chunk.lines)
+                    yield chunk
+            except OffsetOutOfRangeError as exc:
+                gone = exc  # removed by retention since we listed, or a racing listing
+            if reached != want or gone is not None:
+                if not relisted:
+                    self._bases, relisted = [], True
+                    offset = reached
+                    continue
+                if gone is not None:
+                    raise gone
                 raise CorruptLogError(
                     f"segment holds events up to {reached} but the log expects {want}",
                     path=segment_path(self.segments_dir, base), offset=reached,
                 )
+            offset = want
+            relisted = False
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[Record]:
         """Decoded events from offset ``start`` up to ``stop`` (default: the head now).
