@@ -7,6 +7,7 @@ path, so callers never have to.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -57,7 +58,16 @@ def make_dirs(path: str | os.PathLike[str], mode: int) -> None:
             except FileExistsError:
                 continue
             # The umask strips group bits; a shared log needs them exactly as configured.
-            os.chmod(d, mode)
+            # Keep a setgid bit inherited from the parent folder: it is what gives files
+            # created here the shared group rather than each creator's own. Skip the chmod
+            # when the bits are already right: under systemd's RestrictSUIDSGID= any chmod
+            # naming the setgid bit fails, even one that leaves it as it is.
+            current = os.stat(d).st_mode
+            if current & 0o777 != mode & 0o777:
+                try:
+                    os.chmod(d, mode | (current & stat.S_ISGID))
+                except PermissionError:
+                    os.chmod(d, mode)
 
 
 def open_shared(path: str, mode: int) -> int:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, ``append``);
 2 bad usage or a bad option; 3 an eventpipe error (corrupt log, storage, busy consumer...);
-130 interrupted by SIGINT.
+130 interrupted by SIGINT; 143 ``append`` stopped by SIGTERM (after committing the complete
+lines it had read).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import importlib.util
 import json
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, TextIO
@@ -26,6 +29,7 @@ from .errors import ConfigError, EventPipeError, OffsetOutOfRangeError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143
 _APPEND_BATCH = 1000
 
 
@@ -60,68 +64,143 @@ def _has_huge_int(text: bytes) -> bool:
     return False
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived while append was waiting for input."""
+
+
+def _input_lines(source: BinaryIO) -> Iterator[list[bytes]]:
+    """Lines of ``source`` in the groups they arrive in (what one read returns).
+
+    So that a slow stream (``journalctl -f | eventpipe append``) is committed as it comes,
+    not once 1000 lines have gathered.
+    """
+    read1 = getattr(source, "read1", None)
+    pending = b""
+    while True:
+        data = read1(1 << 16) if read1 is not None else source.readline()
+        if not data:
+            break
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        if lines:
+            yield lines
+    if pending:
+        yield [pending]
+
+
+def _check_line(text: bytes, limit: int) -> tuple[bytes | None, str | None]:
+    """(compact encoding, None) for a good input line, or (None, what is wrong)."""
+    try:
+        # Re-encode: stored events are compact, one per line, whatever came in.
+        encoded = orjson.dumps(orjson.loads(text))
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON ({exc})"
+    except orjson.JSONEncodeError as exc:  # valid JSON orjson cannot write (depth)
+        return None, f"cannot be stored ({exc})"
+    if len(encoded) > limit:
+        return None, f"event is {len(encoded)} bytes encoded, over max_event_bytes={limit}"
+    if (b"e" in encoded or b"." in encoded) and _has_huge_int(text):
+        # orjson reads integers beyond 64 bits as floats: storing that would silently
+        # change the event, so refuse it as the Python API does.
+        return None, "an integer does not fit in 64 bits"
+    return encoded, None
+
+
 def cmd_append(args: argparse.Namespace) -> int:
     from .log import EventLog
 
-    source: BinaryIO = sys.stdin.buffer
     out = _stdout()
-    rejected = 0
-    written = 0
+    rejected = written = lineno = 0
     first_offset: int | None = None
+    terminated = False
+    batch: list[bytes] = []
     with EventLog(args.path) as log:
-        batch: list[bytes] = []
 
         def commit() -> None:
             nonlocal written, first_offset
             if not batch:
                 return
-            offsets = log.append_encoded(batch)
+            # SIGTERM waits while a batch commits: all of it is stored, or none.
+            masked = _block_sigterm()
+            try:
+                offsets = log.append_encoded(batch)
+            finally:
+                _unblock_sigterm(masked)
             batch.clear()
             written += len(offsets)
             if first_offset is None:
                 first_offset = offsets.start
             if not args.json:
                 out.write(b"".join(b"%d\n" % o for o in offsets))
+                out.flush()
 
         limit = log.config.max_event_bytes
-        for lineno, raw in enumerate(source, 1):
-            text = raw.strip()
-            if not text:
-                continue
-            problem = None
-            try:
-                # Re-encode: stored events are compact, one per line, whatever came in.
-                encoded = orjson.dumps(orjson.loads(text))
-            except orjson.JSONDecodeError as exc:
-                problem = f"not JSON ({exc})"
-            except orjson.JSONEncodeError as exc:  # valid JSON orjson cannot write (depth)
-                problem = f"cannot be stored ({exc})"
-            else:
-                if len(encoded) > limit:
-                    problem = (f"event is {len(encoded)} bytes encoded, over "
-                               f"max_event_bytes={limit}")
-                elif (b"e" in encoded or b"." in encoded) and _has_huge_int(text):
-                    # orjson reads integers beyond 64 bits as floats: storing that would
-                    # silently change the event, so refuse it as the Python API does.
-                    problem = "an integer does not fit in 64 bits"
-            if problem is not None:
-                rejected += 1
-                _err(f"line {lineno}: {problem}; nothing of it was written")
-                if not args.skip_bad:
-                    commit()
-                    _err(f"stopped at line {lineno}: {written} events written before it")
+        restore = _raise_on_sigterm()
+        try:
+            stopped = False
+            for lines in _input_lines(sys.stdin.buffer):
+                for raw in lines:
+                    lineno += 1
+                    text = raw.strip()
+                    if not text:
+                        continue
+                    encoded, problem = _check_line(text, limit)
+                    if encoded is not None:
+                        batch.append(encoded)
+                        if len(batch) >= _APPEND_BATCH:
+                            commit()
+                        continue
+                    rejected += 1
+                    _err(f"line {lineno}: {problem}; nothing of it was written")
+                    if not args.skip_bad:
+                        commit()
+                        _err(f"stopped at line {lineno}: {written} events written before it")
+                        stopped = True
+                        break
+                if stopped:
                     break
-                continue
-            batch.append(encoded)
-            if len(batch) >= _APPEND_BATCH:
                 commit()
-        commit()
+        except _Terminated:
+            terminated = True
+            commit()  # the complete lines read so far
+        finally:
+            restore()
     if args.json:
         doc = {"written": written, "first_offset": first_offset, "rejected": rejected}
         out.write(orjson.dumps(doc) + b"\n")
     elif rejected and args.skip_bad:
         _err(f"{written} events written, {rejected} lines rejected")
+    if terminated:
+        _err(f"terminated: {written} events written")
+        return EXIT_TERMINATED
     return EXIT_FAILED if rejected else EXIT_OK
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _block_sigterm() -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return True
+
+
+def _unblock_sigterm(masked: bool) -> None:
+    if masked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 # ----------------------------------------------------------------------------------- read

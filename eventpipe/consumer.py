@@ -386,6 +386,8 @@ class Consumer:
                 i += 1
             if self._since_checkpoint >= every or time.monotonic() >= self._checkpoint_due:
                 self.checkpoint()
+            # A long backlog must not starve systemd's watchdog (a no-op outside systemd).
+            self.systemd.maybe_ping_watchdog()
             if stop_flag[0]:
                 return False
         return True

@@ -277,3 +277,13 @@ def test_buffered_writer_batches_and_linger(log_path: Path) -> None:
         assert lingering.pending == 0
         lingering.close()
         assert [r.event["i"] for r in other.read()] == list(range(26))
+
+
+def test_setgid_of_a_shared_parent_folder_is_kept(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2770)  # a group-shared folder: new files take its group
+    with EventLog(shared / "log", file_mode=0o660) as log:
+        log.append({"n": 1})
+    for p in [shared / "log", shared / "log" / "segments"]:
+        assert p.stat().st_mode & 0o7777 == 0o2770, (p, oct(p.stat().st_mode))
