@@ -484,8 +484,9 @@ class Appender:
             what = "append failed, nothing of it is stored (the log is as before; retry later)"
         else:
             what = "append failed, nothing of it is stored"
-        err = StorageError.from_os_error(exc, what, path=segment_path(self.segments_dir,
-                                                                       h.segment_base))
+        # Name what refused: the OS says which file (a new segment, the folder) when it can.
+        where = exc.filename or segment_path(self.segments_dir, h.segment_base)
+        err = StorageError.from_os_error(exc, what, path=where)
         err.offset = h.head
         raise err from exc
 

@@ -8,6 +8,7 @@ before anything on disk is touched.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 def _positive_number(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"must be a number, got {type(value).__name__}"
-    return None if value > 0 else f"must be > 0, got {value}"
+    return None if 0 < value < math.inf else f"must be finite and > 0, got {value}"
 
 
 def _one_of(*choices: Any) -> Callable[[Any], str | None]:

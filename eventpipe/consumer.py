@@ -11,6 +11,7 @@ offset). One process holds a consumer name at a time.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -75,8 +76,8 @@ def _is(kind: type | tuple[type, ...], what: str) -> Callable[[Any], str | None]
 
 
 def _positive(v: Any) -> str | None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-    return None if ok else f"must be a number > 0, got {v!r}"
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf
+    return None if ok else f"must be a finite number > 0, got {v!r}"
 
 
 def _count_at_least(low: int) -> Callable[[Any], str | None]:

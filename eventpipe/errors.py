@@ -148,6 +148,11 @@ class StorageError(EventPipeError, OSError):
         self.strerror = os.strerror(errno) if errno is not None else message
         self.filename = self.path
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # errno, strerror and filename live in OSError's C slots, not in __dict__.
+        return (_rebuild_storage, (type(self), self.message, self.errno, self.path,
+                                   self.offset, self.__dict__.copy()))
+
     @classmethod
     def from_os_error(
         cls, exc: OSError, what: str, *, path: str | os.PathLike[str] | None = None
@@ -159,6 +164,13 @@ class StorageError(EventPipeError, OSError):
             kind = StoragePermissionError
         reason = exc.strerror or str(exc)
         return kind(f"{what}: {reason}", errno=exc.errno, path=target)
+
+
+def _rebuild_storage(cls: type[StorageError], message: str, errno: int | None, path: str | None,
+                     offset: int | None, state: dict[str, Any]) -> StorageError:
+    err = cls(message, errno=errno, path=path, offset=offset)
+    err.__dict__.update(state)
+    return err
 
 
 class StoragePermissionError(StorageError, PermissionError):

@@ -148,6 +148,9 @@ class EventLog:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise NotAnEventLogError(f"{META_FILE} does not describe an eventpipe log",
                                      path=meta_path)
+        if not isinstance(meta.get("log_id"), str) or not meta["log_id"]:
+            raise NotAnEventLogError(f"{META_FILE} has no log id; not written by eventpipe",
+                                     path=meta_path)
         version = meta.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UnsupportedFormatError(

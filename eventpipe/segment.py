@@ -236,34 +236,47 @@ def _read_open(
 
     offset = start
     pending = b""
-    for block in blocks:
-        buf = pending + block if pending else block
-        last_nl = buf.rfind(b"\n")
-        if last_nl < 0:
-            pending = buf
-            continue
-        pending = buf[last_nl + 1 :]
-        complete = buf[:last_nl]
-        if to_skip:
-            count = complete.count(b"\n") + 1
-            if count <= to_skip:
-                to_skip -= count
-                position += last_nl + 1
+    try:
+        for block in blocks:
+            buf = pending + block if pending else block
+            last_nl = buf.rfind(b"\n")
+            if last_nl < 0:
+                pending = buf
                 continue
-            parts = complete.split(b"\n", to_skip)
-            skipped = len(complete) - len(parts[-1])
-            position += skipped
-            complete = parts[-1]
-            to_skip = 0
-        lines = complete.split(b"\n")
-        if stop is not None and offset + len(lines) >= stop:
-            del lines[stop - offset :]
-            if lines:
-                yield LineChunk(base, offset, position, lines)
-            return
-        yield LineChunk(base, offset, position, lines)
-        offset += len(lines)
-        position += len(complete) + 1
+            pending = buf[last_nl + 1 :]
+            complete = buf[:last_nl]
+            if to_skip:
+                count = complete.count(b"\n") + 1
+                if count <= to_skip:
+                    to_skip -= count
+                    position += last_nl + 1
+                    continue
+                parts = complete.split(b"\n", to_skip)
+                skipped = len(complete) - len(parts[-1])
+                position += skipped
+                complete = parts[-1]
+                to_skip = 0
+            lines = complete.split(b"\n")
+            if stop is not None and offset + len(lines) >= stop:
+                extra = len(lines) - (stop - offset)
+                del lines[stop - offset :]
+                if lines:
+                    yield LineChunk(base, offset, position, lines)
+                offset = stop
+                # Read to the end of a gzip segment: check it really ends here, with its CRC
+                # trailer intact (a plain one ends at its committed size).
+                if compressed and stop == end_offset and (extra or pending or any(blocks)):
+                    raise CorruptLogError("segment holds more events than its offsets",
+                                          path=path, offset=stop)
+                return
+            yield LineChunk(base, offset, position, lines)
+            offset += len(lines)
+            position += len(complete) + 1
+    except CorruptLogError as exc:
+        if exc.offset is None:
+            exc.offset = offset  # damaged compressed data: events from here on are lost
+        raise
+
     if pending:
         raise CorruptLogError(
             f"segment ends with {len(pending)} bytes of an unterminated line",
