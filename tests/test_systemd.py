@@ -472,6 +472,10 @@ def install_unit(box: Container, name: str, instance: str | None = None, *,
         box.write(f"/etc/systemd/system/{unit}.d/50-python-in-home.conf", "[Service]\n"
                   "ProtectHome=tmpfs\n"
                   f"BindReadOnlyPaths={' '.join(sorted(map(str, hidden)))}\n")
+    if any(under(p, "/tmp", "/var/tmp") for p in (ROOT, Path(sys.prefix))):
+        # A checkout (CI's clone) under /tmp: PrivateTmp=yes would hide it from the service.
+        box.write(f"/etc/systemd/system/{unit}.d/51-checkout-in-tmp.conf", "[Service]\n"
+                  "PrivateTmp=no\n")
     if not log_exit:
         return
     # Test only: log how each run ended (systemd passes these variables to ExecStopPost=).
