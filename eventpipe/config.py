@@ -154,7 +154,7 @@ def resolve(
     for opt in options:
         source = "default"
         value = opt.default
-        if opt.env_name in env:
+        if opt.env_name in env and opt.name not in kwargs:
             source = f"environment variable {opt.env_name}={env[opt.env_name]!r}"
             try:
                 value = opt.parse(env[opt.env_name])

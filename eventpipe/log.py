@@ -152,7 +152,10 @@ class EventLog:
             raise NotAnEventLogError(f"{META_FILE} has no log id; not written by eventpipe",
                                      path=meta_path)
         version = meta.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise NotAnEventLogError(f"{META_FILE} has no valid format version ({version!r})",
+                                     path=meta_path)
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"log format version {version!r} is newer than this eventpipe supports "
                 f"({FORMAT_VERSION}); upgrade eventpipe to read it",
@@ -193,6 +196,11 @@ class EventLog:
         fails (StorageError) what was written is cut back: either way none of the batch is
         stored.
         """
+        if isinstance(events, str | bytes | bytearray | dict):
+            # Iterable, but surely not a batch: its characters or keys are not events.
+            raise UnserializableEventError(
+                f"append_many takes an iterable of events, not a {type(events).__name__}",
+                path=self.path)
         events = events if isinstance(events, list | tuple) else list(events)
         blobs: list[bytes] = []
         counts: list[int] = []
@@ -365,6 +373,26 @@ class EventLog:
                            if s.base <= h.segment_base]
         return self._bases
 
+    def _sealed_segment(self, h: Header, offset: int, relisted: bool) -> tuple[int, int]:
+        """(base, end offset) of the sealed segment holding ``offset``; (-1, -1) to re-list.
+
+        The cached listing may be stale, or a listing may have raced with compression (a
+        directory read can miss a file renamed in and one unlinked meanwhile): the caller lists
+        again once before this concludes anything.
+        """
+        bases = self._segment_bases(h)
+        i = bisect.bisect_right(bases, offset) - 1
+        if i >= 0 and bases[-1] == h.segment_base:
+            return bases[i], bases[i + 1]
+        if not relisted:
+            return -1, -1
+        if i < 0:
+            raise OffsetOutOfRangeError(
+                f"offset is before the first stored segment ({bases[0] if bases else 'none'})",
+                path=self.path, offset=offset)
+        raise CorruptLogError("the active segment named by the header is missing",
+                              path=segment_path(self.segments_dir, h.segment_base))
+
     def chunks(
         self, start: int = 0, stop: int | None = None, *, position: tuple[int, int] | None = None
     ) -> Iterator[LineChunk]:
@@ -388,24 +416,16 @@ class EventLog:
         offset = start
         relisted = False
         while offset < end:
-            bases = self._segment_bases(h)
-            i = bisect.bisect_right(bases, offset) - 1
-            if i < 0 or bases[-1] != h.segment_base:
-                if not relisted:
-                    # The cached listing is stale, or a listing raced with compression (a
-                    # directory read can miss a file renamed in and one unlinked meanwhile):
-                    # list again before concluding anything.
+            if offset >= h.segment_base:
+                # In the active segment: the header names it, no listing needed. Followers
+                # and consumers at the head, and readers of the last events, stay here.
+                base, seg_end = h.segment_base, h.head
+            else:
+                base, seg_end = self._sealed_segment(h, offset, relisted)
+                if base < 0:
                     self._bases, relisted = [], True
                     continue
-                if i < 0:
-                    raise OffsetOutOfRangeError(
-                        f"offset is before the first stored segment "
-                        f"({bases[0] if bases else 'none'})", path=self.path, offset=offset)
-                raise CorruptLogError("the active segment named by the header is missing",
-                                      path=segment_path(self.segments_dir, h.segment_base))
-            base = bases[i]
             active = base == h.segment_base
-            seg_end = h.head if active else bases[i + 1]
             want = min(end, seg_end)
             known = position[1] if position is not None and position[0] == base else None
             reached = offset

@@ -263,9 +263,11 @@ def _read_open(
                 if lines:
                     yield LineChunk(base, offset, position, lines)
                 offset = stop
-                # Read to the end of a gzip segment: check it really ends here, with its CRC
-                # trailer intact (a plain one ends at its committed size).
-                if compressed and stop == end_offset and (extra or pending or any(blocks)):
+                # Read to the end of a segment that was sealed when the caller looked (one that
+                # was active then may have grown since): if gzip, check it really ends here,
+                # with its CRC trailer intact. A plain one ends at its size by construction.
+                if (compressed and byte_limit is None and stop == end_offset
+                        and (extra or pending or any(blocks))):
                     raise CorruptLogError("segment holds more events than its offsets",
                                           path=path, offset=stop)
                 return

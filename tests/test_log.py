@@ -287,3 +287,40 @@ def test_setgid_of_a_shared_parent_folder_is_kept(tmp_path: Path) -> None:
         log.append({"n": 1})
     for p in [shared / "log", shared / "log" / "segments"]:
         assert p.stat().st_mode & 0o7777 == 0o2770, (p, oct(p.stat().st_mode))
+
+
+def test_append_many_refuses_a_single_string_or_dict(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        for not_a_batch in ("abc", b"abc", {"a": 1}):
+            with pytest.raises(TypeError, match="iterable of events"):
+                log.append_many(not_a_batch)  # type: ignore[arg-type]
+        assert log.head == 0
+
+
+def test_keyword_overrides_even_an_unparsable_environment_value(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVENTPIPE_SEGMENT_MAX_BYTES", "lots")
+    with EventLog(log_path, segment_max_bytes=4096) as log:
+        assert log.config.segment_max_bytes == 4096
+    with pytest.raises(ConfigError, match="EVENTPIPE_SEGMENT_MAX_BYTES"):
+        EventLog(log_path)
+
+
+def test_reading_a_once_active_segment_after_it_was_sealed_and_compressed(
+    log_path: Path,
+) -> None:
+    # A reader's header said "segment 0 is active, head 3"; before it opened the file, writers
+    # filled the segment, sealed it and compressed it. It must read its 3 events, no more,
+    # and not mistake the later events for corruption.
+    from eventpipe.segment import read_chunks
+
+    with EventLog(log_path, segment_max_events=10, compression=None) as log:
+        log.append_many(events(15))
+        assert log.compress() == 1
+        committed_then = len(b"".join(
+            (line + b"\n") for line in log.read_raw(0, 3)))
+    chunks = list(read_chunks(str(log_path / "segments"), 0, start=0, stop=3,
+                              byte_limit=committed_then, end_offset=3))
+    assert [line for c in chunks for line in c.lines] == [
+        b'{"ts":%d,"name":"event%d"}' % (1_700_000_000 + i, i) for i in range(3)]
