@@ -293,7 +293,7 @@ def test_append_many_refuses_a_single_string_or_dict(log_path: Path) -> None:
     with EventLog(log_path) as log:
         for not_a_batch in ("abc", b"abc", {"a": 1}):
             with pytest.raises(TypeError, match="iterable of events"):
-                log.append_many(not_a_batch)  # type: ignore[arg-type]
+                log.append_many(not_a_batch)
         assert log.head == 0
 
 
