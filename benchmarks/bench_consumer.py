@@ -80,6 +80,7 @@ from _bench import (
 )
 
 from eventpipe import Consumer, EventLog
+from eventpipe.consumer import CONSUMER_OPTIONS
 
 BATCH = 100_000  # append_many batch when building logs
 RSS_TARGET_MB = 40.0
@@ -107,6 +108,10 @@ class Options:
     sizes: Sizes
     dir: str | None
     quick: bool
+
+
+CONSUMER_DEFAULT_EVERY: int = next(o.default for o in CONSUMER_OPTIONS
+                                   if o.name == "checkpoint_every")
 
 
 def count_handler(state: int, event: Any, offset: int) -> int:
@@ -230,15 +235,16 @@ def bench_catchup(opts: Options) -> list[Row]:
             log_none.close()
             log_gzip.close()
     t, b, g, r = median(default), median(naive), median(gz), median(interval_only)
-    checkpoints = n // 1000
+    every = CONSUMER_DEFAULT_EVERY
+    checkpoints = n // every
     per_checkpoint = max(0.0, t - r) / checkpoints if checkpoints else 0.0
     label = short_count(n)
     base = "naive: 1 file, loads+fold"
     return [
         Row(f"catch-up {label}, compression=None", n, t, default, base, b, naive,
             ratio=b / t, target=">= 0.7x", passed=at_least(b / t, 0.7),
-            note=f"default consumer options: checkpoint_every=1000 makes {checkpoints:,} "
-                 f"durable checkpoints (temp file + fsync + rename + dir fsync), ~"
+            note=f"default consumer options: checkpoint_every={every} (or 1 s) makes "
+                 f"~{checkpoints:,} durable checkpoints (temp file + fsync + rename + dir fsync), ~"
                  f"{fmt_seconds(per_checkpoint)} each = {max(0.0, t - r) / t:.0%} of the time "
                  f"(compare row c); log: {plain_segs} segments, {plain_bytes / 2**20:.0f} MiB, "
                  "page cache"),
@@ -616,7 +622,7 @@ def bench_resume(opts: Options) -> tuple[list[Row], list[Row]]:
             big_s.append(median(b))
             small_s.append(median(s))
     t, base = median(big_s), median(small_s)
-    checkpoints = big // 1000
+    checkpoints = big // CONSUMER_DEFAULT_EVERY
     rows3 = [
         Row(f"resume at head, {short_count(big)}-event log", 0, t, big_s,
             f"same, {short_count(small)}-event log", base, small_s, ratio=t / base,
@@ -629,7 +635,8 @@ def bench_resume(opts: Options) -> tuple[list[Row], list[Row]]:
         Row(f"catch-up {short_count(big)}, from offset 0", big, plain.seconds, [plain.seconds],
             target="info",
             note=f"one run (it makes row a's checkpoint), in a spawned process, default "
-                 f"options: {checkpoints:,} durable checkpoints (checkpoint_every=1000)"),
+                 f"options: ~{checkpoints:,} durable checkpoints "
+                 f"(checkpoint_every={CONSUMER_DEFAULT_EVERY}, or 1 s)"),
     ]
 
     def rss_row(what: str, n: int, r: CatchUp, note: str) -> Row:

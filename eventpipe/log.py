@@ -59,6 +59,7 @@ _INIT_PREFIX = ".eventpipe-init."
 _dumps = orjson.dumps
 _loads = orjson.loads
 _ENCODE_SLICE = 1000
+_DECODE_SLICE = 256
 
 
 class EventLog:
@@ -458,14 +459,30 @@ class EventLog:
         """Decoded events from offset ``start`` up to ``stop`` (default: the head now).
 
         Finds the start from segment names alone and never decodes skipped events.
-        Raises as :meth:`chunks`, and CorruptLogError naming the offset of an undecodable event.
+        Raises as :meth:`chunks`, and CorruptLogError naming the offset of an undecodable event
+        (after yielding every event before it).
         """
+        # Each chunk is decoded into a list by C code and the lists are chained by C code, so
+        # no Python frame runs per event (a generator resumed per event costs ~15% of a read).
+        return itertools.chain.from_iterable(self._decoded_chunks(start, stop))
+
+    def _decoded_chunks(self, start: int, stop: int | None) -> Iterator[list[Record]]:
+        # Small lists: a few hundred decoded events alive at once reuse the same memory, where
+        # a whole chunk's worth (tens of thousands) would keep claiming fresh pages.
+        step = _DECODE_SLICE
         for chunk in self.chunks(start, stop):
+            lines, first = chunk.lines, chunk.first_offset
             try:
-                yield from map(Record, zip(itertools.count(chunk.first_offset),
-                                           map(_loads, chunk.lines), strict=False))
+                for i in range(0, len(lines), step):
+                    yield list(map(Record, zip(itertools.count(first + i),
+                                               map(_loads, lines[i : i + step]), strict=False)))
             except orjson.JSONDecodeError:
-                raise self._decode_error(chunk) from None
+                error = self._decode_error(chunk)
+                bad = (error.offset or first) - first
+                done = bad - bad % step  # events of earlier slices were yielded already
+                yield list(map(Record, zip(itertools.count(first + done),
+                                           map(_loads, lines[done:bad]), strict=False)))
+                raise error from None
 
     def read_raw(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
         """Encoded events (JSON text, no newline) from ``start`` up to ``stop``; not decoded."""
