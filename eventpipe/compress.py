@@ -291,6 +291,8 @@ class Compressor:
         compressed. With ``blocking`` False, returns 0 at once if another process holds the
         compress lock. ``compress`` overrides the log's compression option for this pass.
         """
+        if not self._pending(compress):
+            return 0  # nothing sealed needs work: not even the lock file is touched
         # flock excludes other processes only: threads of this one (the background pass and an
         # explicit compress()) share the lock file's state, so they take a thread lock first.
         if not self._in_process.acquire(blocking=blocking):
@@ -307,14 +309,15 @@ class Compressor:
         finally:
             self._in_process.release()
 
-    def _pending(self) -> list[tuple[Any, int]]:
+    def _pending(self, compress: bool | None = None) -> list[tuple[Any, int]]:
         """Sealed segments lacking a checksum or (when compressing) compression."""
+        compress = self._compress if compress is None else compress
         limit = self._sealed_below()
         segs = [s for s in list_segments(self._folder) if s.base < limit]
         nexts = [s.base for s in segs[1:]] + [limit] if segs else []
         return [(s, n - s.base) for s, n in zip(segs, nexts, strict=True)
                 if not os.path.exists(sum_path(self._folder, s.base))
-                or (self._compress and not s.compressed)]
+                or (compress and not s.compressed)]
 
     def _pass(self, compress: bool) -> int:
         clean_stale(self._folder)
