@@ -31,6 +31,7 @@ from . import _header
 from ._appender import Appender
 from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
 from ._header import Header
+from .buffered import BufferedWriter
 from .compress import Compressor
 from .config import LogConfig
 from .errors import (
@@ -43,7 +44,9 @@ from .errors import (
     UnserializableEventError,
     UnsupportedFormatError,
 )
+from .follow import Follower
 from .record import Record
+from .retention import PruneReport, prune
 from .segment import LineChunk, list_segments, read_chunks, segment_path
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "EventLog"]
@@ -320,8 +323,6 @@ class EventLog:
         Never removes what a known consumer has not processed, unless ``force``; the report
         says what was held back. See :mod:`eventpipe.retention`.
         """
-        from .retention import prune
-
         self._check_open()
         return prune(self, max_age=max_age, max_bytes=max_bytes, before=before, force=force,
                      dry_run=dry_run)
@@ -329,8 +330,6 @@ class EventLog:
     def _apply_retention(self) -> None:
         cfg = self.config
         if cfg.retention_max_age is not None or cfg.retention_max_bytes is not None:
-            from .retention import prune
-
             prune(self, max_age=cfg.retention_max_age, max_bytes=cfg.retention_max_bytes,
                   blocking=False)
 
@@ -508,16 +507,12 @@ class EventLog:
         Returns a :class:`~eventpipe.follow.Follower`: iterate it in a thread or ``async for``
         it in an event loop; it ends on its ``stop()`` or when the async task is cancelled.
         """
-        from .follow import Follower
-
         self._check_open()
         return Follower(self, start, poll_interval=poll_interval, notifications=notifications)
 
     def writer(self, *, max_events: int = 1000, max_bytes: int = 1 << 20,
                linger: float | None = 0.05) -> BufferedWriter:
         """A buffered writer for high-rate producers; see :class:`BufferedWriter`."""
-        from .buffered import BufferedWriter
-
         return BufferedWriter(self, max_events=max_events, max_bytes=max_bytes, linger=linger)
 
     # -------------------------------------------------------------------------------- closing
@@ -544,8 +539,3 @@ class EventLog:
 
     def __repr__(self) -> str:
         return f"EventLog({self.path!r})"
-
-
-from .buffered import BufferedWriter  # noqa: E402  (cycle: BufferedWriter wraps EventLog)
-from .follow import Follower  # noqa: E402  (cycle: Follower reads an EventLog)
-from .retention import PruneReport  # noqa: E402  (cycle: prune works on an EventLog)

@@ -7,6 +7,7 @@ import gzip
 import os
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -270,9 +271,9 @@ def test_buffered_writer_batches_and_linger(log_path: Path) -> None:
         w.close()
         lingering = log.writer(max_events=1000, linger=0.01)
         lingering.append({"i": 25})
-        deadline = __import__("time").monotonic() + 5
+        deadline = time.monotonic() + 5
         while other.head < 26:  # the linger thread commits without any further call
-            assert __import__("time").monotonic() < deadline
+            assert time.monotonic() < deadline
             os.sched_yield()
         assert lingering.pending == 0
         lingering.close()
@@ -324,3 +325,26 @@ def test_reading_a_once_active_segment_after_it_was_sealed_and_compressed(
                               byte_limit=committed_then, end_offset=3))
     assert [line for c in chunks for line in c.lines] == [
         b'{"ts":%d,"name":"event%d"}' % (1_700_000_000 + i, i) for i in range(3)]
+
+
+def test_retention_option_prunes_in_the_background_but_never_past_a_consumer(
+    log_path: Path,
+) -> None:
+    from eventpipe import Consumer
+
+    with EventLog(log_path, segment_max_events=100, compression=None) as log:
+        log.append_many(events(300))
+        with Consumer(log, "slow", lambda s, e, o: s + 1, 0) as consumer:
+            consumer.catch_up()  # a known consumer at offset 300
+    with EventLog(log_path, segment_max_events=100, compression=None,
+                  retention_max_bytes=1) as log:
+        log.append_many(events(250, start=300))  # seals segments: the sealer prunes after
+        deadline = time.monotonic() + 10
+        while log.first_offset < 300:
+            assert time.monotonic() < deadline, log.first_offset
+            os.sched_yield()
+        # Segments from 300 on hold events the consumer has not handled: all kept.
+        assert log.first_offset == 300
+        assert [r.offset for r in log.read(300)] == list(range(300, 550))
+        with pytest.raises(OffsetOutOfRangeError):
+            list(log.read(0))
