@@ -1,11 +1,13 @@
-"""Shared helpers for the benchmark scripts: timing, percentiles, environment line, tables.
+"""Shared helpers for the benchmark scripts: options, timing, percentiles, environment, tables.
 
 Not a benchmark itself (no ``bench_`` prefix, so ``dev.py bench`` skips it).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import math
@@ -19,29 +21,39 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
+    "Options",
     "Row",
+    "at_least",
     "environment",
     "environment_line",
     "fmt_rate",
     "fmt_seconds",
     "fresh_dir",
+    "label_rows",
     "make_events",
     "median",
+    "parse_args",
     "peak_rss_mb",
     "percentile",
     "progress",
     "render_table",
     "rows_to_json",
+    "run_and_report",
     "short_count",
     "timed",
 ]
 
 TS_BASE = 1_700_000_000_000  # a millisecond timestamp, so "ts" has a realistic width
+
+S = TypeVar("S", bound="DataclassInstance")  # a script's frozen ``Sizes``, with a ``big`` field
 
 
 def progress(message: str) -> None:
@@ -92,6 +104,10 @@ def short_count(n: int) -> str:
     if n >= 1000:
         return f"{n / 1e3:g}k"
     return str(n)
+
+
+def at_least(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -247,3 +263,89 @@ def rows_to_json(env: dict[str, Any], rows: Sequence[tuple[str, Row]],
         results.append(d)
     doc = {"environment": env, "settings": settings, "results": results}
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+
+
+@dataclass(frozen=True)
+class Options(Generic[S]):
+    runs: int
+    sizes: S
+    dir: str | None
+    quick: bool
+
+
+def parse_args(argv: Sequence[str] | None, doc: str | None, full: S, quick: S, *,
+               rows: int, quick_runs: int, big_help: str) -> tuple[Options[S], set[int], bool]:
+    """The options every benchmark script takes: ``(options, row numbers to run, --json)``.
+
+    ``doc`` is the script's docstring (its first paragraph is the description), ``full`` and
+    ``quick`` its sizes, ``rows`` how many rows it has, ``quick_runs`` the --runs default of
+    --quick and ``big_help`` the help of --big.
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs per measurement, reported as their median "
+                         f"(default 5, quick {quick_runs})")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    ap.add_argument("--dir", default=None, help="where to make the temporary directories")
+    ap.add_argument("--big", type=lambda s: int(s.replace("_", "")), default=None,
+                    help=big_help)
+    ap.add_argument("--only", default="", help=f"comma-separated row numbers to run (1-{rows})")
+    ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
+    a = ap.parse_args(argv)
+    sizes = quick if a.quick else full
+    if a.big is not None:
+        if a.big < 2:
+            ap.error("--big must be >= 2")
+        sizes = dataclasses.replace(sizes, big=a.big)
+    runs = a.runs if a.runs is not None else (quick_runs if a.quick else 5)
+    if runs < 1:
+        ap.error("--runs must be >= 1")
+    every = set(range(1, rows + 1))
+    only = {int(x) for x in a.only.split(",") if x.strip()} or every
+    if not only <= every:
+        ap.error(f"--only takes row numbers 1-{rows}")
+    if a.dir is not None:
+        os.makedirs(a.dir, exist_ok=True)
+    return Options(runs=runs, sizes=sizes, dir=a.dir, quick=a.quick), only, a.json
+
+
+def label_rows(out: dict[int, list[Row]], only: set[int]) -> list[tuple[str, Row]]:
+    """The rows of the numbers in ``only``, in table order, labelled "3" or "3a", "3b", ..."""
+    labelled = []
+    for number in sorted(only):
+        rows = out[number]
+        for k, row in enumerate(rows):
+            labelled.append((f"{number}{'abc'[k]}" if len(rows) > 1 else str(number), row))
+    return labelled
+
+
+def run_and_report(opts: Options[S], only: set[int], as_json: bool,
+                   run: Callable[[Options[S], set[int]], list[tuple[str, Row]]],
+                   title: str, ratios: str) -> int:
+    """Run the rows and print the report: JSON with --json, else the header and the table.
+
+    The header reads ``<title> (<mode>; median of N runs; <ratios>; total N s)``.
+    """
+    env = environment(opts.dir)
+    env["eventpipe_env"] = {k: v for k, v in os.environ.items() if k.startswith("EVENTPIPE_")}
+    progress(environment_line(env))
+    started = time.perf_counter()
+    rows = run(opts, only)
+    elapsed = time.perf_counter() - started
+    progress(f"done in {elapsed:.0f} s")
+    settings = {"runs": opts.runs, "quick": opts.quick, "sizes": asdict(opts.sizes),
+                "rows": sorted(only), "elapsed_s": elapsed}
+    if as_json:
+        print(rows_to_json(env, rows, settings))
+        return 0
+    mode = "quick" if opts.quick else "full"
+    print(f"{title} ({mode}; median of {opts.runs} runs; {ratios}; total {elapsed:.0f} s)")
+    print(environment_line(env))
+    if env["eventpipe_env"]:
+        print(f"EVENTPIPE_* environment in effect: {env['eventpipe_env']}")
+    print()
+    print(render_table(rows))
+    failed = [label for label, r in rows if r.passed is False]
+    print()
+    print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
+    return 0

@@ -43,7 +43,6 @@ of it building the 10M-event log and catching up over it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import multiprocessing
@@ -54,7 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
@@ -62,19 +61,20 @@ from typing import Any
 
 import orjson
 from _bench import (
+    Options,
     Row,
-    environment,
-    environment_line,
+    at_least,
     fmt_rate,
     fmt_seconds,
     fresh_dir,
+    label_rows,
     make_events,
     median,
+    parse_args,
     peak_rss_mb,
     percentile,
     progress,
-    render_table,
-    rows_to_json,
+    run_and_report,
     short_count,
     timed,
 )
@@ -102,14 +102,6 @@ QUICK = Sizes(catchup=100_000, follow=300, follow_rate=1_000, big=1_000_000, sma
               resume_repeats=20)
 
 
-@dataclass(frozen=True)
-class Options:
-    runs: int
-    sizes: Sizes
-    dir: str | None
-    quick: bool
-
-
 CONSUMER_DEFAULT_EVERY: int = next(o.default for o in CONSUMER_OPTIONS
                                    if o.name == "checkpoint_every")
 
@@ -117,10 +109,6 @@ CONSUMER_DEFAULT_EVERY: int = next(o.default for o in CONSUMER_OPTIONS
 def count_handler(state: int, event: Any, offset: int) -> int:
     """The trivial fold of every row: count events."""
     return state + 1
-
-
-def at_least(value: float, target: float) -> bool:
-    return value >= target
 
 
 def build_logs(total: int, targets: Sequence[tuple[str, dict[str, Any]]],
@@ -182,7 +170,7 @@ def compress_all(path: str, options: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------ row 1: catch-up
 
 
-def bench_catchup(opts: Options) -> list[Row]:
+def bench_catchup(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.catchup
     default: list[float] = []
     gz: list[float] = []
@@ -448,7 +436,7 @@ def redis_server(tmp: str) -> Iterator[tuple[int | None, str]]:
                 proc.wait(10)
 
 
-def bench_follow(opts: Options) -> list[Row]:
+def bench_follow(opts: Options[Sizes]) -> list[Row]:
     n, rate = opts.sizes.follow, opts.sizes.follow_rate
     keys = ("p50", "p99", "max")
     ours: dict[str, list[float]] = {k: [] for k in keys}
@@ -587,7 +575,7 @@ def resume_once(path: str, name: str, total: int) -> float:
     return elapsed
 
 
-def bench_resume(opts: Options) -> tuple[list[Row], list[Row]]:
+def bench_resume(opts: Options[Sizes]) -> tuple[list[Row], list[Row]]:
     big, small, reps = opts.sizes.big, opts.sizes.small, opts.sizes.resume_repeats
     gz_n = opts.sizes.catchup
     name = "resume"
@@ -660,35 +648,7 @@ def bench_resume(opts: Options) -> tuple[list[Row], list[Row]]:
 # ---------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Options, set[int], bool]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--runs", type=int, default=None,
-                    help="runs per measurement, reported as their median (default 5, quick 1)")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
-    ap.add_argument("--dir", default=None, help="where to make the temporary directories")
-    ap.add_argument("--big", type=lambda s: int(s.replace("_", "")), default=None,
-                    help="events in the big log of rows 3-4 (default 10_000_000, "
-                         "quick 1_000_000)")
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-4)")
-    ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
-    a = ap.parse_args(argv)
-    sizes = QUICK if a.quick else FULL
-    if a.big is not None:
-        if a.big < 2:
-            ap.error("--big must be >= 2")
-        sizes = Sizes(**{**asdict(sizes), "big": a.big})
-    runs = a.runs if a.runs is not None else (1 if a.quick else 5)
-    if runs < 1:
-        ap.error("--runs must be >= 1")
-    only = {int(x) for x in a.only.split(",") if x.strip()} or {1, 2, 3, 4}
-    if not only <= {1, 2, 3, 4}:
-        ap.error("--only takes row numbers 1-4")
-    if a.dir is not None:
-        os.makedirs(a.dir, exist_ok=True)
-    return Options(runs=runs, sizes=sizes, dir=a.dir, quick=a.quick), only, a.json
-
-
-def run(opts: Options, only: set[int]) -> list[tuple[str, Row]]:
+def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
     """Run the selected rows; returns (label, row) pairs in table order."""
     out: dict[int, list[Row]] = {}
     if 1 in only:
@@ -697,41 +657,16 @@ def run(opts: Options, only: set[int]) -> list[tuple[str, Row]]:
         out[2] = bench_follow(opts)
     if only & {3, 4}:
         out[3], out[4] = bench_resume(opts)
-    labelled = []
-    for number in sorted(only):
-        rows = out[number]
-        for k, row in enumerate(rows):
-            labelled.append((f"{number}{'abc'[k]}" if len(rows) > 1 else str(number), row))
-    return labelled
+    return label_rows(out, only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, only, as_json = parse_args(argv)
-    env = environment(opts.dir)
-    env["eventpipe_env"] = {k: v for k, v in os.environ.items() if k.startswith("EVENTPIPE_")}
-    progress(environment_line(env))
-    started = time.perf_counter()
-    rows = run(opts, only)
-    elapsed = time.perf_counter() - started
-    progress(f"done in {elapsed:.0f} s")
-    settings = {"runs": opts.runs, "quick": opts.quick, "sizes": asdict(opts.sizes),
-                "rows": sorted(only), "elapsed_s": elapsed}
-    if as_json:
-        print(rows_to_json(env, rows, settings))
-        return 0
-    mode = "quick" if opts.quick else "full"
-    print(f"eventpipe consumer benchmarks ({mode}; median of {opts.runs} runs; ratio = "
-          f"throughput ours/baseline in row 1, latency ours/redis in row 2, time big/small in "
-          f"row 3; total {elapsed:.0f} s)")
-    print(environment_line(env))
-    if env["eventpipe_env"]:
-        print(f"EVENTPIPE_* environment in effect: {env['eventpipe_env']}")
-    print()
-    print(render_table(rows))
-    failed = [label for label, r in rows if r.passed is False]
-    print()
-    print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
-    return 0
+    opts, only, as_json = parse_args(
+        argv, __doc__, FULL, QUICK, rows=4, quick_runs=1,
+        big_help="events in the big log of rows 3-4 (default 10_000_000, quick 1_000_000)")
+    return run_and_report(opts, only, as_json, run, "eventpipe consumer benchmarks",
+                          "ratio = throughput ours/baseline in row 1, latency ours/redis in "
+                          "row 2, time big/small in row 3")
 
 
 if __name__ == "__main__":

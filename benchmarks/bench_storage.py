@@ -33,8 +33,8 @@ minute on a 2-cpu VM, most of it rows 2, 7 and 8 (single appends) and building r
 
 from __future__ import annotations
 
-import argparse
 import fcntl
+import functools
 import multiprocessing
 import os
 import queue
@@ -42,7 +42,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from typing import Any
@@ -50,23 +50,25 @@ from typing import Any
 import filelock
 import orjson
 from _bench import (
+    Options,
     Row,
-    environment,
-    environment_line,
+    at_least,
     fmt_rate,
     fmt_seconds,
     fresh_dir,
+    label_rows,
+    make_events,
     median,
+    parse_args,
     percentile,
     progress,
-    render_table,
-    rows_to_json,
+    run_and_report,
+    short_count,
     timed,
 )
 
 from eventpipe import EventLog
 
-TS_BASE = 1_700_000_000_000  # a millisecond timestamp, so "ts" has a realistic width
 SQL_CREATE = "CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)"
 SQL_INSERT = "INSERT INTO t (body) VALUES (?)"
 Events = list[dict[str, Any]]
@@ -94,33 +96,8 @@ QUICK = Sizes(write=10_000, fsync=200, read=30_000, procs_total=20_000, procs=4,
               latency_segment_bytes=64 << 10)  # so that quick runs roll segments too
 
 
-@dataclass(frozen=True)
-class Options:
-    runs: int
-    sizes: Sizes
-    dir: str | None
-    quick: bool
-
-
-def count(n: int) -> str:
-    """``n`` for a row name: 200, 10k, 2.5M."""
-    if n >= 1_000_000:
-        return f"{n / 1e6:g}M"
-    if n >= 1000:
-        return f"{n / 1e3:g}k"
-    return str(n)
-
-
 def size(n: int) -> str:
     return f"{n / 2**20:g} MiB" if n >= 1 << 20 else f"{n / 2**10:g} KiB"
-
-
-def make_events(start: int, count: int) -> Events:
-    return [{"ts": TS_BASE + i, "name": f"event{i}"} for i in range(start, start + count)]
-
-
-def at_least(value: float | None, target: float) -> bool | None:
-    return None if value is None else value >= target
 
 
 def sqlite_open(path: str, synchronous: str) -> sqlite3.Connection:
@@ -129,6 +106,20 @@ def sqlite_open(path: str, synchronous: str) -> sqlite3.Connection:
     con.execute(f"PRAGMA synchronous={synchronous}")
     con.execute(SQL_CREATE)
     return con
+
+
+def append_each(log: EventLog, events: Events) -> None:
+    """One ``log.append`` call per event."""
+    append = log.append
+    for e in events:
+        append(e)
+
+
+def sql_insert_each(con: sqlite3.Connection, events: Events) -> None:
+    """One INSERT per event (a transaction each on an autocommit connection)."""
+    execute, dumps = con.execute, orjson.dumps
+    for e in events:
+        execute(SQL_INSERT, (dumps(e).decode(),))
 
 
 def fdatasync_cost(base: str | None, count: int = 200) -> float:
@@ -150,7 +141,7 @@ def fdatasync_cost(base: str | None, count: int = 200) -> float:
 # ------------------------------------------------------------------------ rows 1 and 4: batch
 
 
-def bench_batch(opts: Options) -> tuple[list[Row], list[Row]]:
+def bench_batch(opts: Options[Sizes]) -> tuple[list[Row], list[Row]]:
     n = opts.sizes.write
     events = make_events(0, n)
     plain: list[float] = []
@@ -196,11 +187,11 @@ def bench_batch(opts: Options) -> tuple[list[Row], list[Row]]:
 
     ours_plain, ours_gzip = median(plain), median(gzip)
     rows1 = [
-        Row(f"append_many {count(n)}, compression=None", n, ours_plain, plain,
+        Row(f"append_many {short_count(n)}, compression=None", n, ours_plain, plain,
             "naive file, write/1000 ev", median(naive), naive,
             ratio=median(naive) / ours_plain, target=">= 0.8x",
             passed=at_least(median(naive) / ours_plain, 0.8)),
-        Row(f"append_many {count(n)}, default (gzip)", n, ours_gzip, gzip,
+        Row(f"append_many {short_count(n)}, default (gzip)", n, ours_gzip, gzip,
             "naive file, write/1000 ev", median(naive), naive,
             ratio=median(naive) / ours_gzip, target=">= 0.8x",
             passed=at_least(median(naive) / ours_gzip, 0.8),
@@ -208,7 +199,7 @@ def bench_batch(opts: Options) -> tuple[list[Row], list[Row]]:
                  " compression is exercised by row 8"),
     ]
     rows4 = [
-        Row(f"append_many {count(n)} vs SQLite batch", n, ours_gzip, gzip,
+        Row(f"append_many {short_count(n)} vs SQLite batch", n, ours_gzip, gzip,
             "sqlite executemany, 1 txn", median(sql), sql,
             ratio=median(sql) / ours_gzip, target=">= 2x",
             passed=at_least(median(sql) / ours_gzip, 2.0),
@@ -221,7 +212,7 @@ def bench_batch(opts: Options) -> tuple[list[Row], list[Row]]:
 # --------------------------------------------------------------------- row 2: single appends
 
 
-def bench_append(opts: Options) -> list[Row]:
+def bench_append(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.write
     events = make_events(0, n)
     ours: list[float] = []
@@ -230,30 +221,18 @@ def bench_append(opts: Options) -> list[Row]:
         progress(f"row 2: {n:,} single appends vs SQLite autocommit, run {run + 1}/{opts.runs}")
         with fresh_dir(opts.dir) as tmp:
             log = EventLog(os.path.join(tmp, "log"))  # defaults: sync="interval", gzip
-
-            def one_by_one(log: EventLog = log) -> None:
-                append = log.append
-                for e in events:
-                    append(e)
-
-            ours.append(timed(one_by_one))
+            ours.append(timed(functools.partial(append_each, log, events)))
             assert log.head == n
             log.close()
 
             con = sqlite_open(os.path.join(tmp, "auto.db"), "NORMAL")
-
-            def sql_autocommit(con: sqlite3.Connection = con) -> None:
-                execute, dumps = con.execute, orjson.dumps
-                for e in events:
-                    execute(SQL_INSERT, (dumps(e).decode(),))
-
-            sql.append(timed(sql_autocommit))
+            sql.append(timed(functools.partial(sql_insert_each, con, events)))
             con.close()
     t, b = median(ours), median(sql)
     return [
-        Row(f"append {count(n)}, one call each", n, t, ours, target=">= 150k/s",
+        Row(f"append {short_count(n)}, one call each", n, t, ours, target=">= 150k/s",
             passed=n / t >= 150_000, note="default options (sync=\"interval\", gzip)"),
-        Row(f"append {count(n)} vs SQLite autocommit", n, t, ours,
+        Row(f"append {short_count(n)} vs SQLite autocommit", n, t, ours,
             "sqlite insert/txn (WAL,NORMAL)", b, sql, ratio=b / t, target=">= 2x",
             passed=b / t >= 2.0),
     ]
@@ -262,7 +241,7 @@ def bench_append(opts: Options) -> list[Row]:
 # --------------------------------------------------------------------- row 3: buffered writer
 
 
-def bench_buffered(opts: Options) -> list[Row]:
+def bench_buffered(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.write
     events = make_events(0, n)
     ours: list[float] = []
@@ -282,7 +261,7 @@ def bench_buffered(opts: Options) -> list[Row]:
             assert log.head == n
             log.close()
     t = median(ours)
-    return [Row(f"writer() {count(n)}, append+close", n, t, ours, target=">= 500k/s",
+    return [Row(f"writer() {short_count(n)}, append+close", n, t, ours, target=">= 500k/s",
                 passed=n / t >= 500_000, note="log.writer() defaults: max_events=1000, "
                 "linger=0.05 s; timed from writer() to close()")]
 
@@ -290,7 +269,7 @@ def bench_buffered(opts: Options) -> list[Row]:
 # ----------------------------------------------------------------------- row 5: fsync always
 
 
-def bench_fsync(opts: Options) -> list[Row]:
+def bench_fsync(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.fsync
     events = make_events(0, n)
     ours: list[float] = []
@@ -299,27 +278,15 @@ def bench_fsync(opts: Options) -> list[Row]:
         progress(f"row 5: sync=\"always\", {n:,} appends vs SQLite FULL, run {run + 1}/{opts.runs}")
         with fresh_dir(opts.dir) as tmp:
             log = EventLog(os.path.join(tmp, "log"), sync="always")
-
-            def durable(log: EventLog = log) -> None:
-                append = log.append
-                for e in events:
-                    append(e)
-
-            ours.append(timed(durable))
+            ours.append(timed(functools.partial(append_each, log, events)))
             log.close()
 
             con = sqlite_open(os.path.join(tmp, "full.db"), "FULL")
-
-            def sql_full(con: sqlite3.Connection = con) -> None:
-                execute, dumps = con.execute, orjson.dumps
-                for e in events:
-                    execute(SQL_INSERT, (dumps(e).decode(),))
-
-            sql.append(timed(sql_full))
+            sql.append(timed(functools.partial(sql_insert_each, con, events)))
             con.close()
     cost = fdatasync_cost(opts.dir)
     t, b = median(ours), median(sql)
-    return [Row(f"append sync=always {count(n)}", n, t, ours,
+    return [Row(f"append sync=always {short_count(n)}", n, t, ours,
                 "sqlite autocommit, FULL", b, sql, ratio=b / t, target=">= 2x",
                 passed=b / t >= 2.0,
                 note=f"one pwrite+fdatasync costs {cost * 1e6:.0f} µs on this disk (a VM disk "
@@ -331,7 +298,7 @@ def bench_fsync(opts: Options) -> list[Row]:
 # ------------------------------------------------------------------------------ row 6: read
 
 
-def bench_read(opts: Options) -> list[Row]:
+def bench_read(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.read
     dec: list[float] = []
     raw: list[float] = []
@@ -401,16 +368,16 @@ def bench_read(opts: Options) -> list[Row]:
             log.close()
     t, r = median(dec), median(raw)
     return [
-        Row(f"read() {count(n)}, decoded Records", n, t, dec,
+        Row(f"read() {short_count(n)}, decoded Records", n, t, dec,
             "naive: for line in f: loads", median(naive), naive,
             ratio=median(naive) / t, target=">= 0.6x",
             passed=median(naive) / t >= 0.6,
             note="reads run from the page cache (the files were just written); all sides "
                  "count events in a Python for loop"),
-        Row(f"read() {count(n)} vs SQLite", n, t, dec,
+        Row(f"read() {short_count(n)} vs SQLite", n, t, dec,
             "sqlite SELECT ORDER BY id+loads", median(sql), sql,
             ratio=median(sql) / t, target=">= 1.2x", passed=median(sql) / t >= 1.2),
-        Row(f"read_raw() {count(n)}, undecoded", n, r, raw,
+        Row(f"read_raw() {short_count(n)}, undecoded", n, r, raw,
             "naive: for line in f", median(naive_raw), naive_raw,
             ratio=median(naive_raw) / r, target="info"),
     ]
@@ -424,11 +391,9 @@ def writer_process(path: str, first: int, count: int, barrier: Barrier,
     """Append ``count`` events one call at a time once every writer is ready."""
     events = make_events(first, count)
     log = EventLog(path)
-    append = log.append
     barrier.wait(timeout=120)
     start = time.perf_counter()  # CLOCK_MONOTONIC: comparable between processes
-    for e in events:
-        append(e)
+    append_each(log, events)
     end = time.perf_counter()
     log.close()
     results.put((first, start, end))
@@ -482,7 +447,7 @@ def check_log(path: str, total: int) -> None:
         assert seen == {f"event{i}" for i in range(total)}, "events lost or duplicated"
 
 
-def bench_processes(opts: Options) -> list[Row]:
+def bench_processes(opts: Options[Sizes]) -> list[Row]:
     n, k = opts.sizes.procs_total, opts.sizes.procs
     multi: list[float] = []
     single: list[float] = []
@@ -497,8 +462,8 @@ def bench_processes(opts: Options) -> list[Row]:
                 samples.append(run_writers(path, n, procs))
                 check_log(path, n)
     t, b = median(multi), median(single)
-    return [Row(f"{k} procs x {count(n // k)} append", n, t, multi,
-                f"1 process x {count(n)} append", b, single, ratio=b / t, target=">= 1.0x",
+    return [Row(f"{k} procs x {short_count(n // k)} append", n, t, multi,
+                f"1 process x {short_count(n)} append", b, single, ratio=b / t, target=">= 1.0x",
                 passed=b / t >= 1.0,
                 note=f"aggregate rate over {os.cpu_count()} cpus, start together at a barrier "
                      "(spawned processes); every run checked: head == N, each event once")]
@@ -507,7 +472,7 @@ def bench_processes(opts: Options) -> list[Row]:
 # ---------------------------------------------------------------------- row 8: latency
 
 
-def bench_latency(opts: Options) -> list[Row]:
+def bench_latency(opts: Options[Sizes]) -> list[Row]:
     n = opts.sizes.latency
     seg = opts.sizes.latency_segment_bytes
     events = make_events(0, n)
@@ -572,7 +537,7 @@ def open_and_read_last(path: str, total: int) -> float:
     return elapsed
 
 
-def bench_open(opts: Options) -> list[Row]:
+def bench_open(opts: Options[Sizes]) -> list[Row]:
     big, small, reps = opts.sizes.big, opts.sizes.small, opts.sizes.open_repeats
     big_s: list[float] = []
     small_s: list[float] = []
@@ -593,8 +558,8 @@ def bench_open(opts: Options) -> list[Row]:
             big_s.append(median(b))
             small_s.append(median(s))
     t, base = median(big_s), median(small_s)
-    return [Row(f"open+read last, {count(big)}-event log", 0, t, big_s,
-                f"same on a {count(small)}-event log", base, small_s, ratio=t / base,
+    return [Row(f"open+read last, {short_count(big)}-event log", 0, t, big_s,
+                f"same on a {short_count(small)}-event log", base, small_s, ratio=t / base,
                 target="<= 1.5x (time big/small)", passed=t / base <= 1.5,
                 note=f"fresh EventLog each time, median of {reps} repeats per run; the big log "
                      f"({segments} segments, {size / 2**20:.0f} MiB, built once in "
@@ -605,7 +570,7 @@ def bench_open(opts: Options) -> list[Row]:
 # ---------------------------------------------------------------------------------- main
 
 
-def bench_lock(opts: Options) -> list[Row]:
+def bench_lock(opts: Options[Sizes]) -> list[Row]:
     """Row 10: why the append path takes flock itself rather than through filelock."""
     n = 20_000 if not opts.quick else 2_000
     raw: list[float] = []
@@ -644,79 +609,27 @@ def bench_lock(opts: Options) -> list[Row]:
                      "they exclude each other; the appender uses the raw one")]
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Options, set[int], bool]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--runs", type=int, default=None,
-                    help="runs per measurement, reported as their median (default 5, quick 3)")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
-    ap.add_argument("--dir", default=None, help="where to make the temporary directories")
-    ap.add_argument("--big", type=lambda s: int(s.replace("_", "")), default=None,
-                    help="events in row 9's big log (default 10_000_000, quick 1_000_000)")
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-10)")
-    ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
-    a = ap.parse_args(argv)
-    sizes = QUICK if a.quick else FULL
-    if a.big is not None:
-        if a.big < 2:
-            ap.error("--big must be >= 2")
-        sizes = Sizes(**{**asdict(sizes), "big": a.big})
-    runs = a.runs if a.runs is not None else (3 if a.quick else 5)
-    if runs < 1:
-        ap.error("--runs must be >= 1")
-    only = {int(x) for x in a.only.split(",") if x.strip()} or set(range(1, 11))
-    if not only <= set(range(1, 11)):
-        ap.error("--only takes row numbers 1-10")
-    if a.dir is not None:
-        os.makedirs(a.dir, exist_ok=True)
-    return Options(runs=runs, sizes=sizes, dir=a.dir, quick=a.quick), only, a.json
-
-
-def run(opts: Options, only: set[int]) -> list[tuple[str, Row]]:
+def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
     """Run the selected rows; returns (label, row) pairs in table order."""
     out: dict[int, list[Row]] = {}
     if only & {1, 4}:
         out[1], out[4] = bench_batch(opts)
-    single: list[tuple[int, Callable[[Options], list[Row]]]] = [
+    single: list[tuple[int, Callable[[Options[Sizes]], list[Row]]]] = [
         (2, bench_append), (3, bench_buffered), (5, bench_fsync), (6, bench_read),
         (7, bench_processes), (8, bench_latency), (9, bench_open), (10, bench_lock),
     ]
     for number, fn in single:
         if number in only:
             out[number] = fn(opts)
-    labelled = []
-    for number in sorted(only):
-        rows = out[number]
-        for k, row in enumerate(rows):
-            labelled.append((f"{number}{'abc'[k]}" if len(rows) > 1 else str(number), row))
-    return labelled
+    return label_rows(out, only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, only, as_json = parse_args(argv)
-    env = environment(opts.dir)
-    env["eventpipe_env"] = {k: v for k, v in os.environ.items() if k.startswith("EVENTPIPE_")}
-    progress(environment_line(env))
-    started = time.perf_counter()
-    rows = run(opts, only)
-    elapsed = time.perf_counter() - started
-    progress(f"done in {elapsed:.0f} s")
-    settings = {"runs": opts.runs, "quick": opts.quick, "sizes": asdict(opts.sizes),
-                "rows": sorted(only), "elapsed_s": elapsed}
-    if as_json:
-        print(rows_to_json(env, rows, settings))
-        return 0
-    mode = "quick" if opts.quick else "full"
-    print(f"eventpipe storage benchmarks ({mode}; median of {opts.runs} runs; "
-          f"ratio = ours/baseline throughput unless noted; total {elapsed:.0f} s)")
-    print(environment_line(env))
-    if env["eventpipe_env"]:
-        print(f"EVENTPIPE_* environment in effect: {env['eventpipe_env']}")
-    print()
-    print(render_table(rows))
-    failed = [label for label, r in rows if r.passed is False]
-    print()
-    print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
-    return 0
+    opts, only, as_json = parse_args(
+        argv, __doc__, FULL, QUICK, rows=10, quick_runs=3,
+        big_help="events in row 9's big log (default 10_000_000, quick 1_000_000)")
+    return run_and_report(opts, only, as_json, run, "eventpipe storage benchmarks",
+                          "ratio = ours/baseline throughput unless noted")
 
 
 if __name__ == "__main__":
