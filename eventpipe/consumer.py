@@ -207,7 +207,6 @@ class Consumer:
         except orjson.JSONEncodeError as exc:
             raise ConfigError(f"initial_state is not JSON-serialisable: {exc}",
                               option="initial_state") from None
-        self._initial_state = initial
         folder = os.fspath(opts["checkpoint_dir"] or os.path.join(self.log.path, CONSUMERS_DIR))
         make_dirs(folder, self.log.config.dir_mode)
         self.checkpoint_path = checkpoint_path(folder, name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -73,16 +73,6 @@ def _content(seg: SegmentFile, sealed: bool, committed: int,
         problems.append(Problem(seg.path, None, f"active segment is shorter "
                                 f"({len(content)} bytes) than committed ({committed})"))
     return content
-
-
-def _lines(content: bytes) -> Iterator[tuple[int, bytes]]:
-    pos = 0
-    while pos < len(content):
-        end = content.find(b"\n", pos)
-        if end < 0:
-            end = len(content)
-        yield pos, content[pos:end]
-        pos = end + 1
 
 
 def _check_segment(seg: SegmentFile, content: bytes, expected_events: int,
