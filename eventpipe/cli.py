@@ -133,7 +133,11 @@ def cmd_append(args: argparse.Namespace) -> int:
             if not args.json:
                 out.write(b"".join(b"%d\n" % o for o in offsets))
                 out.flush()
+            if show_progress is not None:
+                show_progress(written)
 
+        # Long input on a terminal: a running count on stderr (nothing when piped).
+        show_progress = _counter(sys.stderr, "events appended") if sys.stderr.isatty() else None
         limit = log.config.max_event_bytes
         restore = _raise_on_sigterm()
         try:
@@ -165,6 +169,8 @@ def cmd_append(args: argparse.Namespace) -> int:
             commit()  # the complete lines read so far
         finally:
             restore()
+    if show_progress is not None:
+        print(f"\r  {written:,} events appended", file=sys.stderr)
     if args.json:
         doc = {"written": written, "first_offset": first_offset, "rejected": rejected}
         out.write(orjson.dumps(doc) + b"\n")
@@ -350,6 +356,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _err(f"verified {summary['segments']} segments, {summary['events']} events, "
              f"{summary['checkpoints']} checkpoints: {verdict}")
     return EXIT_OK if not problems else EXIT_FAILED
+
+
+def _counter(stream: TextIO, what: str) -> Callable[[int], None]:
+    """A running "N <what>" line, redrawn at most five times a second."""
+    last = [0.0]
+
+    def show(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2:
+            last[0] = now
+            print(f"\r  {done:,} {what}", end="", file=stream, flush=True)
+
+    return show
 
 
 def _progress_printer(stream: TextIO) -> Callable[[int, int], None]:
