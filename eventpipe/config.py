@@ -1,6 +1,7 @@
 """Options: built-in defaults < ``EVENTPIPE_*`` environment variables < keyword arguments.
 
-One table per configurable object (:data:`LOG_OPTIONS` here; the consumer adds its own). Each
+One table per configurable object: :data:`LOG_OPTIONS` for :class:`~eventpipe.EventLog`,
+:data:`CONSUMER_OPTIONS` for :class:`~eventpipe.Consumer`. Each
 option has a parser for its environment-variable text and a check for its value, so a bad value
 fails with a :class:`~eventpipe.errors.ConfigError` naming the option and where it came from,
 before anything on disk is touched.
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "LOG_OPTIONS", "LogConfig", "Option", "resolve"]
+__all__ = ["CONSUMER_OPTIONS", "ENV_PREFIX", "LOG_OPTIONS", "LogConfig", "Option", "resolve"]
 
 ENV_PREFIX = "EVENTPIPE_"
 
@@ -129,6 +130,49 @@ LOG_OPTIONS: tuple[Option, ...] = (
            "Remove the oldest sealed segments beyond this total size (None: keep)."),
     Option("lock_timeout", None, _parse_optional_float, _optional(_positive_number),
            "Seconds to wait for the writer lock before LockTimeout (None: wait)."),
+)
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _is(kind: type | tuple[type, ...], what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, kind) and not (
+        isinstance(v, bool) and kind is not bool) else f"must be {what}, got {v!r}"
+
+
+def _optional_path(value: Any) -> str | None:
+    ok = value is None or isinstance(value, str | os.PathLike)
+    return None if ok else f"must be a path, got {value!r}"
+
+
+CONSUMER_OPTIONS: tuple[Option, ...] = (
+    Option("checkpoint_every", 100_000, int, _int_at_least(1),
+           "Checkpoint after this many events (bounds what a restart replays)."),
+    Option("checkpoint_interval", 1.0, float, _positive_number,
+           "...or after this many seconds with progress, whichever comes first."),
+    Option("poll_interval", 1.0, float, _positive_number,
+           "Longest wait for new events without a notification (lost, or none on NFS)."),
+    Option("notifications", True, _parse_bool, _is(bool, "True or False"),
+           "Use filesystem notifications (False: poll only)."),
+    Option("on_error", "stop", str.strip, _one_of("stop", "retry", "dead_letter"),
+           "When the handler raises: stop, retry with backoff, or dead-letter and go on."),
+    Option("max_retries", 3, int, _int_at_least(0),
+           "Retries of a failing event under on_error='retry' (and before dead-lettering)."),
+    Option("retry_backoff", 0.1, float, _positive_number,
+           "First retry delay in seconds; doubles with each retry."),
+    Option("dead_letter", None, _parse_optional_str, _optional_path,
+           "Path of the log that receives events the handler failed on."),
+    Option("checkpoint_dir", None, _parse_optional_str, _optional_path,
+           "Folder of checkpoint files (default: <log>/consumers)."),
+    Option("standby", False, _parse_bool, _is(bool, "True or False"),
+           "If another process holds the name, wait and take over when it exits."),
 )
 
 

@@ -11,10 +11,8 @@ offset). One process holds a consumer name at a time.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -24,10 +22,10 @@ from itertools import count
 from types import FrameType
 from typing import Any, Self
 
-import filelock
 import orjson
 
-from ._fsutil import atomic_write, make_dirs
+from ._fsutil import make_dirs
+from ._namelock import NameLock
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -35,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     validate_name,
 )
-from .config import Option, resolve
+from .config import CONSUMER_OPTIONS, resolve
 from .errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -59,99 +57,6 @@ _loads = orjson.loads
 # checks cost nothing per event, small enough that a time-based checkpoint is never late.
 _SUB_BATCH = 2048
 CONSUMERS_DIR = "consumers"
-
-
-def _parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _is(kind: type | tuple[type, ...], what: str) -> Callable[[Any], str | None]:
-    return lambda v: None if isinstance(v, kind) and not (
-        isinstance(v, bool) and kind is not bool) else f"must be {what}, got {v!r}"
-
-
-def _positive(v: Any) -> str | None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf
-    return None if ok else f"must be a finite number > 0, got {v!r}"
-
-
-def _count_at_least(low: int) -> Callable[[Any], str | None]:
-    return lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= low \
-        else f"must be an integer >= {low}, got {v!r}"
-
-
-def _optional_str(text: str) -> str | None:
-    return text.strip() or None
-
-
-CONSUMER_OPTIONS: tuple[Option, ...] = (
-    Option("checkpoint_every", 100_000, int, _count_at_least(1),
-           "Checkpoint after this many events (bounds what a restart replays)."),
-    Option("checkpoint_interval", 1.0, float, _positive,
-           "...or after this many seconds with progress, whichever comes first."),
-    Option("poll_interval", 1.0, float, _positive,
-           "Longest wait for new events without a notification (lost, or none on NFS)."),
-    Option("notifications", True, _parse_bool, _is(bool, "True or False"),
-           "Use filesystem notifications (False: poll only)."),
-    Option("on_error", "stop", str.strip,
-           lambda v: None if v in ("stop", "retry", "dead_letter")
-           else f"must be 'stop', 'retry' or 'dead_letter', got {v!r}",
-           "When the handler raises: stop, retry with backoff, or dead-letter and go on."),
-    Option("max_retries", 3, int, _count_at_least(0),
-           "Retries of a failing event under on_error='retry' (and before dead-lettering)."),
-    Option("retry_backoff", 0.1, float, _positive,
-           "First retry delay in seconds; doubles with each retry."),
-    Option("dead_letter", None, _optional_str, lambda v: None if v is None or isinstance(v, str)
-           else f"must be a path, got {v!r}",
-           "Path of the log that receives events the handler failed on."),
-    Option("checkpoint_dir", None, _optional_str, lambda v: None if v is None or isinstance(
-           v, str | os.PathLike) else f"must be a path, got {v!r}",
-           "Folder of checkpoint files (default: <log>/consumers)."),
-    Option("standby", False, _parse_bool, _is(bool, "True or False"),
-           "If another process holds the name, wait and take over when it exits."),
-)
-
-
-class _NameLock:
-    """One process per consumer name: a flock (via filelock) plus a note of who holds it."""
-
-    def __init__(self, folder: str, name: str, mode: int) -> None:
-        self.path = os.path.join(folder, f"{name}.lock")
-        self._owner = os.path.join(folder, f"{name}.owner")
-        self._mode = mode
-        self._lock = filelock.FileLock(self.path, mode=mode, thread_local=False,
-                                       is_singleton=False)
-
-    def try_acquire(self) -> bool:
-        try:
-            self._lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return False
-        note = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        atomic_write(self._owner, note, self._mode, durable=False)
-        return True
-
-    def holder(self) -> str:
-        try:
-            with open(self._owner, "rb") as f:
-                info = orjson.loads(f.read())
-            return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "an unknown process"
-
-    @property
-    def held(self) -> bool:
-        return self._lock.is_locked
-
-    def release(self) -> None:
-        if self._lock.is_locked:
-            self._lock.release(force=True)
 
 
 class Consumer:
@@ -210,7 +115,7 @@ class Consumer:
         folder = os.fspath(opts["checkpoint_dir"] or os.path.join(self.log.path, CONSUMERS_DIR))
         make_dirs(folder, self.log.config.dir_mode)
         self.checkpoint_path = checkpoint_path(folder, name)
-        self._name_lock = _NameLock(folder, name, self.log.config.file_mode)
+        self._name_lock = NameLock(folder, name, self.log.config.file_mode)
         self.state: Any = initial
         self.offset = 0
         self._last: tuple[int, int, bytes] | None = None  # (segment, position, line) consumed
