@@ -29,6 +29,7 @@ from .errors import (
 from .follow import Follower
 from .log import EventLog
 from .record import Record
+from .retention import PruneReport
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "LogConfig",
     "NotAnEventLogError",
     "OffsetOutOfRangeError",
+    "PruneReport",
     "Record",
     "StorageError",
     "StoragePermissionError",
