@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what tests/test_systemd.py needs to boot a systemd container: systemd-nspawn
+# Installs what tests/test_systemd.py needs to boot a systemd container (and strace, which
+# tests/test_durability.py uses): systemd-nspawn
 # (Debian/Ubuntu package systemd-container), plus systemd-analyze and nsenter, which the
 # base system normally has already. Idempotent: does nothing when all three are present.
 # Needs root and apt-get to install; otherwise it says what is missing and leaves it to the
@@ -10,6 +11,8 @@ missing=()
 command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+# strace: tests/test_durability.py watches the fsync order of sync="always" with it.
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi

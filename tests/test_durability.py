@@ -1,0 +1,80 @@
+"""sync="always" in the system calls themselves: what reaches the disk, and in which order.
+
+Power loss cannot be staged here, but its guarantee rests on an order of syscalls that can be
+watched: under ``sync="always"`` every append's segment bytes are fdatasync'd before the header
+that commits them is written, the header is fdatasync'd before the append returns, and a new
+segment file's directory entry is fsync'd before a header names it. strace records a real
+writer process; the test replays the trace against those rules.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WRITER = r"""
+import sys
+from eventpipe import EventLog
+with EventLog(sys.argv[1], sync="always", segment_max_events=3, compression=None) as log:
+    for i in range(5):
+        log.append({"i": i})
+    log.append_many([{"i": i} for i in range(5, 12)])
+"""
+
+LINE = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed "
+                    "(.ci/run installs it)")
+def test_sync_always_flushes_data_then_header_then_returns(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    prefix = tmp_path / "trace"
+    proc = subprocess.run(
+        # -ff: one file per thread, so the main thread's calls are never split by another's.
+        ["strace", "-ff", "-qq", "-e", "trace=openat,pwrite64,fdatasync,fsync",
+         "-o", str(prefix), sys.executable, "-c", WRITER, str(log)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The main thread's id is the process id, the lowest of the ids its threads get.
+    main = min(tmp_path.glob("trace.*"), key=lambda p: int(p.suffix[1:]))
+    lines = main.read_text().splitlines()
+    paths: dict[int, str] = {}
+    unsynced_data: set[str] = set()  # segments written since their last fdatasync
+    uncommitted_dirs = False  # segment created, folder not yet fsync'd
+    header_unflushed = False
+    commits = 0
+    for raw in lines:
+        m = LINE.match(raw)
+        if not m:
+            continue
+        call, args, result = m.group(1), m.group(2), int(m.group(3))
+        fd = int(args.split(",")[0]) if call != "openat" else -1
+        if call == "openat" and result >= 0:
+            path = args.split('"')[1]
+            paths[result] = path
+            if "/segments/" in path and path.endswith(".jsonl") and "O_CREAT" in args:
+                uncommitted_dirs = True
+            continue
+        path = paths.get(fd, "")
+        if call == "pwrite64" and path.endswith(".jsonl"):
+            assert not header_unflushed, "next append began before the last header was flushed"
+            unsynced_data.add(path)
+        elif call == "pwrite64" and path == str(log / "head"):
+            assert not unsynced_data, f"header written before its data was flushed: {raw}"
+            assert not uncommitted_dirs, "header names a segment whose folder entry is unflushed"
+            header_unflushed = True
+            commits += 1
+        elif call in ("fdatasync", "fsync"):
+            unsynced_data.discard(path)
+            if path == str(log / "head"):
+                header_unflushed = False
+            if path == str(log / "segments"):
+                uncommitted_dirs = False
+    assert not header_unflushed and not unsynced_data
+    assert commits == 6, "5 appends and 1 batch: six commits, each checked above"
