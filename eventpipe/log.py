@@ -445,6 +445,11 @@ class EventLog:
                     self._bases, relisted = [], True
                     offset = reached
                     continue
+                if gone is not None and active:
+                    # Retention never removes the active segment: this is damage.
+                    raise CorruptLogError("the active segment named by the header is missing",
+                                          path=segment_path(self.segments_dir, base),
+                                          offset=offset) from gone
                 if gone is not None:
                     raise gone
                 raise CorruptLogError(

@@ -348,3 +348,13 @@ def test_retention_option_prunes_in_the_background_but_never_past_a_consumer(
         assert [r.offset for r in log.read(300)] == list(range(300, 550))
         with pytest.raises(OffsetOutOfRangeError):
             list(log.read(0))
+
+
+def test_a_missing_active_segment_is_reported_as_damage(log_path: Path) -> None:
+    with EventLog(log_path, segment_max_events=10, compression=None) as log:
+        log.append_many(events(25))
+    (log_path / "segments" / f"{20:020d}.jsonl").unlink()
+    with EventLog(log_path) as log:
+        assert [r.offset for r in log.read(0, 20)] == list(range(20))
+        with pytest.raises(CorruptLogError, match="active segment"):
+            list(log.read(21))
