@@ -355,6 +355,6 @@ def test_a_missing_active_segment_is_reported_as_damage(log_path: Path) -> None:
         log.append_many(events(25))
     (log_path / "segments" / f"{20:020d}.jsonl").unlink()
     with EventLog(log_path) as log:
-        assert [r.offset for r in log.read(0, 20)] == list(range(20))
-        with pytest.raises(CorruptLogError, match="active segment"):
-            list(log.read(21))
+        for start in (0, 21):  # before it and in it: the damage is named either way
+            with pytest.raises(CorruptLogError, match="active segment"):
+                list(log.read(start))
