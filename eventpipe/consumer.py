@@ -108,7 +108,8 @@ class Consumer:
         self.on_caught_up = on_caught_up
         self.on_idle = on_idle
         try:
-            initial = _loads(orjson.dumps(initial_state))  # a private copy; checks it encodes
+            self._initial_json = orjson.dumps(initial_state)  # checks it encodes
+            initial = _loads(self._initial_json)  # a private copy
         except orjson.JSONEncodeError as exc:
             raise ConfigError(f"initial_state is not JSON-serialisable: {exc}",
                               option="initial_state") from None
@@ -323,11 +324,14 @@ class Consumer:
                 break
             delay *= 2
             try:
-                state = self.handler(self.state, event, offset)
+                state = self.handler(self._state_before(offset), event, offset)
             except Exception as again:
                 exc = again
                 continue
             return self._advance(segment, position, [line], 1, state)
+        # The failed call may have changed the state it was given before raising: what is
+        # checkpointed (and carried on from) must be the state after the event before.
+        self.state = self._state_before(offset)
         if opts["on_error"] == "dead_letter":
             self._dead_letter(offset, event, exc)
             end = self._advance(segment, position, [line], 1, self.state)
@@ -338,6 +342,20 @@ class Consumer:
             f"handler of consumer {self.name!r} raised {type(exc).__name__}: {exc}",
             offset=offset, event=event, path=self.log.path,
         ) from exc
+
+    def _state_before(self, offset: int) -> Any:
+        """The state after every event before ``offset``, rebuilt from the last checkpoint.
+
+        A handler that raised may have changed its state argument in place; replaying the
+        (deterministic) handler from the checkpoint gives back the state it was given. Costs
+        at most the events since the last checkpoint, and only when a handler fails.
+        """
+        cp = load_checkpoint(self.checkpoint_path)
+        state, start = (cp.state, cp.offset) if cp is not None else (
+            _loads(self._initial_json), 0)
+        for record in self.log.read(start, offset):
+            state = self.handler(state, record.event, record.offset)
+        return state
 
     def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
         if self._dead_letter_log is None:
