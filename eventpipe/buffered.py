@@ -6,16 +6,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Self
 
-import orjson
-
-from .errors import EventTooLargeError, LogClosedError, UnserializableEventError
+from .errors import LogClosedError
 
 if TYPE_CHECKING:
     from .log import EventLog
 
 __all__ = ["BufferedWriter"]
-
-_dumps = orjson.dumps
 
 
 class BufferedWriter:
@@ -47,7 +43,7 @@ class BufferedWriter:
         self._log = log
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._max_event_bytes = log.config.max_event_bytes
+        self._encode = log.encode
         self._linger = linger
         self._buffer: list[bytes] = []
         self._bytes = 0
@@ -73,17 +69,7 @@ class BufferedWriter:
         Raises UnserializableEventError / EventTooLargeError at once for a bad event (the
         buffer is unchanged), or the error of a failed background flush.
         """
-        try:
-            data = _dumps(event)
-        except orjson.JSONEncodeError as exc:
-            raise UnserializableEventError(f"event is not JSON-serialisable: {exc}",
-                                           path=self._log.path) from None
-        if len(data) > self._max_event_bytes:
-            raise EventTooLargeError(
-                f"event is {len(data)} bytes encoded, over max_event_bytes="
-                f"{self._max_event_bytes}",
-                size=len(data), path=self._log.path,
-            )
+        data = self._encode(event)
         with self._cond:
             if self._closed:
                 raise LogClosedError("buffered writer is closed", path=self._log.path)

@@ -177,20 +177,28 @@ class EventLog:
         anything, StorageError (disk full, file too large, I/O) with the log unchanged,
         LockTimeout, LogClosedError.
         """
+        data = self.encode(event)
+        return self._appender.commit([data + b"\n"], (1,), len(data) + 1, 1).start
+
+    def encode(self, event: Any) -> bytes:
+        """The bytes ``event`` is stored as (compact JSON, no newline), checked for size.
+
+        Raises UnserializableEventError or EventTooLargeError. Shared by :meth:`append` and
+        the buffered writer, which encodes at the call that gives it an event.
+        """
         try:
             data = _dumps(event)
         except orjson.JSONEncodeError as exc:
             raise UnserializableEventError(f"event is not JSON-serialisable: {exc}",
                                            path=self.path) from None
-        size = len(data)
-        if size > self.config.max_event_bytes:
+        if len(data) > self.config.max_event_bytes:
             raise EventTooLargeError(
-                f"event is {size} bytes encoded, over max_event_bytes="
+                f"event is {len(data)} bytes encoded, over max_event_bytes="
                 f"{self.config.max_event_bytes}",
-                size=size,
+                size=len(data),
                 path=self.path,
             )
-        return self._appender.commit([data + b"\n"], (1,), size + 1, 1).start
+        return data
 
     def append_many(self, events: Iterable[Any]) -> range:
         """Store a batch under one lock acquisition; return its offsets.
