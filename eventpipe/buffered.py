@@ -45,8 +45,11 @@ class BufferedWriter:
         self._max_bytes = max_bytes
         self._encode = log.encode
         self._linger = linger
-        self._buffer: list[bytes] = []
-        self._bytes = 0
+        # Events are kept as one growing run of JSON lines, not as a list of bytes objects:
+        # orjson gives each result a 4 KiB allocation, and a thousand of them alive at once
+        # cost more in fresh memory than the encoding (a list here ran at ~350k events/s).
+        self._data = bytearray()
+        self._count = 0
         self._first_at = 0.0
         self._cond = threading.Condition()
         self._closed = False
@@ -61,7 +64,7 @@ class BufferedWriter:
     @property
     def pending(self) -> int:
         """Events buffered and not yet committed."""
-        return len(self._buffer)
+        return self._count
 
     def append(self, event: Any) -> None:
         """Encode and buffer one event; it is committed at the next flush.
@@ -76,13 +79,14 @@ class BufferedWriter:
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
-            buf = self._buffer
-            if not buf:
+            if not self._count:
                 self._first_at = time.monotonic()
                 self._cond.notify()
-            buf.append(data)
-            self._bytes += len(data) + 1
-            if len(buf) >= self._max_events or self._bytes >= self._max_bytes:
+            buf = self._data
+            buf += data
+            buf += b"\n"
+            self._count += 1
+            if self._count >= self._max_events or len(buf) >= self._max_bytes:
                 self._flush_locked()
 
     def flush(self) -> range:
@@ -90,17 +94,17 @@ class BufferedWriter:
         with self._cond:
             if self._error is not None:
                 err, self._error = self._error, None
-                if not self._buffer:
+                if not self._count:
                     raise err
             return self._flush_locked()
 
     def _flush_locked(self) -> range:
-        if not self._buffer:
+        if not self._count:
             return range(0)
-        # On failure the batch stays buffered: append_encoded is all-or-nothing.
-        offsets = self._log.append_encoded(self._buffer)
-        self._buffer = []
-        self._bytes = 0
+        # On failure the batch stays buffered: a batch commit is all-or-nothing.
+        offsets = self._log.append_lines(bytes(self._data), self._count)
+        self._data = bytearray()
+        self._count = 0
         self.last_flushed = offsets
         return offsets
 
@@ -108,7 +112,7 @@ class BufferedWriter:
         assert self._linger is not None
         with self._cond:
             while not self._closed:
-                if not self._buffer:
+                if not self._count:
                     self._cond.wait()
                     continue
                 due = self._first_at + self._linger - time.monotonic()

@@ -247,6 +247,11 @@ class EventLog:
             self._check_sizes(payloads, 0)
         return self._commit_batch([blob], [len(payloads)])
 
+    def append_lines(self, lines: bytes, count: int) -> range:
+        """Store ``count`` events given as JSON lines already encoded and size-checked by
+        :meth:`encode` (each ending in a newline), as one batch. For the buffered writer."""
+        return self._commit_batch([lines], [count])
+
     def _check_sizes(self, payloads: list[bytes], first_index: int) -> None:
         limit = self.config.max_event_bytes
         for k, p in enumerate(payloads):
