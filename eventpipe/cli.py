@@ -113,20 +113,22 @@ def cmd_append(args: argparse.Namespace) -> int:
     rejected = written = lineno = 0
     first_offset: int | None = None
     terminated = False
-    batch: list[bytes] = []
+    batch = bytearray()  # JSON lines: see BufferedWriter on why not a list of orjson results
+    batched = 0
     with EventLog(args.path) as log:
 
         def commit() -> None:
-            nonlocal written, first_offset
-            if not batch:
+            nonlocal written, first_offset, batched
+            if not batched:
                 return
             # SIGTERM waits while a batch commits: all of it is stored, or none.
             masked = _block_sigterm()
             try:
-                offsets = log.append_encoded(batch)
+                offsets = log.append_lines(bytes(batch), batched)
             finally:
                 _unblock_sigterm(masked)
             batch.clear()
+            batched = 0
             written += len(offsets)
             if first_offset is None:
                 first_offset = offsets.start
@@ -150,8 +152,10 @@ def cmd_append(args: argparse.Namespace) -> int:
                         continue
                     encoded, problem = _check_line(text, limit)
                     if encoded is not None:
-                        batch.append(encoded)
-                        if len(batch) >= _APPEND_BATCH:
+                        batch += encoded
+                        batch += b"\n"
+                        batched += 1
+                        if batched >= _APPEND_BATCH:
                             commit()
                         continue
                     rejected += 1
