@@ -233,20 +233,6 @@ class EventLog:
             counts.append(count)
         return self._commit_batch(blobs, counts)
 
-    def append_encoded(self, payloads: list[bytes]) -> range:
-        """Store events already encoded as compact JSON (one per item, no raw newlines).
-
-        For writers that encode ahead (the buffered writer, the CLI): the bytes are checked for
-        size and framing, not parsed. All or nothing, like :meth:`append_many`.
-        """
-        blob = b"\n".join([*payloads, b""])
-        if blob.count(b"\n") != len(payloads):
-            raise UnserializableEventError("an encoded event contains a raw newline",
-                                           path=self.path)
-        if len(blob) - len(payloads) > self.config.max_event_bytes:
-            self._check_sizes(payloads, 0)
-        return self._commit_batch([blob], [len(payloads)])
-
     def append_lines(self, lines: bytes, count: int) -> range:
         """Store ``count`` events given as JSON lines already encoded and size-checked by
         :meth:`encode` (each ending in a newline), as one batch. For the buffered writer."""
