@@ -234,8 +234,16 @@ class EventLog:
         return self._commit_batch(blobs, counts)
 
     def append_lines(self, lines: bytes, count: int) -> range:
-        """Store ``count`` events given as JSON lines already encoded and size-checked by
-        :meth:`encode` (each ending in a newline), as one batch. For the buffered writer."""
+        """Store ``count`` events given as compact JSON lines (each from :meth:`encode`, each
+        ending in a newline) as one atomic batch; for writers that encode ahead (the buffered
+        writer, the CLI). The framing and sizes are checked, the JSON is not parsed.
+        """
+        if lines.count(b"\n") != count or (lines and not lines.endswith(b"\n")):
+            raise UnserializableEventError(
+                f"expected {count} newline-terminated lines; nothing of the batch was written",
+                path=self.path)
+        if len(lines) - count > self.config.max_event_bytes:
+            self._check_sizes(lines.split(b"\n")[:-1], 0)
         return self._commit_batch([lines], [count])
 
     def _check_sizes(self, payloads: list[bytes], first_index: int) -> None:
