@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "ConsumerBusyError",
     "CorruptLogError",
+    "DurabilityError",
     "EventPipeError",
     "EventTooLargeError",
     "HandlerError",
@@ -175,6 +176,24 @@ def _rebuild_storage(cls: type[StorageError], message: str, errno: int | None, p
 
 class StoragePermissionError(StorageError, PermissionError):
     """The process may not read or write the named path."""
+
+
+class DurabilityError(StorageError):
+    """An append *was committed* (its events are visible at :attr:`committed`), but what had to
+    follow the commit failed: the fsync that makes them durable, or releasing the writer lock.
+
+    Do not retry those events: a retry would store them twice. Their durability is unknown (after
+    a failed fsync the kernel may have dropped the dirty pages), so the log refuses further
+    appends in this process (each raises this error again) until it is reopened. Under
+    ``sync="interval"`` the background fsync raises it at the next append, flush or close;
+    :attr:`committed` then covers this process's appends since its last good fsync.
+    """
+
+    def __init__(self, message: str, *, committed: range = range(0), errno: int | None = None,
+                 path: str | os.PathLike[str] | None = None, offset: int | None = None) -> None:
+        super().__init__(message, errno=errno, path=path,
+                         offset=committed.start if offset is None and committed else offset)
+        self.committed = committed
 
 
 class CheckpointError(EventPipeError, ValueError):

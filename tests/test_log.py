@@ -34,8 +34,9 @@ def segment_names(log_path: Path) -> list[str]:
 
 
 def header(log_path: Path) -> tuple[int, int, int]:
-    magic, head, base, committed, _crc = struct.unpack("<4sQQQI", (log_path / "head").read_bytes())
-    assert magic == b"EPH1"
+    raw = (log_path / "head").read_bytes()
+    magic, head, base, committed = struct.unpack("<4sQQQ", raw[:28])
+    assert magic == b"EPH2" and raw[:52] == raw[512:564]  # two identical copies
     return head, base, committed
 
 
@@ -136,6 +137,16 @@ def test_trailing_nul_bytes_are_cut_like_a_torn_tail(log_path: Path) -> None:
     assert q.read_bytes() == b"\0" * 4096
 
 
+def as_after_reboot(log_path: Path, synced: int) -> None:
+    """Make the header look as a power loss leaves it: written by another boot, with ``synced``
+    bytes of the active segment fsynced."""
+    from eventpipe._header import decode_header, encode_header
+
+    h = decode_header((log_path / "head").read_bytes())
+    assert h is not None
+    (log_path / "head").write_bytes(encode_header(h._replace(boot=12345, synced=synced)))
+
+
 def test_power_loss_with_header_ahead_of_data_recovers_to_last_whole_event(
     log_path: Path,
 ) -> None:
@@ -146,6 +157,7 @@ def test_power_loss_with_header_ahead_of_data_recovers_to_last_whole_event(
     lines = data.splitlines(keepends=True)
     # The header reached the disk, the last two events' bytes did not (NULs, then nothing).
     seg.write_bytes(b"".join(lines[:8]) + b"\0" * 10)
+    as_after_reboot(log_path, synced=len(b"".join(lines[:5])))
     with EventLog(log_path) as log:
         with pytest.raises(CorruptLogError):
             list(log.read())  # readers report it; only a writer, under the lock, repairs
