@@ -91,11 +91,16 @@ def check_active(fd: int, path: str, h: Header) -> Header:
                 "lost them; refusing to append (run `eventpipe verify`)",
                 path=path, offset=h.head)
         return h
-    end = min(size, h.committed)
-    good_end, lines = scan_whole_lines(fd, h.synced, end)
+    # After a reboot: read the whole active segment once (it is bounded by the segment size).
+    good_end, lines = scan_whole_lines(fd, 0, min(size, h.committed))
     if good_end == h.committed:
         return h
-    head = h.segment_base + count_lines(fd, 0, h.synced) + lines
+    if good_end < h.synced:
+        raise CorruptLogError(
+            f"active segment is damaged at bytes {good_end}..{h.synced - 1}, which had been "
+            f"fsynced before the restart; refusing to append (run `eventpipe verify`)",
+            path=path, offset=h.segment_base + lines)
+    head = h.segment_base + lines
     if head > h.head:
         raise CorruptLogError(
             f"active segment holds more lines ({head - h.segment_base}) than the header "
