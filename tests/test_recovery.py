@@ -47,7 +47,7 @@ def test_a_nul_in_the_committed_tail_is_reported_not_cut(tmp_path: Path) -> None
         # The next writer appends after the committed bytes: no offset is handed out twice.
         assert lg.append({"i": "new"}) == 100
         assert lg.head == 101
-        got = []
+        got: list[int] = []
         with pytest.raises(CorruptLogError) as exc:
             got.extend(r.offset for r in lg.read())
         assert exc.value.offset == bad and got == list(range(bad))
