@@ -132,7 +132,11 @@ class BufferedWriter:
 
     @property
     def pending(self) -> int:
-        """Events buffered and not yet committed."""
+        """Events buffered and not yet committed.
+
+        Read under the buffer's lock, so it waits for a commit in progress: an event that
+        readers can already see is never counted here.
+        """
         with self._cond:
             return self._count
 
