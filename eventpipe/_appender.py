@@ -54,6 +54,7 @@ _BODY = _header.BODY_SIZE
 _pack_body = _header.pack_body
 _unpack_record = _header.unpack_record
 _PAD = bytes(_header.COPY_AT - _header.RECORD_SIZE)
+_join = b"".join
 _crc32 = zlib.crc32
 
 # Every appender of this process, so a forked child can drop the parent's writer state: flock
@@ -198,9 +199,6 @@ class Appender:
         timeout = self._lock_timeout
         try:
             if timeout is None:
-                # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
-                # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
-                # Both take flock on the same file, so they exclude each other.
                 _flock(w.lock_fd, _LOCK_EX)
                 return
             deadline = time.monotonic() + timeout
@@ -220,19 +218,25 @@ class Appender:
         except OSError as exc:
             if isinstance(exc, EventPipeError):
                 raise
-            raise StorageError.from_os_error(
-                exc, "take writer lock", path=os.path.join(self.path, WRITER_LOCK)) from exc
+            self._raise_lock_error(exc)
+
+    def _raise_lock_error(self, exc: OSError) -> NoReturn:
+        raise StorageError.from_os_error(
+            exc, "take writer lock", path=os.path.join(self.path, WRITER_LOCK)) from exc
 
     def _unlock(self, w: _WriterState, committed: range | None) -> None:
         try:
             _flock(w.lock_fd, _LOCK_UN)
         except OSError as exc:
-            # The lock may still be held: only closing the descriptor surely drops it. This
-            # process can no longer append safely; reopening the log starts afresh.
-            with contextlib.suppress(OSError):
-                os.close(w.lock_fd)
-            w.lock_fd = -1
-            self._fail(exc, "release writer lock", committed or range(0))
+            self._unlock_failed(w, exc, committed)
+
+    def _unlock_failed(self, w: _WriterState, exc: OSError, committed: range | None) -> NoReturn:
+        # The lock may still be held: only closing the descriptor surely drops it. This
+        # process can no longer append safely; reopening the log starts afresh.
+        with contextlib.suppress(OSError):
+            os.close(w.lock_fd)
+        w.lock_fd = -1
+        self._fail(exc, "release writer lock", committed or range(0))
 
     def _fail(self, exc: BaseException, what: str, committed: range) -> NoReturn:
         """Record that this process may no longer append, and raise the error that says so."""
@@ -257,7 +261,16 @@ class Appender:
             if self._failure is not None:
                 raise self._failure
             w = self._state or self.open()
-            self._lock(w)
+            if self._lock_timeout is None:
+                # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
+                # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
+                # Both take flock on the same file, so they exclude each other.
+                try:
+                    _flock(w.lock_fd, _LOCK_EX)
+                except OSError as exc:
+                    self._raise_lock_error(exc)
+            else:
+                self._lock(w)
             done: range | None = None
             try:
                 try:
@@ -278,7 +291,6 @@ class Appender:
                         raise
                     raise StorageError.from_os_error(exc, "read log header",
                                                      path=self.head_path) from exc
-                h = Header(head, base, committed, synced, boot, 0)
                 if (committed + size <= self._max_bytes
                         and head - base + n <= self._max_events):
                     seg_fd = w.seg_fd
@@ -292,17 +304,33 @@ class Appender:
                             os.fdatasync(seg_fd)
                             synced = position
                     except BaseException as exc:
+                        h = Header(head, base, committed, synced, boot)
                         self._undo(w, h, [])
                         self._raise_write_error(exc, h)
                     body = _pack_body(_MAGIC, head + n, base, position, synced, self._boot, 0)
                     record = body + _crc32(body).to_bytes(4, "little")
-                    appended = range(head, head + n)
-                    self._publish(w, h, record + _PAD + record, appended, [])
-                    done = appended
+                    header = _join((record, _PAD, record))
+                    try:
+                        # The commit point: readers see the new events from this pwrite on.
+                        _pwrite(w.head_fd, header, 0)
+                        if self._always:
+                            os.fdatasync(w.head_fd)
+                        elif not w.dirty:
+                            w.dirty = True
+                            w.unsynced_from = head
+                    except BaseException as exc:
+                        self._after_failed_publish(
+                            w, Header(head, base, committed, synced, boot), header,
+                            range(head, head + n), [], exc)
+                    done = range(head, head + n)
                 else:
-                    done = self._commit_across_segments(w, h, blobs, counts)
+                    done = self._commit_across_segments(
+                        w, Header(head, base, committed, synced, boot), blobs, counts)
             finally:
-                self._unlock(w, done)
+                try:
+                    _flock(w.lock_fd, _LOCK_UN)
+                except OSError as exc:
+                    self._unlock_failed(w, exc, done)
         return done
 
     def _publish(self, w: _WriterState, before: Header, header: bytes, done: range,

@@ -47,6 +47,68 @@ def writer(path: str, wid: str, count: str, seed: str, seg_bytes: str) -> None:
         buffered.close()
 
 
+def soak_writer(path: str, wid: str, count: str, seed: str, sync: str, out: Any = None) -> None:
+    """Append ``count`` events ``{"w", "seq"}`` under random faults; print what was acked.
+
+    Lines: ``ack OFFSET SEQ`` for each event known to be stored at OFFSET (after the call
+    returned, or from a DurabilityError's committed offsets), ``retry KIND`` when a typed
+    StorageError was retried, ``fatal KIND MESSAGE`` for anything else (the soak fails on it),
+    ``done`` at the end. A StorageError (the append left no trace) is retried once with the same
+    events: a retry must never store them twice.
+    """
+    from eventpipe import DurabilityError, StorageError
+
+    rng = random.Random(int(seed))
+    out = out or sys.stdout
+    seq = 0
+    n = int(count)
+    last_acked = -1
+
+    def ack(offsets: range, first_seq: int) -> None:
+        nonlocal last_acked
+        last_acked = max(last_acked, offsets.stop - 1)
+        out.write("".join(f"ack {o} {first_seq + k}\n" for k, o in enumerate(offsets)))
+        out.flush()
+
+    try:
+        with EventLog(path, segment_max_bytes=2048, sync=sync, sync_interval=0.01) as log:
+            while seq < n:
+                size = min(rng.choice((1, 1, 3, 17)), n - seq)
+                batch = [{"w": wid, "seq": seq + k, "pad": "p" * rng.randint(0, 300)}
+                         for k in range(size)]
+                for attempt in range(2):
+                    try:
+                        if size == 1:
+                            first = log.append(batch[0])
+                            offsets = range(first, first + 1)
+                        else:
+                            offsets = log.append_many(batch)
+                        ack(offsets, seq)
+                        break
+                    except DurabilityError as exc:
+                        # Offsets past what was acked are this call's (a background fsync's
+                        # error names earlier, already acknowledged appends).
+                        if exc.committed and exc.committed.start > last_acked:
+                            ack(exc.committed, seq)
+                        out.write("done\n")
+                        out.flush()
+                        os._exit(0)  # the log refuses further appends: this writer is done
+                    except StorageError as exc:
+                        out.write(f"retry {type(exc).__name__} {exc.errno}\n")
+                        out.flush()
+                        if attempt:
+                            raise
+                seq += size
+    except StorageError:
+        pass  # typed, and the log is as before: acceptable under injected faults
+    except BaseException as exc:  # anything untyped is a defect the soak reports
+        out.write(f"fatal {type(exc).__name__} {exc!r}\n".replace("\n", " ") + "\n")
+        out.flush()
+        os._exit(1)
+    out.write("done\n")
+    out.flush()
+
+
 def reader(path: str) -> None:
     """Read the whole log repeatedly until stdin closes, checking density; print counts."""
     with EventLog(path) as log:
@@ -101,7 +163,7 @@ def consumer(path: str, name: str, *flags: str) -> None:
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     programs: dict[str, Callable[..., None]] = {
-        "writer": writer, "reader": reader, "consumer": consumer,
+        "writer": writer, "reader": reader, "consumer": consumer, "soak_writer": soak_writer,
     }
     programs[name](*args)
     os._exit(0)

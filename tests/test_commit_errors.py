@@ -49,7 +49,7 @@ print(json.dumps(out))
 def run_child(log: Path, inject: str, target: str, *, sync: str = "always",
               segment_max_events: int = 1000, trace: str | None = None) -> dict[str, Any]:
     EventLog(log).close()  # created outside strace: the counts below are the appends' own
-    call = inject.split(":")[0]
+    call = inject.split(":", maxsplit=1)[0]
     proc = subprocess.run(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(log / target),
          "-e", f"trace={trace or call}", "-e", f"inject={inject}",
