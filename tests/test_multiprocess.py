@@ -162,7 +162,8 @@ def test_writer_killed_between_its_write_and_its_commit(
     data = seg.read_bytes()
     tail = data[head * line:]
     assert tail and head >= 8 and head % 4 == 0
-    with EventLog(log_path) as log:
+    # (Its options as the writer's: the default segment_max_bytes would roll here.)
+    with EventLog(log_path, sync="none", compression=None, segment_max_bytes=1 << 40) as log:
         # Readers see the committed batches, whole, and nothing of the torn one.
         recs = list(log.read())
         assert [r.offset for r in recs] == list(range(head))
