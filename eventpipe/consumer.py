@@ -11,16 +11,18 @@ offset). One process holds a consumer name at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import os
 import signal
 import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from itertools import count
 from types import FrameType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import orjson
 
@@ -53,10 +55,39 @@ Handler = Callable[[Any, Any, int], Any]
 Hook = Callable[["Consumer"], None]
 
 _loads = orjson.loads
-# Events handled between checks of the clock and checkpoint counters: large enough that the
-# checks cost nothing per event, small enough that a time-based checkpoint is never late.
-_SUB_BATCH = 2048
+# Events are handled in sub-batches, with the clock, checkpoint counters, watchdog and stop
+# requests looked at between them (never per event: the hot loop stays C-level). A sub-batch
+# aims to take _SLICE seconds whatever the handler's speed: its size (the stride) follows the
+# measured time per event, from 1 (a slow handler: checks after every event) up to _MAX_STRIDE
+# (a fast one: the checks cost nothing per event). It shrinks at once and at most doubles per
+# sub-batch, so a handler that slows down is noticed within one sub-batch.
+_SLICE = 0.01
+_MAX_STRIDE = 2048
+_FIRST_STRIDE = 16
+# run_async() hands the loop back at least this often while it works through a backlog.
+_ASYNC_SLICE = 0.005
+# On the main thread, a signal handler's stop() cannot cut short a wait that began just before
+# it ran: waits there are sliced (as ChangeNotifier's are) so a stop is seen within this.
+_MAIN_THREAD_SLICE = 0.1
+# A standby woken by the holder's close retries the name at these delays (seconds): the close
+# is reported just before the kernel drops the flock. Past them, it waits for the next hint or
+# its poll interval.
+_TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 CONSUMERS_DIR = "consumers"
+
+
+class _Sleep(NamedTuple):
+    """A step's request to wait until ``deadline`` (time.monotonic) unless stopped."""
+
+    deadline: float
+
+
+# What the step generators yield to the driver (run(), run_async(), catch_up()): None, a chance
+# for others to run (run_async awaits the loop once); a float, a wait of at most that many
+# seconds for a notification (the driver sends back whether one came); a _Sleep, a retry
+# backoff that only a stop request ends early.
+_Request = float | _Sleep | None
+_Steps = Generator[_Request, bool | None, Any]
 
 
 class Consumer:
@@ -125,6 +156,12 @@ class Consumer:
         self._since_checkpoint = 0
         self._checkpointed_offset = -1
         self._checkpoint_due = time.monotonic() + opts["checkpoint_interval"]
+        # False while ``state`` may hold more (or less) than the events before ``offset``: while
+        # the handler works on it, after it raised, during a rebuild. Nothing is checkpointed
+        # then; the state is rewound to the last checkpoint instead (see _rewind).
+        self._consistent = True
+        self._stride = _FIRST_STRIDE
+        self._yielded_at = 0.0
         self._stop_flag = [False]
         self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
@@ -133,33 +170,68 @@ class Consumer:
         self.last_checkpoint_at: float | None = None
         self.systemd = SystemdNotifier()
         self._closed = False
-        if not self._name_lock.try_acquire():
-            if not opts["standby"]:
-                self.systemd.close()
+        try:
+            acquired = self._name_lock.try_acquire()
+            if not acquired and not opts["standby"]:
                 raise ConsumerBusyError(
                     f"consumer {name!r} is already running ({self._name_lock.holder()}); "
                     "use standby to wait for it",
                     holder=self._name_lock.holder(), path=self._name_lock.path,
                 )
-        else:
-            try:
+            if acquired:
                 self._load()
-            except BaseException:
-                self._name_lock.release()
-                self.systemd.close()
-                raise
+        except BaseException:
+            self._name_lock.release()
+            self.systemd.close()
+            raise
 
     # ------------------------------------------------------------------- name and checkpoint
 
-    def _wait_for_name(self) -> bool:
-        """Standby: wait until the name is free (True) or stop() was called (False)."""
-        while not self._name_lock.held:
-            if self._name_lock.try_acquire():
-                self._load()
-                return True
-            if self._stop_event.wait(min(0.2, self.options["poll_interval"])):
-                return False
-        return True
+    def _await_name(self) -> _Steps:
+        """Standby: wait until the name is ours (True, checkpoint loaded) or stop() (False).
+
+        Waits on an inotify watch of ``<name>.lock``: the holder's descriptor closing (on
+        release, exit or death) is reported just before its flock goes, so the first attempt
+        after the hint may still fail and a few more follow within a few milliseconds. The poll
+        interval bounds the wait when hints are lost or unavailable. Under systemd a standby is
+        healthy, not starting: it reports READY=1 and a STATUS naming the holder, and keeps
+        pinging the watchdog.
+        """
+        lock = self._name_lock
+        if lock.try_acquire():
+            self._load()
+            return True
+        sd = self.systemd
+        notifier = ChangeNotifier(lock.folder, lock.filename,
+                                  use_watchdog=self.options["notifications"])
+        notifier.start()  # before the next attempt: a release after it leaves a hint
+        self._notifier = notifier
+        try:
+            poll = self.options["poll_interval"]
+            shown: str | None = None
+            retries: list[float] = []
+            while not self._stop_flag[0]:
+                if lock.try_acquire():
+                    self._load()
+                    return True
+                if retries:
+                    yield retries.pop(0)
+                    continue
+                holder = lock.holder()
+                if holder != shown:
+                    sd.status(f"consumer {self.name}: standing by, the name is held by {holder}")
+                    if shown is None:
+                        sd.ready()  # a waiting standby is up and healthy
+                    shown = holder
+                sd.maybe_ping_watchdog()
+                watchdog = sd.watchdog_interval
+                hinted = yield poll if watchdog is None else min(poll, watchdog)
+                if hinted:
+                    retries = list(_TAKEOVER_RETRIES)
+            return False
+        finally:
+            self._notifier = None
+            notifier.close()
 
     def _load(self) -> None:
         cp = load_checkpoint(self.checkpoint_path)
@@ -175,6 +247,7 @@ class Consumer:
             raise CheckpointMismatchError(
                 f"checkpoint is ahead of the log (offset {cp.offset}, head {h}): the log was "
                 "cut back or restored from an older copy", path=where, offset=cp.offset)
+        self._consistent = False
         self.state = cp.state
         self.offset = cp.offset
         self._checkpointed_offset = cp.offset
@@ -183,6 +256,31 @@ class Consumer:
             self._verify = cp
             assert cp.segment is not None and cp.position is not None
             self._next_position = (cp.segment, cp.position)
+        self._consistent = True
+
+    def _rewind(self) -> None:
+        """Go back to the last checkpoint (or the initial state): what a restart would do.
+
+        For a state that may hold part of an event: the handler raised a BaseException
+        (KeyboardInterrupt, SystemExit) or a rebuild failed. The events after the checkpoint
+        are handled again by the next catch_up() or run().
+        """
+        self._consistent = False
+        self.state = _loads(self._initial_json)
+        self.offset = 0
+        self._last = None
+        self._verify = None
+        self._next_position = None
+        self._since_checkpoint = 0
+        self._checkpointed_offset = -1
+        self._load()
+        self._consistent = True
+
+    def _rewind_quietly(self) -> None:
+        # On the way out of an exception: that exception says what went wrong; a failed rewind
+        # leaves the state marked inconsistent, and the next use rewinds (and raises) again.
+        with contextlib.suppress(Exception):
+            self._rewind()
 
     def _verify_against(self, chunk: LineChunk) -> LineChunk:
         """Check the checkpoint's last event against the log; drop it from the chunk."""
@@ -201,7 +299,14 @@ class Consumer:
         return LineChunk(chunk.segment_base, chunk.first_offset + 1, after, chunk.lines[1:])
 
     def checkpoint(self) -> None:
-        """Persist state and offset now, atomically together (no-op if nothing changed)."""
+        """Persist state and offset now, atomically together (no-op if nothing changed).
+
+        A state that may hold part of an event (a handler interrupted by KeyboardInterrupt or
+        SystemExit) is never saved: the consumer goes back to its last checkpoint instead.
+        """
+        if not self._consistent:
+            self._rewind()
+            return
         if self.offset == self._checkpointed_offset:
             return
         seg = pos = crc = None
@@ -226,12 +331,14 @@ class Consumer:
         """Events committed to the log and not yet handled by this consumer."""
         return max(0, self.log.head - self.offset)
 
-    def _process(self, stop: int | None, budget: int | None = None) -> int:
-        """Handle events from ``offset`` up to ``stop`` (the head now if None); returns count.
+    def _process(self, stop: int | None, yields: bool) -> _Steps:
+        """Handle events from ``offset`` up to ``stop`` (the head now if None).
 
-        Returns early after ``budget`` events or when stop() is called.
+        Returns early when stop() is called. With ``yields``, yields None whenever
+        _ASYNC_SLICE has passed since the last yield (run_async hands the loop back there).
         """
-        start_offset = self.offset
+        if not self._consistent:
+            self._rewind()
         if self._verify is not None and self.offset - 1 < self.log.first_offset:
             # Retention removed the segment holding the event this checkpoint was taken after
             # (it never removes what the consumer still needs): nothing left to compare.
@@ -241,14 +348,11 @@ class Consumer:
         position = self._next_position
         for stored in self.log.chunks(first, stop, position=position):
             chunk = self._verify_against(stored) if self._verify is not None else stored
-            if not self._consume_chunk(chunk):
+            if not (yield from self._consume_chunk(chunk, yields)):
                 break
-            if budget is not None and self.offset - start_offset >= budget:
-                break
-        return self.offset - start_offset
 
-    def _consume_chunk(self, chunk: LineChunk) -> bool:
-        """Fold one chunk's events; False when stop() was called."""
+    def _consume_chunk(self, chunk: LineChunk, yields: bool) -> _Steps:
+        """Fold one chunk's events; returns False when stop() was called."""
         lines = chunk.lines
         n = len(lines)
         i = 0
@@ -256,46 +360,69 @@ class Consumer:
         handler = self.handler
         stop_flag = self._stop_flag
         every = self.options["checkpoint_every"]
+        sd = self.systemd
+        clock = time.monotonic
+        started = clock()
         while i < n:
-            k = min(n - i, _SUB_BATCH, max(1, every - self._since_checkpoint))
+            k = min(n - i, self._stride, max(1, every - self._since_checkpoint))
             sub = lines[i : i + k] if (i or k < n) else lines
             first = chunk.first_offset + i
+            # Decoding happens here, outside the handler's loop: a JSONDecodeError here is a
+            # stored event's, one from the loop below is the handler's own.
+            try:
+                events = list(map(_loads, sub))
+            except orjson.JSONDecodeError as exc:
+                bad = _first_undecodable(sub)
+                if bad == 0:
+                    self.checkpoint()
+                    raise CorruptLogError(
+                        f"stored event is not valid JSON ({exc})",
+                        path=self.log.segments_dir, offset=first) from None
+                sub = sub[:bad]  # handle the good events before it; the next round raises
+                events = list(map(_loads, sub))
             state = self.state
             o = first - 1
-            failed: BaseException | None = None
+            failed: Exception | None = None
+            self._consistent = False  # the handler may change self.state in place
             try:
-                # The hot loop: C-level zip/count/map feed the handler with nothing else
-                # per event than the stop check (so a handler or signal can stop precisely).
-                for o, event in zip(count(first), map(_loads, sub), strict=False):
+                # The hot loop: C-level zip/count feed the handler with nothing else per
+                # event than the stop check (so a handler or signal can stop precisely).
+                for o, event in zip(count(first), events, strict=False):
                     state = handler(state, event, o)
                     if stop_flag[0]:
                         break
                 done = o - first + 1
-            except orjson.JSONDecodeError as exc:
-                bad = o - first + 1
-                try:
-                    _loads(sub[bad])
-                except orjson.JSONDecodeError:
-                    self._advance(chunk.segment_base, position, sub, bad, state)
-                    self.checkpoint()
-                    raise CorruptLogError(
-                        f"stored event is not valid JSON ({exc})",
-                        path=self.log.segments_dir, offset=first + bad) from None
-                failed, done = exc, o - first  # the handler raised a JSONDecodeError itself
             except Exception as exc:
                 failed, done = exc, o - first
+            # A BaseException (KeyboardInterrupt, SystemExit) leaves _consistent False: the
+            # state may hold part of an event, and is never checkpointed (see _rewind).
             position = self._advance(chunk.segment_base, position, sub, done, state)
             i += done
-            if failed is not None:
-                position = self._handle_failure(chunk.segment_base, position, lines[i],
-                                                first + done, failed)
+            if failed is None:
+                self._consistent = True
+                now = clock()
+                if done:
+                    spent = (now - started) / done
+                    self._stride = max(1, min(_MAX_STRIDE, 2 * self._stride,
+                                              int(_SLICE / spent) if spent > 0 else _MAX_STRIDE))
+            else:
+                end = yield from self._handle_failure(chunk.segment_base, position, sub[done],
+                                                      events[done], first + done, failed)
+                if end is None:
+                    return False  # stopped before the failing event (state rebuilt)
+                position = end
                 i += 1
-            if self._since_checkpoint >= every or time.monotonic() >= self._checkpoint_due:
+                now = clock()
+            if self._since_checkpoint >= every or now >= self._checkpoint_due:
                 self.checkpoint()
             # A long backlog must not starve systemd's watchdog (a no-op outside systemd).
-            self.systemd.maybe_ping_watchdog()
+            sd.maybe_ping_watchdog(now)
             if stop_flag[0]:
                 return False
+            if yields and now - self._yielded_at >= _ASYNC_SLICE:
+                yield None
+                self._yielded_at = clock()
+            started = clock()
         return True
 
     def _advance(self, segment: int, position: int, sub: list[bytes], done: int,
@@ -312,26 +439,42 @@ class Consumer:
         self._next_position = (segment, end)
         return end
 
-    def _handle_failure(self, segment: int, position: int, line: bytes, offset: int,
-                        exc: BaseException) -> int:
-        """Apply on_error to the event at ``offset``; returns the position after it."""
+    def _handle_failure(self, segment: int, position: int, line: bytes, event: Any,
+                        offset: int, exc: Exception) -> _Steps:
+        """Apply on_error to the event at ``offset``.
+
+        Returns the position after the event, or None when stop() came during the retries: the
+        consumer then stops before the event (state rebuilt to the event before, nothing
+        dead-lettered). Between tries it yields _Sleep (a backoff only stop() cuts short).
+        """
         opts = self.options
-        event = _loads(line)
         retries = opts["max_retries"] if opts["on_error"] != "stop" else 0
         delay = opts["retry_backoff"]
         for _ in range(retries):
-            if self._stop_event.wait(delay):
-                break
+            if not self._stop_flag[0]:
+                yield _Sleep(time.monotonic() + delay)
+            if self._stop_flag[0]:
+                self.state = self._state_before(offset)
+                self._consistent = True
+                return None
             delay *= 2
             try:
-                state = self.handler(self._state_before(offset), event, offset)
+                before = self._state_before(offset)
+            except HandlerError:
+                continue  # the rebuild failed (a downstream outage?): counts as a failed try
+            try:
+                state = self.handler(before, event, offset)
             except Exception as again:
                 exc = again
                 continue
-            return self._advance(segment, position, [line], 1, state)
+            end = self._advance(segment, position, [line], 1, state)
+            self._consistent = True
+            return end
         # The failed call may have changed the state it was given before raising: what is
-        # checkpointed (and carried on from) must be the state after the event before.
+        # checkpointed (and carried on from) must be the state after the event before. If the
+        # rebuild itself fails, HandlerError says so and nothing is checkpointed.
         self.state = self._state_before(offset)
+        self._consistent = True
         if opts["on_error"] == "dead_letter":
             self._dead_letter(offset, event, exc)
             end = self._advance(segment, position, [line], 1, self.state)
@@ -348,13 +491,27 @@ class Consumer:
 
         A handler that raised may have changed its state argument in place; replaying the
         (deterministic) handler from the checkpoint gives back the state it was given. Costs
-        at most the events since the last checkpoint, and only when a handler fails.
+        at most the events since the last checkpoint, and only when a handler fails. Raises
+        HandlerError naming the offset if the handler fails during the replay: a partial
+        replay is never used.
         """
         cp = load_checkpoint(self.checkpoint_path)
         state, start = (cp.state, cp.offset) if cp is not None else (
             _loads(self._initial_json), 0)
+        handler = self.handler
+        ping = self.systemd.maybe_ping_watchdog
         for record in self.log.read(start, offset):
-            state = self.handler(state, record.event, record.offset)
+            try:
+                state = handler(state, record.event, record.offset)
+            except Exception as exc:
+                raise HandlerError(
+                    f"handler of consumer {self.name!r} raised {type(exc).__name__}: {exc} "
+                    f"at offset {record.offset} while rebuilding the state after its failure "
+                    f"at offset {offset} (replaying offsets {start}..{offset - 1} from the last "
+                    "checkpoint); nothing was checkpointed from the replay",
+                    offset=record.offset, event=record.event, path=self.log.path,
+                ) from exc
+            ping()
         return state
 
     def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
@@ -386,18 +543,29 @@ class Consumer:
 
         Raises HandlerError (state checkpointed up to the event before the failing one),
         CheckpointMismatchError, ConsumerBusyError when standby is off and the name is held.
+        With standby, waits for the name first (stop() ends the wait).
         """
         self._check_usable()
-        if not self._name_lock.held and not self._wait_for_name():
-            return self.state
-        self._process(self.log.head)
-        self.checkpoint()
+        self._drive(self._catch_up_steps())
         return self.state
+
+    def _catch_up_steps(self) -> _Steps:
+        if not self._name_lock.held and not (yield from self._await_name()):
+            return
+        try:
+            yield from self._process(self.log.head, False)
+        except BaseException:
+            if not self._consistent:
+                self._rewind_quietly()
+            raise
+        self.checkpoint()
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (from a handler, another thread or a signal handler).
 
         The consumer stops after the event it is handling, checkpoints, and run() returns.
+        A stop during a retry backoff ends it: the consumer stops before the failing event.
+        A standby waiting for the name stops waiting.
         """
         self._stop_flag[0] = True
         self._stop_event.set()
@@ -415,69 +583,117 @@ class Consumer:
     def run(self) -> Any:
         """Catch up, then follow new events until stop(), SIGTERM or SIGINT; returns the state.
 
-        Always ends with a checkpoint. Under systemd (``NOTIFY_SOCKET``) reports READY=1 after
-        the first catch-up, STATUS with offset and lag, WATCHDOG=1 at half ``WATCHDOG_USEC``,
-        and STOPPING=1.
+        Always ends with a checkpoint (of a state that holds whole events only). Under systemd
+        (``NOTIFY_SOCKET``) reports READY=1 after the first catch-up (a standby: while it
+        waits, with a STATUS saying so), STATUS with offset and lag, WATCHDOG=1 at half
+        ``WATCHDOG_USEC`` (also during long handler runs and retry backoffs), and STOPPING=1;
+        with the watchdog on, a watchdog abort (SIGABRT) dumps every thread's stack to stderr.
         """
         self._check_usable()
         restore = self._install_signal_handlers()
+        disarm = self._arm_faulthandler()
         try:
-            for waited in self._steps():
-                if waited is not None:
-                    self._notifier_wait(waited)
+            self._drive(self._steps(False))
         finally:
+            disarm()
             restore()
         return self.state
 
     async def run_async(self) -> Any:
         """:meth:`run` for asyncio: waits never block the loop; cancelling stops cleanly.
 
-        Catch-up yields to the loop between batches of events. Signals are left to the
-        application (call :meth:`stop`).
+        Hands the loop back at least every few milliseconds while working through a backlog
+        (and during retry backoffs and standby waits). Signals are left to the application
+        (call :meth:`stop`).
         """
         self._check_usable()
-        notifier_steps = self._steps(budget=_SUB_BATCH)
+        disarm = self._arm_faulthandler()
+        steps = self._steps(True)
+        result: bool | None = None
         try:
-            for waited in notifier_steps:
-                if waited is None:
+            while True:
+                try:
+                    request = steps.send(result)
+                except StopIteration:
+                    break
+                result = None
+                if request is None:
                     await asyncio.sleep(0)
+                    self._yielded_at = time.monotonic()
+                elif isinstance(request, _Sleep):
+                    await self._sleep_async(request.deadline)
                 else:
-                    assert self._notifier is not None
-                    await self._notifier.wait_async(waited)
+                    notifier = self._notifier
+                    assert notifier is not None  # every wait happens with one in place
+                    result = await notifier.wait_async(request)
         finally:
-            notifier_steps.close()
+            steps.close()
+            disarm()
         return self.state
 
-    def _notifier_wait(self, timeout: float) -> None:
-        assert self._notifier is not None
-        self._notifier.wait(timeout)
-
-    def _steps(self, budget: int | None = None) -> Any:
-        """The run loop as a generator: yields None to let others run, or a timeout to wait.
-
-        Shared by run() (which blocks on the notifier) and run_async() (which awaits it).
-        """
-        sd = self.systemd
-        if not self._name_lock.held:
-            sd.status(f"consumer {self.name}: standby, waiting for {self._name_lock.holder()}")
-            while not self._name_lock.held:
-                if self._stop_flag[0]:
+    def _drive(self, steps: _Steps) -> None:
+        """Run step generators to their end in this thread, blocking for their waits."""
+        result: bool | None = None
+        try:
+            while True:
+                try:
+                    request = steps.send(result)
+                except StopIteration:
                     return
-                if self._name_lock.try_acquire():
-                    self._load()
-                    break
-                yield min(0.2, self.options["poll_interval"])
+                result = None
+                if isinstance(request, _Sleep):
+                    self._sleep(request.deadline)
+                elif request is not None:
+                    notifier = self._notifier
+                    assert notifier is not None  # every wait happens with one in place
+                    result = notifier.wait(request)
+        finally:
+            steps.close()  # e.g. KeyboardInterrupt in a wait: the steps' cleanup still runs
+
+    def _sleep(self, deadline: float) -> None:
+        """Wait until ``deadline`` (monotonic) or stop(), pinging systemd's watchdog."""
+        sd = self.systemd
+        main = threading.current_thread() is threading.main_thread()
+        while not self._stop_flag[0]:
+            sd.maybe_ping_watchdog()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            watchdog = sd.watchdog_interval
+            step = left if watchdog is None else min(left, watchdog)
+            self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
+
+    async def _sleep_async(self, deadline: float) -> None:
+        """:meth:`_sleep` without blocking the loop (stop() wakes the notifier)."""
+        sd = self.systemd
+        while not self._stop_flag[0]:
+            sd.maybe_ping_watchdog()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            watchdog = sd.watchdog_interval
+            step = left if watchdog is None else min(left, watchdog)
+            notifier = self._notifier
+            if notifier is not None:
+                await notifier.wait_async(step)  # a hint (an append) just loops
+            else:
+                await asyncio.sleep(min(step, _MAIN_THREAD_SLICE))
+
+    def _steps(self, yields: bool) -> _Steps:
+        """The run loop as a generator of requests (see _Request) for run() or run_async()."""
+        sd = self.systemd
+        if not self._name_lock.held and not (yield from self._await_name()):
+            sd.stopping()
+            return
         notifier = ChangeNotifier(self.log.path, "head",
                                   use_watchdog=self.options["notifications"])
         notifier.start()  # before the catch-up read, so nothing appended meanwhile is missed
         self._notifier = notifier
+        self._yielded_at = time.monotonic()
         try:
             target = self.log.head
-            while self.offset < target and not self._stop_flag[0]:
-                if self._process(target, budget) == 0:
-                    break
-                if budget is not None:
-                    yield None
+            if self.offset < target and not self._stop_flag[0]:
+                yield from self._process(target, yields)
             self.checkpoint()
             if not self._caught_up_once:
                 self._caught_up_once = True
@@ -490,10 +706,10 @@ class Consumer:
             watchdog = sd.watchdog_interval
             while not self._stop_flag[0]:
                 sd.maybe_ping_watchdog()
-                if self._process(None, budget):
+                before = self.offset
+                yield from self._process(None, yields)
+                if self.offset != before:
                     idle_reported = False
-                    if budget is not None:
-                        yield None
                     continue
                 # Idle: everything known is handled. Checkpoint once the interval since the
                 # last one has passed, not at once: at a trickle of events an immediate
@@ -511,13 +727,33 @@ class Consumer:
                 if self.offset != self._checkpointed_offset:
                     timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
                 yield timeout
+                self._yielded_at = time.monotonic()
         finally:
             try:
-                self.checkpoint()
+                # Whatever ended the run: checkpoint a state of whole events, never one a
+                # handler was interrupted in (that one is rewound to the last checkpoint).
+                if self._consistent:
+                    self.checkpoint()
+                else:
+                    self._rewind_quietly()
             finally:
                 sd.stopping()
                 self._notifier = None
                 notifier.close()
+
+    def _arm_faulthandler(self) -> Callable[[], None]:
+        """Under systemd's watchdog: dump every thread's stack if it aborts us (SIGABRT).
+
+        systemd sends SIGABRT (by default) to a service that stopped pinging, such as one whose
+        handler hangs: the journal then shows where.
+        """
+        if self.systemd.watchdog_interval is None or faulthandler.is_enabled():
+            return lambda: None
+        try:
+            faulthandler.enable(all_threads=True)
+        except (AttributeError, ValueError, RuntimeError, OSError):
+            return lambda: None  # no usable stderr
+        return faulthandler.disable
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -566,3 +802,13 @@ class Consumer:
 
     def __repr__(self) -> str:
         return f"Consumer({self.log.path!r}, {self.name!r}, offset={self.offset})"
+
+
+def _first_undecodable(lines: list[bytes]) -> int:
+    """Index of the first line that is not valid JSON (len(lines) if none is)."""
+    for k, line in enumerate(lines):
+        try:
+            _loads(line)
+        except orjson.JSONDecodeError:
+            return k
+    return len(lines)
