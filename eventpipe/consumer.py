@@ -224,8 +224,7 @@ class Consumer:
                         sd.ready()  # a waiting standby is up and healthy
                     shown = holder
                 sd.maybe_ping_watchdog()
-                watchdog = sd.watchdog_interval
-                hinted = yield poll if watchdog is None else min(poll, watchdog)
+                hinted = yield self._until_ping(poll)
                 if hinted:
                     retries = list(_TAKEOVER_RETRIES)
             return False
@@ -303,7 +302,10 @@ class Consumer:
 
         A state that may hold part of an event (a handler interrupted by KeyboardInterrupt or
         SystemExit) is never saved: the consumer goes back to its last checkpoint instead.
+        Does nothing without the name (a standby still waiting, or after close()).
         """
+        if not self._name_lock.held:
+            return  # a standby, or closed: the name's holder writes this file, nobody else
         if not self._consistent:
             self._rewind()
             return
@@ -407,7 +409,8 @@ class Consumer:
                                               int(_SLICE / spent) if spent > 0 else _MAX_STRIDE))
             else:
                 end = yield from self._handle_failure(chunk.segment_base, position, sub[done],
-                                                      events[done], first + done, failed)
+                                                      events[done], first + done, failed,
+                                                      yields)
                 if end is None:
                     return False  # stopped before the failing event (state rebuilt)
                 position = end
@@ -440,7 +443,7 @@ class Consumer:
         return end
 
     def _handle_failure(self, segment: int, position: int, line: bytes, event: Any,
-                        offset: int, exc: Exception) -> _Steps:
+                        offset: int, exc: Exception, yields: bool) -> _Steps:
         """Apply on_error to the event at ``offset``.
 
         Returns the position after the event, or None when stop() came during the retries: the
@@ -454,12 +457,12 @@ class Consumer:
             if not self._stop_flag[0]:
                 yield _Sleep(time.monotonic() + delay)
             if self._stop_flag[0]:
-                self.state = self._state_before(offset)
+                self.state = yield from self._state_before(offset, yields)
                 self._consistent = True
                 return None
             delay *= 2
             try:
-                before = self._state_before(offset)
+                before = yield from self._state_before(offset, yields)
             except HandlerError:
                 continue  # the rebuild failed (a downstream outage?): counts as a failed try
             try:
@@ -473,7 +476,7 @@ class Consumer:
         # The failed call may have changed the state it was given before raising: what is
         # checkpointed (and carried on from) must be the state after the event before. If the
         # rebuild itself fails, HandlerError says so and nothing is checkpointed.
-        self.state = self._state_before(offset)
+        self.state = yield from self._state_before(offset, yields)
         self._consistent = True
         if opts["on_error"] == "dead_letter":
             self._dead_letter(offset, event, exc)
@@ -486,20 +489,21 @@ class Consumer:
             offset=offset, event=event, path=self.log.path,
         ) from exc
 
-    def _state_before(self, offset: int) -> Any:
+    def _state_before(self, offset: int, yields: bool) -> _Steps:
         """The state after every event before ``offset``, rebuilt from the last checkpoint.
 
         A handler that raised may have changed its state argument in place; replaying the
         (deterministic) handler from the checkpoint gives back the state it was given. Costs
         at most the events since the last checkpoint, and only when a handler fails. Raises
         HandlerError naming the offset if the handler fails during the replay: a partial
-        replay is never used.
+        replay is never used. With ``yields``, hands the loop back as _process does.
         """
         cp = load_checkpoint(self.checkpoint_path)
         state, start = (cp.state, cp.offset) if cp is not None else (
             _loads(self._initial_json), 0)
         handler = self.handler
-        ping = self.systemd.maybe_ping_watchdog
+        sd = self.systemd
+        clock = time.monotonic
         for record in self.log.read(start, offset):
             try:
                 state = handler(state, record.event, record.offset)
@@ -511,7 +515,11 @@ class Consumer:
                     "checkpoint); nothing was checkpointed from the replay",
                     offset=record.offset, event=record.event, path=self.log.path,
                 ) from exc
-            ping()
+            now = clock()  # a replay is rare and short: a clock read per event is fine here
+            sd.maybe_ping_watchdog(now)
+            if yields and now - self._yielded_at >= _ASYNC_SLICE:
+                yield None
+                self._yielded_at = clock()
         return state
 
     def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
@@ -650,6 +658,12 @@ class Consumer:
         finally:
             steps.close()  # e.g. KeyboardInterrupt in a wait: the steps' cleanup still runs
 
+    def _until_ping(self, limit: float) -> float:
+        """``limit``, or less: the time until the next watchdog ping is due (at least 10 ms,
+        so a failing send is retried without spinning)."""
+        due = self.systemd.watchdog_due_in()
+        return limit if due is None else min(limit, max(due, 0.01))
+
     def _sleep(self, deadline: float) -> None:
         """Wait until ``deadline`` (monotonic) or stop(), pinging systemd's watchdog."""
         sd = self.systemd
@@ -659,8 +673,7 @@ class Consumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            watchdog = sd.watchdog_interval
-            step = left if watchdog is None else min(left, watchdog)
+            step = self._until_ping(left)
             self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
 
     async def _sleep_async(self, deadline: float) -> None:
@@ -671,8 +684,7 @@ class Consumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            watchdog = sd.watchdog_interval
-            step = left if watchdog is None else min(left, watchdog)
+            step = self._until_ping(left)
             notifier = self._notifier
             if notifier is not None:
                 await notifier.wait_async(step)  # a hint (an append) just loops
@@ -703,7 +715,6 @@ class Consumer:
             sd.status(self._status())
             idle_reported = False
             poll = self.options["poll_interval"]
-            watchdog = sd.watchdog_interval
             while not self._stop_flag[0]:
                 sd.maybe_ping_watchdog()
                 before = self.offset
@@ -723,7 +734,7 @@ class Consumer:
                     if self.on_idle is not None:
                         self.on_idle(self)
                     continue  # the hook may have appended or stopped: look again first
-                timeout = poll if watchdog is None else min(poll, watchdog)
+                timeout = self._until_ping(poll)
                 if self.offset != self._checkpointed_offset:
                     timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
                 yield timeout

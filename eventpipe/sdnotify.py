@@ -176,6 +176,23 @@ class SystemdNotifier:
             return False
         return self._send(("WATCHDOG=1",), now)
 
+    def watchdog_due_in(self, now: float | None = None) -> float | None:
+        """Seconds until :meth:`maybe_ping_watchdog` will send the next ping (0: due now).
+
+        ``None`` when the watchdog is off (see :attr:`watchdog_interval`). For callers that
+        sleep between pings: waking at this time keeps each ping on its interval, where fixed
+        sleeps of the interval would let a ping slip by up to one sleep.
+        """
+        interval = self.watchdog_interval
+        if interval is None:
+            return None
+        last = self._last_ping
+        if last is None:
+            return 0.0
+        if now is None:
+            now = time.monotonic()
+        return max(0.0, last + interval - now)
+
     def close(self) -> None:
         """Close the socket; later calls are no-ops returning ``False``. Idempotent."""
         with self._lock:
