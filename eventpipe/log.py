@@ -17,7 +17,6 @@ partial or uncommitted event, whatever writers in other processes are doing.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
 import time
@@ -31,11 +30,13 @@ from . import _header
 from ._appender import Appender
 from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
 from ._header import Header
+from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
 from .compress import Compressor
 from .config import LogConfig
 from .errors import (
     CorruptLogError,
+    EventPipeError,
     EventTooLargeError,
     LogClosedError,
     NotAnEventLogError,
@@ -47,7 +48,7 @@ from .errors import (
 from .follow import Follower
 from .record import Record
 from .retention import PruneReport, prune
-from .segment import LineChunk, list_segments, read_chunks, segment_path
+from .segment import LineChunk, read_chunks, segment_path
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "EventLog"]
 
@@ -88,8 +89,12 @@ class EventLog:
         self._head_path = os.path.join(self.path, HEAD_FILE)
         self._appender = Appender(self.path, self.segments_dir, self._head_path, self.config,
                                   self._sealed)
-        self._reader_fd = -1
-        self._bases: list[int] = []
+        # The header's read descriptor, opened on first use. A dict, not a lock: setdefault is
+        # atomic, and a lock held by another thread at fork() would stay held in the child.
+        self._reader_fds: dict[str, int] = {}
+        self.segment_index = SegmentIndex(self.segments_dir)
+        """Where segments start (a cached listing); see :class:`~eventpipe._segindex.SegmentIndex`.
+        Whatever removes or seals segments in this process calls its ``invalidate()``."""
         self._closed = False
         self._compressor: Compressor | None = None
         self._compressor_pid = 0
@@ -115,6 +120,8 @@ class EventLog:
         make_dirs(self.path, cfg.dir_mode)
         with os_errors("inspect directory", self.path):
             others = [n for n in os.listdir(self.path) if not n.startswith(_INIT_PREFIX)]
+        if others and os.path.exists(meta_path):
+            return  # another process created the log since we looked: theirs is used
         if others:
             raise NotAnEventLogError(
                 f"directory is not empty and holds no {META_FILE} (found {sorted(others)[:5]});"
@@ -265,7 +272,7 @@ class EventLog:
             self._check_open()
             with self._appender.mutex:
                 self._appender.open()
-            head = self._read_header().head
+            head = self.committed_header().head
             return range(head, head)
         return self._appender.commit(blobs, counts, sum(map(len, blobs)), n)
 
@@ -290,7 +297,7 @@ class EventLog:
 
     def _sealed(self) -> None:
         """Segments were sealed (or a writer opened): checksum and compress in the background."""
-        self._bases_stale()
+        self.segment_index.invalidate()
         self._compression().kick()
 
     def _compression(self) -> Compressor:
@@ -300,7 +307,7 @@ class EventLog:
             self._compressor = Compressor(
                 self.segments_dir,
                 os.path.join(self.path, COMPRESS_LOCK),
-                lambda: self._read_header().segment_base,
+                lambda: self.committed_header().segment_base,
                 compress=self.config.compression is not None,
                 after_pass=self._apply_retention,
                 level=self.config.compression_level,
@@ -346,59 +353,76 @@ class EventLog:
     def first_offset(self) -> int:
         """The first offset still stored (0 unless retention removed older segments)."""
         self._check_open()
-        h = self._read_header()
-        bases = self._segment_bases(h)
-        return bases[0] if bases else h.head
+        h = self.committed_header()
+        first = self.segment_index.first_base(h.segment_base)
+        return h.head if first is None else first
 
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosedError("log is closed", path=self.path)
 
-    def _read_header(self) -> Header:
-        fd = self._reader_fd
+    def committed_header(self) -> Header:
+        """The log's committed state (head, active segment, its committed size), read now.
+
+        Raises CorruptLogError if the header is damaged beyond repair by a reader.
+        """
+        fd = self._reader_fds.get(HEAD_FILE, -1)
         if fd < 0:
             with os_errors("open log header", self._head_path):
                 try:
                     fd = os.open(self._head_path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     return Header(0, 0, 0)  # creation in progress in another process
-            self._reader_fd = fd
+            kept = self._reader_fds.setdefault(HEAD_FILE, fd)
+            if kept != fd:  # another thread opened it meanwhile
+                os.close(fd)
+                fd = kept
         return _header.read_header(fd, self._head_path)
+
+    def _read_header(self) -> Header:
+        """Old name of :meth:`committed_header`, kept while callers move to it."""
+        return self.committed_header()
 
     @property
     def head(self) -> int:
         """The next offset to be assigned: the number of events ever appended."""
         self._check_open()
-        return self._read_header().head
+        return self.committed_header().head
 
     def _bases_stale(self) -> None:
-        self._bases = []
+        """Old name of ``segment_index.invalidate()``, kept while callers move to it."""
+        self.segment_index.invalidate()
 
-    def _segment_bases(self, h: Header) -> list[int]:
-        if not self._bases or self._bases[-1] < h.segment_base:
-            self._bases = [s.base for s in list_segments(self.segments_dir)
-                           if s.base <= h.segment_base]
-        return self._bases
+    def _not_stored(self, offset: int, base: int | None) -> EventPipeError:
+        """Why ``offset`` (in segment ``base``, when known) is not on disk, judged on a fresh
+        header and listing: removed by retention (OffsetOutOfRangeError), or damage.
 
-    def _sealed_segment(self, h: Header, offset: int, relisted: bool) -> tuple[int, int]:
-        """(base, end offset) of the sealed segment holding ``offset``; (-1, -1) to re-list.
-
-        The cached listing may be stale, or a listing may have raced with compression (a
-        directory read can miss a file renamed in and one unlinked meanwhile): the caller lists
-        again once before this concludes anything.
+        A reader's header may be old: while it was slow, segments rolled and retention removed
+        the one that was active when it looked. Only a segment that a fresh header still names
+        as active, or one missing between stored ones, is damage.
         """
-        bases = self._segment_bases(h)
-        i = bisect.bisect_right(bases, offset) - 1
-        if i >= 0 and bases[-1] == h.segment_base:
-            return bases[i], bases[i + 1]
-        if not relisted:
-            return -1, -1
-        if i < 0:
-            raise OffsetOutOfRangeError(
-                f"offset is before the first stored segment ({bases[0] if bases else 'none'})",
+        fresh = self.committed_header()
+        index = self.segment_index
+        if base is not None and base >= fresh.segment_base:
+            return CorruptLogError("the active segment named by the header is missing",
+                                   path=segment_path(self.segments_dir, base), offset=offset)
+        index.invalidate()
+        first = index.first_base(fresh.segment_base)
+        if first is None:
+            return CorruptLogError(
+                "the active segment named by the header is missing",
+                path=segment_path(self.segments_dir, fresh.segment_base), offset=offset)
+        if offset < first:
+            return OffsetOutOfRangeError(
+                f"offset is before the first stored segment ({first}); removed by retention",
                 path=self.path, offset=offset)
-        raise CorruptLogError("the active segment named by the header is missing",
-                              path=segment_path(self.segments_dir, h.segment_base))
+        missing = offset if base is None else base
+        later = [b for b in index.bases(fresh.segment_base) if missing < b <= fresh.segment_base]
+        until = later[0] if later else fresh.segment_base
+        return CorruptLogError(
+            f"segment {missing} is missing between stored segments: offsets "
+            f"{missing}..{until - 1} are lost",
+            path=segment_path(self.segments_dir, missing), offset=offset)
 
     def chunks(
         self, start: int = 0, stop: int | None = None, *, position: tuple[int, int] | None = None
@@ -408,61 +432,67 @@ class EventLog:
         ``position`` is ``(segment_base, byte_position)`` of ``start`` when known (from a
         consumer checkpoint), which makes the start free to find. Nothing is decoded.
         Raises OffsetOutOfRangeError for a start beyond the head or before the first stored
-        segment, CorruptLogError when stored bytes are not whole, contiguous lines.
+        segment, CorruptLogError when stored bytes are not whole, contiguous lines, when a
+        segment's event count disagrees with the names of the segments around it (a gap, an
+        overlap, lost lines) or when a sealed segment's bytes fail their checksum: naming the
+        file and the first offset affected, after yielding every event before it.
         """
         self._check_open()
         if start < 0:
             raise OffsetOutOfRangeError("offsets start at 0", path=self.path, offset=start)
-        h = self._read_header()
+        h = self.committed_header()
         end = h.head if stop is None else min(stop, h.head)
         if start > h.head:
             raise OffsetOutOfRangeError(f"offset is beyond the head ({h.head})",
                                         path=self.path, offset=start)
         if start >= end:
             return
+        index = self.segment_index
         offset = start
         relisted = False
         while offset < end:
-            if offset >= h.segment_base:
-                # In the active segment: the header names it, no listing needed. Followers
-                # and consumers at the head, and readers of the last events, stay here.
-                base, seg_end = h.segment_base, h.head
+            active = offset >= h.segment_base
+            if active:
+                # In the active segment: the header names it and gives its extent, no listing
+                # needed. Followers and consumers at the head, and readers of the last events,
+                # stay here.
+                base, seg_end, seal = h.segment_base, h.head, None
             else:
-                base, seg_end = self._sealed_segment(h, offset, relisted)
-                if base < 0:
-                    self._bases, relisted = [], True
-                    continue
-            active = base == h.segment_base
+                found = index.locate(offset, h.segment_base)
+                if found is None:
+                    if not relisted:
+                        index.invalidate()
+                        relisted = True
+                        continue
+                    raise self._not_stored(offset, None)
+                base, seg_end = found
+                seal = index.seal(base)
             want = min(end, seg_end)
-            known = position[1] if position is not None and position[0] == base else None
+            known = (position[1] if position is not None and position[0] == base
+                     and offset == start else None)
             reached = offset
-            gone: OffsetOutOfRangeError | None = None
             try:
                 for chunk in read_chunks(
-                    self.segments_dir, base, start=offset, stop=want,
-                    byte_limit=h.committed if active else None, end_offset=seg_end,
-                    start_position=known if offset == start else None,
+                    self.segments_dir, base, start=offset, stop=want, end_offset=seg_end,
+                    byte_limit=h.committed if active else None, start_position=known,
+                    seal=seal, counted=index.counted,
                 ):
                     reached = chunk.first_offset + len(chunk.lines)
                     yield chunk
-            except OffsetOutOfRangeError as exc:
-                gone = exc  # removed by retention since we listed, or a racing listing
-            if reached != want or gone is not None:
-                if not relisted:
-                    self._bases, relisted = [], True
+            except (OffsetOutOfRangeError, CorruptLogError) as exc:
+                if not active and not relisted and reached < want:
+                    # The listing may be stale or have raced with compression or retention
+                    # (a directory read can miss a file renamed in and one unlinked
+                    # meanwhile): list again before concluding anything. (Damage found past
+                    # the last event wanted, at the check of a segment's end, is not a
+                    # listing's doing.)
+                    index.invalidate()
+                    relisted = True
                     offset = reached
                     continue
-                if gone is not None and active:
-                    # Retention never removes the active segment: this is damage.
-                    raise CorruptLogError("the active segment named by the header is missing",
-                                          path=segment_path(self.segments_dir, base),
-                                          offset=offset) from gone
-                if gone is not None:
-                    raise gone
-                raise CorruptLogError(
-                    f"segment holds events up to {reached} but the log expects {want}",
-                    path=segment_path(self.segments_dir, base), offset=reached,
-                )
+                if isinstance(exc, OffsetOutOfRangeError):  # the segment file is gone
+                    raise self._not_stored(reached, base) from exc
+                raise
             offset = want
             relisted = False
 
@@ -539,9 +569,9 @@ class EventLog:
         try:
             self._appender.close()
         finally:
-            if self._reader_fd >= 0:
-                os.close(self._reader_fd)
-                self._reader_fd = -1
+            fd = self._reader_fds.pop(HEAD_FILE, -1)
+            if fd >= 0:
+                os.close(fd)
 
     def __enter__(self) -> Self:
         return self

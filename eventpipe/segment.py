@@ -5,13 +5,33 @@ zero-padded to 20 digits so names sort as numbers (``00000000000000001000.jsonl`
 (a later segment exists) it never changes, and may be replaced by an identical gzip copy
 (``.jsonl.gz``); readers accept either form and keep reading an open file whose name was
 removed, which is how compression never disturbs a reader.
+
+A name is a claim, not a fact: a line lost at a segment's end, a segment deleted from the
+middle or a foreign file with a segment-like name would shift every offset counted from it.
+So a reader establishes a segment's *extent* before it yields anything from it, and yields an
+event only under its own offset:
+
+* the active segment: its event count and committed size come from the header (a file shorter
+  than the committed size is damage);
+* a sealed segment with a checksum file (``.sum``, see :class:`Seal`): the count it was sealed
+  with must be what its name and the next segment's name imply, and every byte handed out is
+  first checked against the CRC-32 of its 64 KiB block (CRC-32 runs at GB/s, far cheaper than
+  decoding JSON);
+* a sealed segment without one yet (until the background compressor reaches it): plain, its
+  whole newline count is checked first (bounded by the segment's size); gzip, the count is
+  checked while decoding, never yielding past the expected end.
+
+Only once the extent is established may a reader find a start near the end by scanning
+backward from it. A count that disagrees (a gap, an overlap, lost lines) or a block that
+fails its checksum is a CorruptLogError naming the file and the offsets affected, raised after
+every event before the damage was yielded.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import NamedTuple
 
 from .errors import CorruptLogError, OffsetOutOfRangeError, StorageError
@@ -20,6 +40,7 @@ __all__ = [
     "GZIP_SUFFIX",
     "PLAIN_SUFFIX",
     "LineChunk",
+    "Seal",
     "SegmentFile",
     "list_segments",
     "read_chunks",
@@ -30,6 +51,7 @@ PLAIN_SUFFIX = ".jsonl"
 GZIP_SUFFIX = ".jsonl.gz"
 NAME_DIGITS = 20
 CHUNK_BYTES = 1 << 20  # big enough to amortise syscalls, small enough to keep memory flat
+_NUL = b"\0"  # never in JSON text (control characters are escaped): a NUL byte is damage
 
 
 class SegmentFile(NamedTuple):
@@ -51,6 +73,24 @@ class LineChunk(NamedTuple):
     first_offset: int
     position: int
     lines: list[bytes]
+
+
+class Seal(NamedTuple):
+    """What a sealed segment held when it was sealed (from its ``.sum`` checksum file).
+
+    ``crcs[i]`` is the CRC-32 of bytes ``i * block_bytes`` up to ``(i + 1) * block_bytes`` of
+    the uncompressed content, whose length is ``size`` and which holds ``events`` lines.
+    """
+
+    events: int
+    size: int
+    block_bytes: int
+    crcs: Sequence[int]
+
+
+# Key of a sealed plain segment whose whole newline count was checked: base, device, inode,
+# size, mtime. Sealed segments never change, so a reader need not count the same file twice.
+CountKey = tuple[int, int, int, int, int]
 
 
 def segment_path(folder: str, base: int, compressed: bool = False) -> str:
@@ -93,6 +133,16 @@ def list_segments(folder: str) -> list[SegmentFile]:
     return [found[b] for b in sorted(found)]
 
 
+def segment_exists(folder: str, base: int) -> bool:
+    """Whether segment ``base`` is on disk in either form.
+
+    Plain first: compression renames the gzip copy in before it unlinks the plain file, so a
+    segment that is being compressed is always found in one form or the other.
+    """
+    return (os.path.exists(segment_path(folder, base))
+            or os.path.exists(segment_path(folder, base, compressed=True)))
+
+
 def _open_segment(folder: str, base: int, first_wanted: int) -> tuple[int, str, bool]:
     """Open the segment at ``base``, plain or gzip. Returns (fd, path, compressed)."""
     for compressed in (False, True):
@@ -110,6 +160,80 @@ def _open_segment(folder: str, base: int, first_wanted: int) -> tuple[int, str, 
     )
 
 
+# ------------------------------------------------------------------------------ extents
+
+
+def extent_error(path: str, base: int, count: int, end_offset: int, *,
+                 active: bool) -> CorruptLogError:
+    """A segment holds ``count`` events where its name and what follows it imply
+    ``end_offset - base``: name the offsets that are missing or stored twice."""
+    expected = end_offset - base
+    if active:
+        what = (f"active segment {base} holds {count} committed events but the header's head "
+                f"is {end_offset}")
+    else:
+        what = f"segment {base} holds {count} events but the next segment starts at {end_offset}"
+    if count < expected:
+        return CorruptLogError(f"{what}: offsets {base + count}..{end_offset - 1} are missing",
+                               path=path, offset=base + count)
+    return CorruptLogError(
+        f"{what}: offsets {end_offset}..{base + count - 1} overlap what follows it, so its "
+        f"offsets {base}..{end_offset - 1} cannot be trusted", path=path, offset=base)
+
+
+def _count_lines(fd: int, size: int) -> tuple[int, bool]:
+    """(newlines, whether the content ends with one) of the first ``size`` bytes of ``fd``."""
+    lines = 0
+    position = 0
+    last = b"\n"
+    while position < size:
+        block = os.pread(fd, min(CHUNK_BYTES, size - position), position)
+        if not block:
+            break
+        lines += block.count(b"\n")
+        position += len(block)
+        last = block[-1:]
+    return lines, last == b"\n" and position == size
+
+
+def _check_count(fd: int, path: str, base: int, size: int, end_offset: int) -> None:
+    """A sealed plain segment without a checksum file: its whole newline count must be what
+    its name and the next segment's imply, and its last line complete."""
+    lines, whole = _count_lines(fd, size)
+    if lines != end_offset - base:
+        raise extent_error(path, base, lines, end_offset, active=False)
+    if not whole:
+        raise CorruptLogError(
+            f"segment {base} ends with an unterminated line after its {lines} events",
+            path=path, offset=end_offset)
+
+
+def _blocks_match(data: bytes, first_block: int, seal: Seal, expected_len: int) -> bool:
+    """Whether ``data`` (content from block ``first_block`` on, meant to be ``expected_len``
+    bytes of whole blocks or the content's end) matches its checksums."""
+    if len(data) != expected_len:
+        return False
+    bb, crcs = seal.block_bytes, seal.crcs
+    view = memoryview(data)
+    crc32 = zlib.crc32
+    for k in range(0, len(data), bb):
+        j = first_block + k // bb
+        if j >= len(crcs) or crc32(view[k : k + bb]) != crcs[j]:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------- block sources
+
+
+class _Damage(Exception):
+    """Raised by a block source: content from here on cannot be trusted (``what`` says why)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 def _plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
     while position < limit:
         block = os.pread(fd, min(CHUNK_BYTES, limit - position), position)
@@ -119,38 +243,96 @@ def _plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
         yield block
 
 
-def _gzip_blocks(fd: int, path: str, skip: int) -> Iterator[bytes]:
-    """Decompressed content of a gzip segment, minus its first ``skip`` bytes.
+def _gzip_blocks(fd: int, skip: int, limit: int | None) -> Iterator[bytes]:
+    """Decompressed content of a gzip segment from byte ``skip`` up to ``limit`` (if any).
 
     Inflates at most CHUNK_BYTES at a time (JSON compresses ~8x, so one compressed read would
     otherwise become a block eight times the size readers are meant to hold).
     """
     inflater = zlib.decompressobj(wbits=31)
-    position = 0
+    read_at = 0
+    produced = 0  # content bytes inflated so far
     pending = b""  # compressed input not yet inflated
     try:
         while not inflater.eof:
+            if limit is not None and produced >= limit:
+                return
             if not pending:
-                pending = os.pread(fd, CHUNK_BYTES // 8, position)
-                position += len(pending)
+                pending = os.pread(fd, CHUNK_BYTES // 8, read_at)
+                read_at += len(pending)
                 if not pending:
-                    raise CorruptLogError("gzip segment is truncated", path=path, offset=None)
+                    raise _Damage("gzip segment is truncated")
             data = inflater.decompress(pending, CHUNK_BYTES)
             pending = inflater.unconsumed_tail
+            start = produced
+            produced += len(data)
+            if limit is not None and produced > limit:
+                data = data[: limit - start]
             if skip:
                 cut = min(skip, len(data))
                 data, skip = data[cut:], skip - cut
             if data:
                 yield data
     except zlib.error as exc:
-        raise CorruptLogError(f"gzip segment is damaged: {exc}", path=path) from None
+        raise _Damage(f"gzip segment is damaged: {exc}") from None
+
+
+def _checked(source: Iterator[bytes], first_block: int, seal: Seal, skip: int) -> Iterator[bytes]:
+    """``source`` (content from block ``first_block`` on) minus its first ``skip`` bytes,
+    handed out only once each 64 KiB block of it matched its CRC-32.
+
+    Raises _Damage, after yielding every byte before the bad block, for a block that does not
+    match or is incomplete, and for content past the size the segment was sealed with.
+    """
+    bb, crcs, size = seal.block_bytes, seal.crcs, seal.size
+    crc32 = zlib.crc32
+    at = first_block * bb  # content position of the first byte not yet handed out
+    held = b""  # content from ``at`` on, short of a whole block
+    for piece in source:
+        data = held + piece if held else piece
+        view = memoryview(data)
+        n = len(data)
+        k = 0  # bytes of ``data`` checked
+        bad = ""
+        while k < n:
+            j = (at + k) // bb
+            length = min(bb, size - (at + k))
+            if length <= 0:
+                bad = (f"{n - k} bytes past the {size} it was sealed with (from byte "
+                       f"{at + k})")
+                break
+            if n - k < length:
+                break  # wait for the rest of the block
+            if crc32(view[k : k + length]) != crcs[j]:
+                bad = (f"bytes {at + k}..{at + k + length - 1} (64 KiB block {j}) differ from "
+                       "the checksum it was sealed with")
+                break
+            k += length
+        del view
+        out = data if k == n else data[:k]
+        held = b"" if k == n else data[k:]
+        at += k
+        if skip:
+            cut = min(skip, len(out))
+            out, skip = out[cut:], skip - cut
+        if out:
+            yield out
+        if bad:
+            raise _Damage(bad)
+    if held or at < size:
+        raise _Damage(f"bytes {at}..{size - 1} are missing or incomplete (its content ends at "
+                      f"byte {at + len(held)}, it was sealed with {size})")
+
+
+# ------------------------------------------------------------------------ backward search
 
 
 def _find_from_end(fd: int, end: int, lines_back: int) -> int:
     """Byte position where the line ``lines_back`` lines before ``end`` starts.
 
     ``end`` is just past a newline. Scans backward, so finding the last events of a large
-    segment costs what they weigh, not what the segment weighs.
+    segment costs what they weigh, not what the segment weighs. Only for a segment whose end
+    is known to be where ``end`` says (the caller established its extent).
     """
     need = lines_back  # newlines to pass, not counting the one that ends the last line
     hi = end - 1
@@ -170,34 +352,73 @@ def _find_from_end(fd: int, end: int, lines_back: int) -> int:
     return 0
 
 
+def _find_from_end_checked(fd: int, lines_back: int, seal: Seal) -> int | None:
+    """As :func:`_find_from_end` from the end of a sealed segment, counting newlines only in
+    blocks that match their checksums; None if one does not (the caller then reads forward,
+    which yields what precedes the damage and names it)."""
+    bb, size = seal.block_bytes, seal.size
+    need = lines_back
+    top = size - 1  # the newline that ends the last line is not counted
+    j_hi = -(-size // bb)
+    group = 1  # blocks per read: start small, the last few events are what most readers want
+    while j_hi > 0:
+        j_lo = max(0, j_hi - group)
+        group = min(group * 4, CHUNK_BYTES // bb)
+        lo = j_lo * bb
+        length = min(j_hi * bb, size) - lo
+        data = os.pread(fd, length, lo)
+        if not _blocks_match(data, j_lo, seal, length):
+            return None
+        region = top - lo
+        count = data.count(b"\n", 0, region)
+        if count >= need:
+            cut = region
+            for _ in range(need):
+                cut = data.rfind(b"\n", 0, cut)
+            return lo + cut + 1
+        need -= count
+        top = lo
+        j_hi = j_lo
+    return 0
+
+
+# ------------------------------------------------------------------------------- reading
+
+
 def read_chunks(
     folder: str,
     base: int,
     *,
     start: int,
     stop: int | None,
+    end_offset: int,
     byte_limit: int | None = None,
-    end_offset: int | None = None,
     start_position: int | None = None,
+    seal: Seal | None = None,
+    counted: MutableMapping[CountKey, bool] | None = None,
 ) -> Iterator[LineChunk]:
-    """Yield lines of segment ``base`` for offsets ``start`` .. ``stop`` (exclusive).
+    """Yield lines of segment ``base`` for offsets ``start`` .. ``stop`` (exclusive; default
+    and at most ``end_offset``).
 
-    ``byte_limit`` caps what is read (the committed size of the active segment); without it the
-    segment is read to its end (sealed segments never change). ``end_offset``, when known, is
-    the offset after the segment's last event: it lets a start near the end be found by
-    scanning backward. ``start_position`` is the known byte position of ``start``, which skips
-    the scan entirely. Skipped events are never decoded.
+    ``end_offset`` is the offset after the segment's last event: the next segment's base for
+    a sealed one, the header's head for the active one, whose committed size ``byte_limit`` is
+    (bytes past it are never read). Without ``byte_limit`` the segment is sealed: ``seal``
+    is what its checksum file says, if it has one; ``counted`` remembers sealed plain segments
+    already counted whole. ``start_position`` is the known byte position of ``start``, which
+    skips any scan. Skipped events are never decoded.
 
-    Raises CorruptLogError for an unterminated last line, OffsetOutOfRangeError if the
-    segment is gone, StorageError for I/O errors.
+    Raises CorruptLogError (a count that disagrees with ``end_offset``, a block that fails its
+    checksum, an unterminated line, a NUL byte, damaged gzip data) naming the file and the
+    first offset affected, after yielding every event before the damage; OffsetOutOfRangeError
+    if the segment is gone; StorageError for I/O errors.
     """
-    if stop is not None and start >= stop:
+    stop = end_offset if stop is None else min(stop, end_offset)
+    if start >= stop:
         return
     fd, path, compressed = _open_segment(folder, base, start)
     try:
-        yield from _read_open(
-            fd, path, compressed, base, start, stop, byte_limit, end_offset, start_position
-        )
+        yield from _read_open(fd, path, compressed, base, start, stop, end_offset, byte_limit,
+                              start_position, seal, counted)
     except OSError as exc:
         if isinstance(exc, StorageError):
             raise
@@ -212,28 +433,98 @@ def _read_open(
     compressed: bool,
     base: int,
     start: int,
-    stop: int | None,
+    stop: int,
+    end_offset: int,
     byte_limit: int | None,
-    end_offset: int | None,
     start_position: int | None,
+    seal: Seal | None,
+    counted: MutableMapping[CountKey, bool] | None,
 ) -> Iterator[LineChunk]:
+    active = byte_limit is not None
+    if active:
+        seal = None  # the header gives the active segment's extent; it has no checksum yet
+    elif seal is not None and seal.events != end_offset - base:
+        raise extent_error(path, base, seal.events, end_offset, active=False)
+
+    # Establish the extent: where the content ends, and whether that end can be trusted to
+    # count lines back from.
+    limit: int | None = byte_limit
+    end_known = active  # the header says how many events end at the committed size
+    if not compressed:
+        st = os.fstat(fd)
+        size = st.st_size
+        if byte_limit is not None:
+            if size < byte_limit:
+                lines, _ = _count_lines(fd, size)
+                raise CorruptLogError(
+                    f"active segment {base} is {size} bytes but {byte_limit} are committed: "
+                    f"offsets {base + lines}..{end_offset - 1} are missing",
+                    path=path, offset=base + lines)
+        elif seal is not None:
+            limit = size  # a size that differs from the seal's fails the checks of its end
+            end_known = size == seal.size
+        else:
+            key = (base, st.st_dev, st.st_ino, size, st.st_mtime_ns)
+            if counted is None or key not in counted:
+                _check_count(fd, path, base, size, end_offset)
+                if counted is not None:
+                    counted[key] = True
+            limit = size
+            end_known = True
+    elif seal is not None:
+        limit = seal.size
+
     position = 0
     to_skip = start - base
     if start_position is not None:
         position, to_skip = start_position, 0
-    elif not compressed and end_offset is not None and to_skip > 0:
-        limit = byte_limit if byte_limit is not None else os.fstat(fd).st_size
+    elif not compressed and end_known and to_skip > 0:
+        assert limit is not None
         lines_back = end_offset - start
-        if 0 < lines_back < to_skip:
-            position, to_skip = _find_from_end(fd, limit, lines_back), 0
-        elif lines_back == 0:
-            return
-    if compressed:
-        blocks = _gzip_blocks(fd, path, position)
-    else:
-        limit = byte_limit if byte_limit is not None else os.fstat(fd).st_size
-        blocks = _plain_blocks(fd, position, limit)
+        if lines_back < to_skip:  # nearer the end than the start: scan backward
+            found = (_find_from_end(fd, limit, lines_back) if seal is None
+                     else _find_from_end_checked(fd, lines_back, seal))
+            if found is not None:
+                position, to_skip = found, 0
 
+    blocks: Iterator[bytes]
+    if seal is not None:
+        bb = seal.block_bytes
+        if compressed:
+            blocks = _checked(_gzip_blocks(fd, 0, None), 0, seal, position)
+        else:
+            assert limit is not None
+            aligned = position - position % bb
+            blocks = _checked(_plain_blocks(fd, aligned, limit), aligned // bb, seal,
+                              position - aligned)
+    elif compressed:
+        blocks = _gzip_blocks(fd, position, byte_limit)
+    else:
+        assert limit is not None
+        blocks = _plain_blocks(fd, position, limit)
+    yield from _lines(blocks, path, base, start, stop, end_offset, position, to_skip, active)
+
+
+def _check_end(blocks: Iterator[bytes], more: bool, path: str, base: int, end_offset: int,
+               active: bool) -> None:
+    """After the segment's last event: nothing may follow (for gzip, its trailer must check)."""
+    try:
+        more = more or any(blocks)
+    except _Damage as damage:
+        raise CorruptLogError(f"segment {base}: {damage.what}, after its last event "
+                              f"{end_offset - 1}", path=path, offset=end_offset) from None
+    if more:
+        raise CorruptLogError(
+            f"segment {base} holds more than the {end_offset - base} events "
+            f"{'the header commits' if active else 'its offsets allow'}",
+            path=path, offset=end_offset)
+
+
+def _lines(blocks: Iterator[bytes], path: str, base: int, start: int, stop: int,
+           end_offset: int, position: int, to_skip: int, active: bool) -> Iterator[LineChunk]:
+    """Split content into chunks of lines numbered from ``start`` (after skipping ``to_skip``
+    lines), up to ``stop``; check the content ends exactly at ``end_offset`` when read that
+    far."""
     offset = start
     pending = b""
     try:
@@ -256,38 +547,40 @@ def _read_open(
                 position += skipped
                 complete = parts[-1]
                 to_skip = 0
-            lines = complete.split(b"\n")
-            if stop is not None and offset + len(lines) >= stop:
+            nul = complete.find(_NUL)
+            if nul < 0:
+                lines = complete.split(b"\n")
+            else:  # keep the lines before the one holding it
+                cut = complete.rfind(b"\n", 0, nul)
+                complete = complete[:cut] if cut >= 0 else b""
+                lines = complete.split(b"\n") if cut >= 0 else []
+            if offset + len(lines) >= stop:
                 extra = len(lines) - (stop - offset)
                 del lines[stop - offset :]
                 if lines:
                     yield LineChunk(base, offset, position, lines)
                 offset = stop
-                # Read to the end of a segment that was sealed when the caller looked (one that
-                # was active then may have grown since): if gzip, check it really ends here,
-                # with its CRC trailer intact. A plain one ends at its size by construction.
-                if (compressed and byte_limit is None and stop == end_offset
-                        and (extra or pending or any(blocks))):
-                    raise CorruptLogError("segment holds more events than its offsets",
-                                          path=path, offset=stop)
+                # Read to the segment's end: check it really ends there (and, for gzip, that
+                # its CRC trailer is intact). Cheap: the end is at most one block away.
+                if stop == end_offset:
+                    _check_end(blocks, bool(extra or nul >= 0 or pending), path, base,
+                               end_offset, active)
                 return
-            yield LineChunk(base, offset, position, lines)
+            if lines:
+                yield LineChunk(base, offset, position, lines)
             offset += len(lines)
             position += len(complete) + 1
-    except CorruptLogError as exc:
-        if exc.offset is None:
-            exc.offset = offset  # damaged compressed data: events from here on are lost
-        raise
+            if nul >= 0:
+                raise _Damage("a NUL byte inside its events")
+    except _Damage as damage:
+        first = start - to_skip if to_skip else offset
+        raise CorruptLogError(
+            f"segment {base}: {damage.what}; events from offset {first} on are not returned",
+            path=path, offset=first) from None
 
+    first = start - to_skip if to_skip else offset
     if pending:
         raise CorruptLogError(
-            f"segment ends with {len(pending)} bytes of an unterminated line",
-            path=path,
-            offset=offset,
-        )
-    if to_skip:
-        raise OffsetOutOfRangeError(
-            f"segment holds fewer events than expected ({to_skip} short of offset {start})",
-            path=path,
-            offset=start,
-        )
+            f"segment {base} ends with {len(pending)} bytes of an unterminated line",
+            path=path, offset=first)
+    raise extent_error(path, base, first - base, end_offset, active=active)
