@@ -1,4 +1,4 @@
-"""Background work on sealed segments: checksums, then gzip compression.
+"""Work on sealed segments: checksums, then gzip compression, then retention.
 
 Sealed segments never change, so this work needs no writer lock and never stalls an append.
 
@@ -6,45 +6,85 @@ Sealed segments never change, so this work needs no writer lock and never stalls
 CRC-32 per 64 KiB block of its (uncompressed) content. ``eventpipe verify`` uses it to find a
 flipped byte anywhere in a sealed segment and say which block holds it, even where the damage
 leaves valid JSON. Compression re-checks the content against it before compressing, so damage
-is never sealed into a gzip file.
+is never sealed into a gzip file. A segment found already compressed without a ``.sum`` gets
+one from its decompressed content.
 
 **Compression.** Each segment goes through: gzip into ``<name>.gz.tmp``, fsync, decompress
 the copy and compare it byte for byte with the original, rename into place, fsync the folder,
 and only then unlink the original. A reader holding the original open keeps reading it; one
 that opens the segment afterwards finds the gzip copy.
 
-At most one process does this at a time (``compress.lock``, taken with filelock; never waited
-on by a closing writer). A crash at any step leaves either a stale ``.tmp`` (deleted by the next
-pass) or both forms of a segment (the gzip one was verified before its rename, so the next pass
-deletes the plain one).
+**The watermark.** ``compress.state`` (beside ``compress.lock``, replaced atomically, only
+under that lock) says: every sealed segment below offset ``checksummed_below`` has its ``.sum``
+(or is recorded as damaged), every one below ``compressed_below`` is also gzip. A pass starts
+there and walks forward one segment at a time, each next base being the current base plus its
+event count, so it touches only segments sealed since the last pass: its cost does not grow
+with the number of segments. A segment whose line count does not lead to the next segment is
+damaged: it is recorded (shown by ``eventpipe status``), left as it is for ``verify`` to report,
+and never retried by the background passes (an explicit ``compress()`` re-checks everything).
+The state also keeps the base of the first segment and the bytes the segments below the
+watermark take, for cheap retention (:mod:`eventpipe.retention`), and the last few errors.
+The file is a cache: missing or unreadable, it is rebuilt from a listing.
+
+At most one process does this at a time (``compress.lock``, taken with filelock, never waited
+on by a closing writer). Whoever releases the lock looks again for work sealed meanwhile, so a
+process that found the lock taken may leave its work to the holder. A crash at any step leaves
+either a temp file (``.gz.tmp`` / ``.sum.tmp``, named per segment: overwritten when the segment
+is processed again, and swept by :func:`clean_stale`) or both forms of a segment (the gzip one
+was verified before its rename, so the next pass deletes the plain one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import filelock
 import orjson
 
-from ._fsutil import atomic_write, fsync_dir, os_errors, write_all
+from ._fsutil import fsync_dir, os_errors, write_all
 from .errors import CorruptLogError
 from .segment import CHUNK_BYTES, GZIP_SUFFIX, list_segments, parse_name, segment_path
 
-__all__ = ["BLOCK_BYTES", "Compressor", "SegmentSum", "compress_segment", "read_sum",
-           "sum_blocks", "sum_path"]
+__all__ = ["BLOCK_BYTES", "FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState",
+           "SegmentSum", "clean_stale", "compress_segment", "load_state", "read_sum",
+           "save_state", "sum_blocks", "sum_path"]
 
 TMP_SUFFIX = ".tmp"
 SUM_SUFFIX = ".sum"
 SUM_FORMAT = "eventpipe-segment-sum"
 BLOCK_BYTES = 64 * 1024
+STATE_FILE = "compress.state"
+STATE_FORMAT = "eventpipe-compress-state"
+FINISH_TIMEOUT = 10.0  # what a closing writer gives the sealing work it leaves (see finish())
+MAX_ERRORS = 10  # errors kept in memory and in the state file
+MAX_DAMAGED = 100  # damaged segments remembered in the state file (verify finds them all)
+_BUSY_POLL = 0.05  # seconds between attempts at a lock another process holds
+_SAVE_EVERY = 1.0  # seconds between state saves during a long pass
 
 
 class _Stopped(Exception):
     """Raised inside a pass when the owner asked to stop; the pass cleans up after itself."""
+
+
+class _Lost(Exception):
+    """The segment a walk expected is not on disk: re-list."""
+
+
+class _Damaged(Exception):
+    """A segment that cannot be checksummed or compressed; ``next`` is the base after it."""
+
+    def __init__(self, error: CorruptLogError, next_base: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.next = next_base
 
 
 class SegmentSum(NamedTuple):
@@ -97,35 +137,107 @@ def sum_blocks(blocks: Iterable[bytes]) -> tuple[int, int, list[int]]:
     return lines, size, crcs
 
 
-def _plain_blocks(fd: int) -> Iterable[bytes]:
+def _plain_blocks(fd: int) -> Iterator[bytes]:
     position = 0
     while block := os.pread(fd, CHUNK_BYTES, position):
         position += len(block)
         yield block
 
 
-def write_sum(folder: str, base: int, expected_events: int, mode: int) -> SegmentSum:
-    """Checksum sealed plain segment ``base`` into its ``.sum`` file.
+def _gzip_blocks(fd: int, path: str) -> Iterator[bytes]:
+    inflater = zlib.decompressobj(wbits=31)
+    position = 0
+    pending = b""
+    try:
+        while not inflater.eof:
+            if not pending:
+                pending = os.pread(fd, CHUNK_BYTES // 8, position)
+                position += len(pending)
+                if not pending:
+                    raise CorruptLogError("gzip segment is truncated", path=path)
+            data = inflater.decompress(pending, CHUNK_BYTES)
+            pending = inflater.unconsumed_tail
+            if data:
+                yield data
+    except zlib.error as exc:
+        raise CorruptLogError(f"gzip segment is damaged: {exc}", path=path) from None
+
+
+def summarize(path: str, *, compressed: bool) -> tuple[int, int, list[int], bool]:
+    """(complete lines, bytes, block CRCs, ends with a newline) of a segment's content.
+
+    Raises CorruptLogError when gzip data is damaged, StorageError when unreadable.
+    """
+    last = b"\n"
+
+    def tracked(blocks: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal last
+        for block in blocks:
+            last = block[-1:]
+            yield block
+
+    with os_errors("checksum segment", path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            blocks = _gzip_blocks(fd, path) if compressed else _plain_blocks(fd)
+            lines, size, crcs = sum_blocks(tracked(blocks))
+        finally:
+            os.close(fd)
+    return lines, size, crcs, last == b"\n"
+
+
+def _replace(path: str, data: bytes, mode: int) -> None:
+    """Atomically replace ``path``: ``<path>.tmp``, fsync, rename, fsync of the folder.
+
+    The temp name is fixed, not per process: only the compress lock's holder writes these
+    files, and a temp file a killed holder left is overwritten by the next write of ``path``.
+    """
+    tmp = path + TMP_SUFFIX
+    with os_errors("atomic write", path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def checksum_segment(folder: str, base: int, *, compressed: bool, expected_events: int,
+                     mode: int) -> SegmentSum:
+    """Checksum sealed segment ``base`` (plain or gzip) into its ``.sum`` file.
 
     Raises CorruptLogError (and writes nothing) if the segment does not hold exactly
     ``expected_events`` complete lines: a checksum must never bless damaged content.
     """
-    path = segment_path(folder, base)
-    with os_errors("checksum segment", path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            lines, size, crcs = sum_blocks(_plain_blocks(fd))
-            last = os.pread(fd, 1, size - 1) if size else b"\n"
-        finally:
-            os.close(fd)
-    if lines != expected_events or last != b"\n":
+    path = segment_path(folder, base, compressed)
+    lines, size, crcs, whole = summarize(path, compressed=compressed)
+    _check_count(path, base, lines, whole, expected_events)
+    return _write_sum(folder, base, lines, size, crcs, mode)
+
+
+def _check_count(path: str, base: int, lines: int, whole: bool, expected: int) -> None:
+    if lines != expected or not whole:
+        torn = "" if whole else " and an unterminated one"
         raise CorruptLogError(
-            f"sealed segment holds {lines} complete lines, expected {expected_events}",
+            f"sealed segment holds {lines} complete lines{torn}, expected {expected}",
             path=path, offset=base)
+
+
+def _write_sum(folder: str, base: int, lines: int, size: int, crcs: list[int],
+               mode: int) -> SegmentSum:
     doc = {"format": SUM_FORMAT, "version": 1, "base": base, "events": lines, "bytes": size,
            "block_bytes": BLOCK_BYTES, "block_crc32": crcs}
-    atomic_write(sum_path(folder, base), orjson.dumps(doc), mode)
+    _replace(sum_path(folder, base), orjson.dumps(doc), mode)
     return SegmentSum(base, lines, size, crcs)
+
+
+def write_sum(folder: str, base: int, expected_events: int, mode: int) -> SegmentSum:
+    """Checksum sealed plain segment ``base``; see :func:`checksum_segment`."""
+    return checksum_segment(folder, base, compressed=False, expected_events=expected_events,
+                            mode=mode)
 
 
 def compress_segment(
@@ -234,23 +346,122 @@ def _verify_copy(src: int, dst: int, tmp: str) -> None:
         raise CorruptLogError("gzip copy is shorter than the original", path=tmp)
 
 
+def _is_temp(name: str) -> bool:
+    """A compressor's temp file: ``<base>.jsonl.gz.tmp``, ``<base>.sum.tmp`` (this version),
+    ``<base>.sum.tmp.<pid>`` (earlier versions wrote the ``.sum`` with a per-process name)."""
+    stem, rest = name[:20], name[20:]
+    if not stem.isdigit():
+        return False
+    return (rest in (GZIP_SUFFIX + TMP_SUFFIX, SUM_SUFFIX + TMP_SUFFIX)
+            or (rest.startswith(SUM_SUFFIX + TMP_SUFFIX + ".")
+                and rest[len(SUM_SUFFIX + TMP_SUFFIX) + 1:].isdigit()))
+
+
 def clean_stale(folder: str) -> None:
-    """Remove what a crashed compression left: temp files, and originals already replaced."""
+    """Remove what a killed compression left: temp files, and originals already replaced.
+
+    Only call it holding the compress lock: only its holder writes these files.
+    """
     with os_errors("clean up after compression", folder):
         names = set(os.listdir(folder))
         for name in names:
-            if name.endswith(TMP_SUFFIX) and (GZIP_SUFFIX in name or SUM_SUFFIX in name):
-                os.unlink(os.path.join(folder, name))
+            if _is_temp(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
             else:
                 parsed = parse_name(name)
                 if parsed is not None and not parsed[1]:
                     gz = os.path.basename(segment_path(folder, parsed[0], compressed=True))
                     if gz in names:
-                        os.unlink(os.path.join(folder, name))
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(folder, name))
+
+
+# ------------------------------------------------------------------------------ the state
+
+
+@dataclass
+class SealState:
+    """What ``compress.state`` records; see the module docstring."""
+
+    summed_below: int = 0  # every sealed segment below: has its .sum, or is damaged
+    gzipped_below: int = 0  # ... and is gzip, or is damaged (never above summed_below)
+    first_base: int = 0  # the first segment's base, as retention left it
+    sealed_bytes: int = 0  # bytes on disk of the segments from first_base to summed_below
+    damaged: dict[int, tuple[int, str]] = field(default_factory=dict)  # base: (next, why)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # {"time", "pid", "error"}
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "format": STATE_FORMAT, "version": 1,
+            "checksummed_below": self.summed_below, "compressed_below": self.gzipped_below,
+            "first_segment": self.first_base, "sealed_bytes": self.sealed_bytes,
+            "damaged": [{"segment": b, "next": n, "error": e}
+                        for b, (n, e) in sorted(self.damaged.items())],
+            "errors": self.errors,
+        }, option=orjson.OPT_INDENT_2)
+
+
+def state_path(root: str) -> str:
+    return os.path.join(root, STATE_FILE)
+
+
+def load_state(root: str) -> SealState | None:
+    """The log's ``compress.state``; None when missing or unreadable (it is then rebuilt)."""
+    try:
+        with open(state_path(root), "rb") as f:
+            doc = orjson.loads(f.read())
+        if doc.get("format") != STATE_FORMAT or doc.get("version") != 1:
+            return None
+        st = SealState(int(doc["checksummed_below"]), int(doc["compressed_below"]),
+                       int(doc["first_segment"]), int(doc["sealed_bytes"]),
+                       {int(d["segment"]): (int(d["next"]), str(d["error"]))
+                        for d in doc["damaged"]},
+                       [dict(e) for e in doc["errors"]][-MAX_ERRORS:])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if st.gzipped_below > st.summed_below:
+        return None
+    return st
+
+
+def save_state(root: str, state: SealState, mode: int) -> None:
+    """Replace ``compress.state``; the caller holds the compress lock."""
+    if len(state.damaged) > MAX_DAMAGED:
+        state.damaged = dict(sorted(state.damaged.items())[-MAX_DAMAGED:])
+    _replace(state_path(root), state.to_json(), mode)
+
+
+def visible_size(folder: str, base: int) -> int:
+    """Bytes on disk of segment ``base`` in the form readers open (plain first), 0 if gone."""
+    for compressed in (False, True):
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(segment_path(folder, base, compressed)).st_size
+    return 0
+
+
+def _exists(folder: str, base: int) -> bool:
+    return (os.path.exists(segment_path(folder, base))
+            or os.path.exists(segment_path(folder, base, compressed=True)))
+
+
+def _error_record(exc: BaseException) -> dict[str, Any]:
+    return {"time": round(time.time(), 3), "pid": os.getpid(),
+            "error": f"{type(exc).__name__}: {exc}"}
+
+
+@dataclass
+class _PassResult:
+    done: int = 0  # segments processed (checksummed, compressed or found damaged)
+    compressed: int = 0
+    damaged: list[CorruptLogError] = field(default_factory=list)
+    complete: bool = True  # reached the sealed limit (not stopped on the way)
 
 
 class Compressor:
-    """Checksums and (optionally) compresses sealed segments in a background thread."""
+    """Checksums and (optionally) compresses sealed segments, then calls ``after_pass``
+    (retention), in a background thread started by :meth:`kick`; :meth:`finish` completes
+    the work in the caller's thread, in bounded time."""
 
     def __init__(
         self,
@@ -264,6 +475,7 @@ class Compressor:
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
         self._folder = folder
+        self._root = os.path.dirname(lock_path)
         self._lock = filelock.FileLock(lock_path, mode=file_mode, thread_local=False,
                                        is_singleton=False)
         self._sealed_below = sealed_below
@@ -273,100 +485,390 @@ class Compressor:
         self._mode = file_mode
         self._in_process = threading.Lock()
         self._wanted = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the thread ends after its current segment
+        self._abandon = threading.Event()  # ... or at once, abandoning it (close())
+        self._deadline: float | None = None  # finish(): nothing runs past this
         self._thread: threading.Thread | None = None
-        self.errors: list[BaseException] = []  # kept for status; a failed pass retries later
+        # Recent errors only: bounded, and stripped of tracebacks (whose frames would pin
+        # whatever the failed pass held).
+        self._errors: deque[BaseException] = deque(maxlen=MAX_ERRORS)
+        self._unsaved: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """The last few errors of this process's passes (a failed pass is retried later)."""
+        return list(self._errors)
+
+    def _note_error(self, exc: BaseException, *, saved: bool = False) -> None:
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+        self._errors.append(exc)
+        if not saved:
+            self._unsaved.append(_error_record(exc))
+
+    # ------------------------------------------------------------------------- control
 
     def kick(self) -> None:
-        """Ask for a pass soon; never blocks the caller."""
+        """Ask for a pass soon; never blocks the caller (cheap: call it on every roll)."""
         self._wanted.set()
-        if self._thread is None:
+        if self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(
                 target=self._loop, name="eventpipe-compressor", daemon=True
             )
             self._thread.start()
 
-    def run_pass(self, *, blocking: bool = True, compress: bool | None = None) -> int:
-        """Checksum and compress every sealed segment that needs it; returns how many were
-        compressed. With ``blocking`` False, returns 0 at once if another process holds the
-        compress lock. ``compress`` overrides the log's compression option for this pass.
-        """
-        if not self._pending(compress):
-            return 0  # nothing sealed needs work: not even the lock file is touched
-        # flock excludes other processes only: threads of this one (the background pass and an
-        # explicit compress()) share the lock file's state, so they take a thread lock first.
-        if not self._in_process.acquire(blocking=blocking):
-            return 0
-        try:
-            try:
-                self._lock.acquire(timeout=-1 if blocking else 0)
-            except filelock.Timeout:
-                return 0
-            try:
-                return self._pass(self._compress if compress is None else compress)
-            finally:
-                self._lock.release()
-        finally:
-            self._in_process.release()
-
-    def _pending(self, compress: bool | None = None) -> list[tuple[Any, int]]:
-        """Sealed segments lacking a checksum or (when compressing) compression."""
+    def pending(self, compress: bool | None = None) -> bool:
+        """Whether sealed segments await a checksum (or compression): one header read and one
+        small file read, whatever the number of segments."""
         compress = self._compress if compress is None else compress
         limit = self._sealed_below()
-        segs = [s for s in list_segments(self._folder) if s.base < limit]
-        nexts = [s.base for s in segs[1:]] + [limit] if segs else []
-        return [(s, n - s.base) for s, n in zip(segs, nexts, strict=True)
-                if not os.path.exists(sum_path(self._folder, s.base))
-                or (compress and not s.compressed)]
+        state = load_state(self._root)
+        if state is None:
+            return limit > 0
+        return (state.gzipped_below if compress else state.summed_below) != limit
 
-    def _pass(self, compress: bool) -> int:
-        clean_stale(self._folder)
-        done = 0
-        damaged: list[CorruptLogError] = []
-        limit = self._sealed_below()
-        segs = [s for s in list_segments(self._folder) if s.base < limit]
-        nexts = [s.base for s in segs[1:]] + [limit] if segs else []
-        for seg, next_base in zip(segs, nexts, strict=True):
-            if self._stop.is_set():
-                raise _Stopped
-            try:
-                expected = read_sum(self._folder, seg.base)
-                if expected is None and not seg.compressed:
-                    expected = write_sum(self._folder, seg.base, next_base - seg.base,
-                                         self._mode)
-                if compress and not seg.compressed:
-                    compress_segment(self._folder, seg.base, level=self._level,
-                                     file_mode=self._mode, expected=expected,
-                                     should_stop=self._stop.is_set)
-                    done += 1
-            except CorruptLogError as exc:
-                damaged.append(exc)  # leave it as it is for verify to report; do the rest
-        if damaged:
-            raise damaged[0]
-        return done
+    def finish(self, timeout: float = FINISH_TIMEOUT) -> bool:
+        """Stop the background thread after its current segment, then do what is left in the
+        caller's thread: checksums, compression, retention. Returns True when nothing is left.
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wanted.wait()
-            if self._stop.is_set():
-                return
-            self._wanted.clear()
-            try:
-                while self.run_pass(blocking=False) == 0 and self._pending():
-                    # Another process holds the lock. It re-lists when it finishes, but may
-                    # already be past our segment: wait for it, without ever blocking close().
-                    if self._stop.wait(0.05):
-                        return
-                self._after_pass()
-            except _Stopped:
-                return
-            except Exception as exc:  # a failed pass must not kill the thread; retried next kick
-                self.errors.append(exc)
+        Never waits for the compress lock: if another process holds it, that process does the
+        work (whoever releases the lock looks for work sealed meanwhile), and this returns
+        False. Gives up at ``timeout`` seconds (abandoning a segment half compressed, which
+        the next pass redoes); what is left is done by the next writer to open the log, the
+        next roll, or a consumer's :meth:`kick`. The compressor stays stopped afterwards.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._deadline = deadline
+        self._stop.set()
+        self._wanted.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+            if thread.is_alive():  # pragma: no cover - the thread honours the deadline
+                self._abandon.set()
+                thread.join()
+            self._thread = None
+        try:
+            return self._drain(wait_when_busy=False, pause=self._past_deadline)
+        except _Stopped:
+            return False
+        except Exception as exc:
+            self._note_error(exc)
+            return False
 
     def close(self) -> None:
-        """Stop the thread: an in-flight segment is abandoned (its temp file removed)."""
+        """Stop the thread now: an in-flight segment is abandoned (its temp file removed)."""
+        self._abandon.set()
         self._stop.set()
         self._wanted.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _past_deadline(self) -> bool:
+        return self._abandon.is_set() or (
+            self._deadline is not None and time.monotonic() >= self._deadline)
+
+    def _thread_should_pause(self) -> bool:
+        return self._stop.is_set() or self._past_deadline()
+
+    # ------------------------------------------------------------------------- passes
+
+    def run_pass(self, *, blocking: bool = True, compress: bool | None = None) -> int:
+        """Checksum and compress sealed segments; returns how many were compressed.
+
+        A blocking pass (an explicit request: ``EventLog.compress()``) re-checks every
+        segment from a listing, damaged ones included, and raises CorruptLogError for the
+        first damaged one; a non-blocking one walks on from the watermark, and returns 0 at
+        once if another process holds the compress lock. ``compress`` overrides the log's
+        compression option for this pass.
+        """
+        compress = self._compress if compress is None else compress
+        if blocking:
+            if self._sealed_below() <= 0:
+                return 0  # nothing sealed: not even the lock file is touched
+        elif not self.pending(compress):
+            return 0
+        result = self._try_pass(blocking=blocking, compress=compress, full=blocking,
+                                pause=self._past_deadline)
+        if result is None:
+            return 0
+        if result.damaged:
+            raise result.damaged[0]
+        return result.compressed
+
+    def _try_pass(self, *, blocking: bool, compress: bool, full: bool,
+                  pause: Callable[[], bool]) -> _PassResult | None:
+        """One pass under the compress lock; None if another process (or thread) holds it."""
+        # flock excludes other processes only: threads of this one (the background pass and an
+        # explicit compress()) share the lock file's state, so they take a thread lock first.
+        if not self._in_process.acquire(blocking=blocking):
+            return None
+        try:
+            try:
+                self._lock.acquire(timeout=-1 if blocking else 0)
+            except filelock.Timeout:
+                return None
+            try:
+                return self._pass(compress, full, pause)
+            finally:
+                self._lock.release()
+        finally:
+            self._in_process.release()
+
+    def _drain(self, *, wait_when_busy: bool, pause: Callable[[], bool]) -> bool:
+        """Passes (each followed by ``after_pass``) until no work is left; True if none is.
+
+        Looks again after every release of the lock: another process may have sealed
+        segments meanwhile and, finding the lock taken, left them to us.
+        """
+        ran = False
+        while self.pending():
+            if pause():
+                return False
+            result = self._try_pass(blocking=False, compress=self._compress, full=False,
+                                    pause=pause)
+            if result is None:
+                if not wait_when_busy:
+                    return False  # the holder looks again after releasing it
+                if self._stop.wait(_BUSY_POLL) or self._past_deadline():
+                    return False
+                continue
+            ran = True
+            self._retention()
+            if not result.complete:
+                return False
+        if not ran and not pause():
+            self._retention()  # by age, retention has work even when nothing was sealed
+        return True
+
+    def _retention(self) -> None:
+        try:
+            self._after_pass()
+        except Exception as exc:
+            self._note_error(exc)
+
+    def _loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._stop.is_set():
+                return
+            self._wanted.clear()
+            try:
+                self._drain(wait_when_busy=True, pause=self._thread_should_pause)
+            except _Stopped:
+                return
+            except Exception as exc:  # a failed pass must not kill the thread; retried next kick
+                self._note_error(exc)
+
+    # --------------------------------------------------------------------- one pass
+
+    def _pass(self, compress: bool, full: bool, pause: Callable[[], bool]) -> _PassResult:
+        limit = self._sealed_below()
+        state = load_state(self._root)
+        result = _PassResult()
+        abandon = self._past_deadline
+        if (full or state is None or state.summed_below > limit
+                or state.first_base > state.summed_below):
+            # No state yet (a log of an earlier version, or its first roll), or one the header
+            # contradicts, or an explicit request: from a listing.
+            state = self._full_walk(limit, compress, state, pause, abandon, result)
+        else:
+            self._walk(limit, compress, state, pause, abandon, result)
+        return result
+
+    def _save(self, state: SealState, result: _PassResult) -> None:
+        if self._unsaved:
+            state.errors = (state.errors + list(self._unsaved))[-MAX_ERRORS:]
+            self._unsaved.clear()
+        elif result.done and not result.damaged:
+            state.errors = []  # a clean pass clears what status shows
+        save_state(self._root, state, self._mode)
+
+    def _walk(self, limit: int, compress: bool, state: SealState, pause: Callable[[], bool],
+              abandon: Callable[[], bool], result: _PassResult) -> None:
+        """From the watermark to ``limit``, each next base from the current one's count."""
+        pos = state.gzipped_below if compress else state.summed_below
+        saved_at = time.monotonic()
+        try:
+            while pos < limit:
+                if pause():
+                    result.complete = False
+                    break
+                try:
+                    nxt, compressed = self._step(pos, limit, compress, state, abandon)
+                    result.compressed += compressed
+                except _Lost:
+                    nxt = self._resync(pos, limit, state)
+                except _Damaged as d:
+                    nxt = self._record_damage(pos, d, state, result, counted=pos
+                                              < state.summed_below)
+                result.done += 1
+                pos = max(nxt, pos + 1)
+                state.summed_below = max(state.summed_below, pos)
+                if compress:
+                    state.gzipped_below = pos
+                if time.monotonic() - saved_at > _SAVE_EVERY:
+                    self._save(state, result)
+                    saved_at = time.monotonic()
+        except _Stopped:
+            result.complete = False
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._save(state, result)  # keep what was done
+            raise
+        if result.done or self._unsaved:
+            self._save(state, result)
+
+    def _record_damage(self, base: int, d: _Damaged, state: SealState, result: _PassResult,
+                       *, counted: bool) -> int:
+        state.damaged[base] = (d.next, d.error.message)
+        result.damaged.append(d.error)
+        self._note_error(d.error)
+        if not counted:
+            state.sealed_bytes += visible_size(self._folder, base)
+        return d.next
+
+    def _step(self, base: int, limit: int, compress: bool, state: SealState,
+              abandon: Callable[[], bool]) -> tuple[int, int]:
+        """Checksum (and compress) segment ``base``; returns (next base, 1 if compressed)."""
+        folder = self._folder
+        plain = segment_path(folder, base)
+        gz = segment_path(folder, base, compressed=True)
+        has_plain, has_gz = os.path.exists(plain), os.path.exists(gz)
+        if not (has_plain or has_gz):
+            raise _Lost
+        counted = base < state.summed_below  # its size is in state.sealed_bytes already
+        if has_plain and has_gz:
+            # Killed after the verified gzip copy was renamed in, before the original went.
+            before = visible_size(folder, base)
+            with os_errors("remove compressed original", plain):
+                os.unlink(plain)
+            has_plain = False
+            if counted:
+                state.sealed_bytes += visible_size(folder, base) - before
+        try:
+            known = read_sum(folder, base)
+        except CorruptLogError as exc:
+            raise _Damaged(exc, self._next_listed(base, limit)) from None
+        if known is None:
+            known = self._checksum(base, has_plain, None, limit)
+        compressed = 0
+        if compress and has_plain:
+            try:
+                saved = compress_segment(folder, base, level=self._level, file_mode=self._mode,
+                                         expected=known, should_stop=abandon)
+            except CorruptLogError as exc:
+                raise _Damaged(exc, base + known.events) from None
+            compressed = 1
+            if counted:
+                state.sealed_bytes -= saved
+        if not counted:
+            state.sealed_bytes += visible_size(folder, base)
+        return base + known.events, compressed
+
+    def _checksum(self, base: int, plain: bool, expected: int | None, limit: int) -> SegmentSum:
+        """Write the ``.sum`` of a segment that has none. Without ``expected`` the count is
+        checked by the next segment being where it says (a listing only when it is not)."""
+        path = segment_path(self._folder, base, compressed=not plain)
+        try:
+            lines, size, crcs, whole = summarize(path, compressed=not plain)
+        except CorruptLogError as exc:
+            nxt = base + expected if expected is not None else self._next_listed(base, limit)
+            raise _Damaged(exc, nxt) from None
+        if expected is None:
+            nxt = base + lines
+            if lines > 0 and whole and (nxt == limit or (nxt < limit
+                                                         and _exists(self._folder, nxt))):
+                expected = lines
+            else:
+                expected = self._next_listed(base, limit) - base
+        try:
+            _check_count(path, base, lines, whole, expected)
+        except CorruptLogError as exc:
+            raise _Damaged(exc, base + expected) from None
+        return _write_sum(self._folder, base, lines, size, crcs, self._mode)
+
+    def _next_listed(self, base: int, limit: int) -> int:
+        """The next segment's base after ``base`` from a listing (only when something is off)."""
+        return next((s.base for s in list_segments(self._folder) if base < s.base < limit),
+                    limit)
+
+    def _resync(self, pos: int, limit: int, state: SealState) -> int:
+        """The segment at ``pos`` is gone (removed by something that did not update the state,
+        or never there): re-list, recount, and go on from the next segment found."""
+        clean_stale(self._folder)
+        segs = [s for s in list_segments(self._folder) if s.base < limit]
+        bases = {s.base for s in segs}
+        state.first_base = segs[0].base if segs else limit
+        state.sealed_bytes = sum(visible_size(self._folder, s.base) for s in segs
+                          if s.base < state.summed_below)
+        state.damaged = {b: v for b, v in state.damaged.items() if b in bases}
+        return next((s.base for s in segs if s.base > pos), limit)
+
+    def _full_walk(self, limit: int, compress: bool, old: SealState | None,
+                   pause: Callable[[], bool], abandon: Callable[[], bool],
+                   result: _PassResult) -> SealState:
+        """Every sealed segment from a listing: (re)builds the state."""
+        folder = self._folder
+        clean_stale(folder)
+        segs = [s for s in list_segments(folder) if s.base < limit]
+        nexts = [s.base for s in segs[1:]] + [limit]
+        state = SealState(first_base=segs[0].base if segs else limit,
+                          errors=old.errors if old is not None else [])
+        end = limit
+        plain_from: int | None = None  # the first segment left plain (and not damaged)
+        try:
+            for seg, nxt in zip(segs, nexts, strict=True):
+                if pause():
+                    end, result.complete = seg.base, False
+                    break
+                has_plain = os.path.exists(segment_path(folder, seg.base))
+                has_sum = os.path.exists(sum_path(folder, seg.base))
+                if not has_sum or (compress and has_plain):
+                    try:
+                        result.compressed += self._seal_listed(seg.base, nxt, has_plain,
+                                                               has_sum, compress, limit, abandon)
+                        result.done += 1
+                    except _Damaged as d:
+                        self._record_damage(seg.base, d, state, result, counted=False)
+                        result.done += 1
+                        continue
+                    has_plain = os.path.exists(segment_path(folder, seg.base))
+                state.sealed_bytes += visible_size(folder, seg.base)
+                if has_plain and plain_from is None:
+                    plain_from = seg.base
+        except _Stopped:
+            end, result.complete = seg.base, False
+        state.summed_below = end
+        state.gzipped_below = end if plain_from is None else min(plain_from, end)
+        self._save(state, result)
+        return state
+
+    def _seal_listed(self, base: int, nxt: int, has_plain: bool, has_sum: bool,
+                     compress: bool, limit: int, abandon: Callable[[], bool]) -> int:
+        """Checksum (and compress) a listed segment whose next base the listing gives."""
+        folder = self._folder
+        if has_plain and os.path.exists(segment_path(folder, base, compressed=True)):
+            with os_errors("remove compressed original", segment_path(folder, base)):
+                os.unlink(segment_path(folder, base))
+            has_plain = False
+        try:
+            known = read_sum(folder, base) if has_sum else None
+        except CorruptLogError as exc:
+            raise _Damaged(exc, nxt) from None
+        if known is None:
+            known = self._checksum(base, has_plain, nxt - base, limit)
+        elif known.events != nxt - base:
+            raise _Damaged(CorruptLogError(
+                f"checksum file says {known.events} events, but offsets {base}..{nxt - 1} "
+                f"({nxt - base} events) belong here", path=sum_path(folder, base),
+                offset=base), nxt)
+        if not (compress and has_plain):
+            return 0
+        try:
+            compress_segment(folder, base, level=self._level, file_mode=self._mode,
+                             expected=known, should_stop=abandon)
+        except CorruptLogError as exc:
+            raise _Damaged(exc, nxt) from None
+        return 1
+

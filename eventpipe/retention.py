@@ -4,6 +4,16 @@ Only whole sealed segments go, oldest first, so what remains is always one conti
 ending at the head. By default nothing is removed that a known consumer (a checkpoint in the
 log's ``consumers/`` folder) has not processed yet: such segments are held back and reported.
 Readers and consumers positioned in a removed range get OffsetOutOfRangeError.
+
+Everything happens under ``compress.lock``. The automatic retention that follows each
+compressor pass (``blocking=False``) lists nothing: it starts at the first segment recorded in
+``compress.state``, takes the total size from there (the bytes of the segments below the
+compressor's watermark, plus the active segment) and walks forward one segment at a time (the
+next base from each ``.sum``), looking at only the segments it removes and one more. Segments
+sealed after the last pass are not counted until the next pass has checksummed them. An
+explicit prune (``eventpipe prune``, :meth:`EventLog.prune`) lists and measures every segment,
+and recounts the state from that listing. When the state does not match the disk (a segment
+it names is gone), the listing is used too.
 """
 
 from __future__ import annotations
@@ -11,20 +21,31 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import filelock
 
 from ._fsutil import fsync_dir, os_errors
 from .checkpoint import load_checkpoint
-from .compress import sum_path
-from .errors import EventPipeError
+from .compress import (
+    TMP_SUFFIX,
+    SealState,
+    load_state,
+    read_sum,
+    save_state,
+    sum_path,
+    visible_size,
+)
+from .errors import CorruptLogError, EventPipeError
 from .segment import list_segments, segment_path
 
 if TYPE_CHECKING:
     from .log import EventLog
 
 __all__ = ["PruneReport", "prune"]
+
+COMPRESS_LOCK = "compress.lock"
 
 
 class PruneReport(NamedTuple):
@@ -34,6 +55,23 @@ class PruneReport(NamedTuple):
     bytes_removed: int
     first_offset: int
     held_back: list[str]
+
+
+class _Seg(NamedTuple):
+    base: int
+    next: int  # the base after it
+    size: int  # bytes on disk (0 if it vanished while we looked)
+    mtime: float | None  # None if it vanished
+
+
+class _Criteria(NamedTuple):
+    max_age: float | None
+    max_bytes: int | None
+    before: int | None
+
+
+class _Stale(Exception):
+    """The state does not match the disk: fall back to a listing."""
 
 
 def _consumer_offsets(log: EventLog) -> dict[str, int]:
@@ -52,6 +90,70 @@ def _consumer_offsets(log: EventLog) -> dict[str, int]:
     return offsets
 
 
+def _listed(log: EventLog, active: int) -> tuple[list[_Seg], int]:
+    """Every sealed segment from a listing, oldest first, and the total size with the active
+    segment."""
+    segs = [s for s in list_segments(log.segments_dir) if s.base < active]
+    nexts = [s.base for s in segs[1:]] + [active]
+    out = []
+    for s, n in zip(segs, nexts, strict=True):
+        try:
+            st = os.stat(s.path)
+            out.append(_Seg(s.base, n, st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            out.append(_Seg(s.base, n, 0, None))
+    total = sum(s.size for s in out) + visible_size(log.segments_dir, active)
+    return out, total
+
+
+def _walked(log: EventLog, state: SealState) -> Iterator[_Seg]:
+    """Sealed segments from the state's first one, oldest first, found one by one (raises
+    _Stale when the state does not match the disk)."""
+    folder = log.segments_dir
+    base = state.first_base
+    while base < state.summed_below:
+        st = None
+        for compressed in (False, True):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(segment_path(folder, base, compressed))
+                break
+        if st is None:
+            raise _Stale
+        try:
+            known = read_sum(folder, base)
+        except CorruptLogError:
+            known = None
+        if known is not None and known.events > 0:
+            nxt = base + known.events
+        elif base in state.damaged:
+            nxt = state.damaged[base][0]
+        else:
+            raise _Stale
+        if nxt <= base:
+            raise _Stale
+        yield _Seg(base, nxt, st.st_size, st.st_mtime)
+        base = nxt
+
+
+def _choose(candidates: Iterator[_Seg], total: int,
+            c: _Criteria) -> tuple[list[_Seg], _Seg | None]:
+    """The oldest segments the criteria want removed, and the first one kept (if any)."""
+    now = time.time()
+    max_age, max_bytes, before = c
+    chosen: list[_Seg] = []
+    remaining = total
+    for seg in candidates:
+        wanted = ((before is not None and seg.next <= before)
+                  or (max_age is not None and seg.mtime is not None
+                      and now - seg.mtime > max_age)
+                  or (max_bytes is not None and remaining > max_bytes))
+        if not wanted:
+            return chosen, seg
+        chosen.append(seg)
+        remaining -= seg.size
+    return chosen, None
+
+
 def prune(
     log: EventLog,
     *,
@@ -68,66 +170,91 @@ def prune(
     ``max_bytes``: remove the oldest until all segments together take at most this much.
     ``before``: remove segments whose events all lie before this offset.
     ``force``: also remove what known consumers have not processed.
+    ``blocking`` False (the automatic retention after a compressor pass): return at once if
+    another process holds the compress lock, and go by the compressor's state, not a listing.
     """
-    header = log._read_header()
-    segs = [s for s in list_segments(log.segments_dir) if s.base < header.segment_base]
-    if not segs:
-        first = header.segment_base
-        return PruneReport([], 0, first, [])
-    stats: list[os.stat_result | None] = []
-    for s in segs:
-        try:
-            stats.append(os.stat(s.path))
-        except FileNotFoundError:
-            stats.append(None)
-    total = sum(st.st_size for st in stats if st is not None)
-    with contextlib.suppress(FileNotFoundError):
-        total += os.path.getsize(segment_path(log.segments_dir, header.segment_base))
-    nexts = [s.base for s in segs[1:]] + [header.segment_base]
-    now = time.time()
-    chosen = 0
-    remaining = total
-    for st, next_base in zip(stats, nexts, strict=True):
-        size = st.st_size if st is not None else 0
-        wanted = ((before is not None and next_base <= before)
-                  or (max_age is not None and st is not None and now - st.st_mtime > max_age)
-                  or (max_bytes is not None and remaining > max_bytes))
-        if not wanted:
-            break
-        chosen += 1
-        remaining -= size
-    held_back = []
-    if not force and chosen:
-        for name, offset in sorted(_consumer_offsets(log).items()):
-            allowed = sum(1 for n in nexts[:chosen] if n <= offset)
-            if allowed < chosen:
-                seg = segs[allowed]
-                held_back.append(
-                    f"segment {seg.base} (offsets {seg.base}..{nexts[allowed] - 1}) and later: "
-                    f"consumer {name!r} is at offset {offset}")
-                chosen = allowed
-    removed = [s.base for s in segs[:chosen]]
-    freed = sum(st.st_size for st in stats[:chosen] if st is not None)
-    if dry_run or not removed:
-        return PruneReport(removed, freed, segs[chosen].base if chosen < len(segs)
-                           else header.segment_base, held_back)
-    lock = filelock.FileLock(os.path.join(log.path, "compress.lock"),
+    criteria = _Criteria(max_age, max_bytes, before)
+    if dry_run:
+        header = log.committed_header()
+        segs, total = _listed(log, header.segment_base)
+        return _decide(log, iter(segs), total, header.segment_base, force, criteria)[0]
+    lock = filelock.FileLock(os.path.join(log.path, COMPRESS_LOCK),
                              mode=log.config.file_mode, thread_local=False, is_singleton=False)
     try:
         lock.acquire(timeout=-1 if blocking else 0)
     except filelock.Timeout:
-        return PruneReport([], 0, segs[0].base, ["another process is compressing; try later"])
+        state = load_state(log.path)
+        first = state.first_base if state is not None else log.committed_header().segment_base
+        return PruneReport([], 0, first, ["another process is compressing; try later"])
     try:
-        with os_errors("remove segment", log.segments_dir):
-            for base in removed:
-                for path in (segment_path(log.segments_dir, base),
-                             segment_path(log.segments_dir, base, compressed=True),
-                             sum_path(log.segments_dir, base)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-        fsync_dir(log.segments_dir)
+        report = _prune_locked(log, force, criteria, incremental=not blocking)
     finally:
         lock.release()
-    log._bases_stale()
-    first = segs[chosen].base if chosen < len(segs) else header.segment_base
-    return PruneReport(removed, freed, first, held_back)
+    if report.removed:
+        log.segment_index.invalidate()
+    return report
+
+
+def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
+                  incremental: bool) -> PruneReport:
+    header = log.committed_header()
+    active = header.segment_base
+    state = load_state(log.path)
+    if incremental and state is not None and state.summed_below <= active:
+        try:
+            # Segments sealed since the last pass (above the watermark) are not counted yet.
+            total = state.sealed_bytes + visible_size(log.segments_dir, active)
+            report, chosen = _decide(log, _walked(log, state), total, active, force, criteria)
+        except _Stale:
+            incremental = False
+    if not incremental:
+        segs, total = _listed(log, active)
+        report, chosen = _decide(log, iter(segs), total, active, force, criteria)
+    if not chosen:
+        return report
+    folder = log.segments_dir
+    with os_errors("remove segment", folder):
+        for seg in chosen:  # oldest first: a crash half-way leaves the state's first one gone
+            for path in (segment_path(folder, seg.base),
+                         segment_path(folder, seg.base, compressed=True),
+                         sum_path(folder, seg.base),
+                         sum_path(folder, seg.base) + TMP_SUFFIX,
+                         segment_path(folder, seg.base, compressed=True) + TMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    fsync_dir(folder)
+    if state is not None:
+        if incremental:
+            state.first_base = report.first_offset
+            state.sealed_bytes -= report.bytes_removed
+        else:
+            # Recount from the listing: corrects whatever the state had wrong.
+            state.first_base = report.first_offset
+            state.sealed_bytes = sum(visible_size(folder, s.base) for s in segs
+                                     if report.first_offset <= s.base < state.summed_below)
+        state.damaged = {b: v for b, v in state.damaged.items() if b >= report.first_offset}
+        save_state(log.path, state, log.config.file_mode)
+    return report
+
+
+def _decide(log: EventLog, candidates: Iterator[_Seg], total: int, active: int, force: bool,
+            criteria: _Criteria) -> tuple[PruneReport, list[_Seg]]:
+    chosen, kept = _choose(candidates, total, criteria)
+    held_back = []
+    if not force and chosen:
+        for name, offset in sorted(_consumer_offsets(log).items()):
+            allowed = sum(1 for s in chosen if s.next <= offset)
+            if allowed < len(chosen):
+                seg = chosen[allowed]
+                held_back.append(
+                    f"segment {seg.base} (offsets {seg.base}..{seg.next - 1}) and later: "
+                    f"consumer {name!r} is at offset {offset}")
+                kept = seg
+                chosen = chosen[:allowed]
+    if chosen:
+        first = chosen[-1].next if kept is None else kept.base
+    else:
+        first = kept.base if kept is not None else active
+    freed = sum(s.size for s in chosen)
+    return PruneReport([s.base for s in chosen], freed, first, held_back), chosen
+

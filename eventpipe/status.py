@@ -8,9 +8,10 @@ from typing import Any
 
 from ._appender import WRITER_LOCK
 from .checkpoint import load_checkpoint
+from .compress import load_state, sum_path
 from .errors import EventPipeError
 from .log import COMPRESS_LOCK, EventLog
-from .segment import list_segments
+from .segment import SegmentFile, list_segments
 
 __all__ = ["flock_holders", "format_status", "log_status"]
 
@@ -72,6 +73,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             entry["running_pids"] = flock_holders(os.path.join(folder, f"{name}.lock"))
             consumers.append(entry)
         quarantine = os.path.join(log.path, "quarantine")
+        active = log.committed_header().segment_base
         return {
             "path": log.path,
             "log_id": log.log_id,
@@ -86,8 +88,28 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             "consumers": consumers,
             "writers_holding_lock": flock_holders(os.path.join(log.path, WRITER_LOCK)),
             "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
+            "sealing": _sealing(log.path, log.segments_dir, segs, active),
             "quarantined_files": len(os.listdir(quarantine)) if os.path.isdir(quarantine) else 0,
         }
+
+
+def _sealing(root: str, folder: str, segs: list[SegmentFile], active: int) -> dict[str, Any]:
+    """The sealing work on sealed segments: what is left, what was found damaged, the
+    compressor's recent errors (from ``compress.state``, written by whichever process ran
+    the last pass)."""
+    sealed = [s for s in segs if s.base < active]
+    state = load_state(root)
+    return {
+        "sealed": len(sealed),
+        "without_checksum": sum(1 for s in sealed if not os.path.exists(sum_path(folder, s.base))),
+        "plain": sum(1 for s in sealed if not s.compressed),
+        "checksummed_below": state.summed_below if state is not None else None,
+        "compressed_below": state.gzipped_below if state is not None else None,
+        "damaged": [{"segment": base, "next": nxt, "error": why}
+                    for base, (nxt, why) in sorted(state.damaged.items())]
+        if state is not None else [],
+        "errors": state.errors if state is not None else [],
+    }
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -101,6 +123,17 @@ def format_status(report: dict[str, Any]) -> str:
         f"writers    {', '.join(map(str, report['writers_holding_lock'])) or 'none'} holding "
         "the writer lock",
     ]
+    sealing = report.get("sealing")
+    if sealing is not None:
+        lines.append(
+            f"sealing    {sealing['sealed']} sealed segment(s): {sealing['without_checksum']} "
+            f"without checksum, {sealing['plain']} not compressed")
+        for d in sealing["damaged"]:
+            lines.append(f"damaged    segment {d['segment']:,} (offsets {d['segment']:,}.."
+                         f"{d['next'] - 1:,}): {d['error']} (left as it is; see verify)")
+        for e in sealing["errors"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
+            lines.append(f"compressor {when} pid {e.get('pid', '?')}: {e.get('error', '?')}")
     if report["quarantined_files"]:
         lines.append(f"quarantine {report['quarantined_files']} file(s) of cut torn tails")
     lines.append("consumers" + ("" if report["consumers"] else "  none"))
