@@ -14,7 +14,8 @@ list again before concluding anything from a segment that is gone.
 
 The index also keeps what never changes once known: each sealed segment's checksum
 (:class:`~eventpipe.segment.Seal`, read from its ``.sum`` file) and which sealed plain
-segments were already counted whole, each in a small bounded cache.
+segments were already counted whole and how many lines they hold, each in a small
+bounded cache.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _SEALS_KEPT = 64  # checksums of the segments read most recently (a few KiB each
 _COUNTS_KEPT = 1024
 
 
-class _Bounded(dict[CountKey, bool]):
+class _Bounded(dict[CountKey, int]):
     """A dict that forgets its oldest entries past a size (for the counted-segments cache)."""
 
     def __init__(self, size: int) -> None:
@@ -45,7 +46,7 @@ class _Bounded(dict[CountKey, bool]):
     def forget_after_fork(self) -> None:
         self._lock = threading.Lock()
 
-    def __setitem__(self, key: CountKey, value: bool) -> None:
+    def __setitem__(self, key: CountKey, value: int) -> None:
         with self._lock:
             super().__setitem__(key, value)
             while len(self) > self._size:
@@ -65,7 +66,7 @@ class SegmentIndex:
         self._bases: tuple[int, ...] = ()
         self._generation = 0
         self._seals: dict[int, Seal] = {}
-        self.counted = _Bounded(_COUNTS_KEPT)  # sealed plain segments whose count was checked
+        self.counted = _Bounded(_COUNTS_KEPT)  # newline counts of sealed plain segments
         _INDEXES.add(self)
 
     def _forget_after_fork(self) -> None:

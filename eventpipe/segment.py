@@ -88,7 +88,7 @@ class Seal(NamedTuple):
     crcs: Sequence[int]
 
 
-# Key of a sealed plain segment whose whole newline count was checked: base, device, inode,
+# A sealed plain segment file whose newlines were counted (the value): base, device, inode,
 # size, mtime. Sealed segments never change, so a reader need not count the same file twice.
 CountKey = tuple[int, int, int, int, int]
 
@@ -196,16 +196,21 @@ def _count_lines(fd: int, size: int) -> tuple[int, bool]:
     return lines, last == b"\n" and position == size
 
 
-def _check_count(fd: int, path: str, base: int, size: int, end_offset: int) -> None:
-    """A sealed plain segment without a checksum file: its whole newline count must be what
-    its name and the next segment's imply, and its last line complete."""
-    lines, whole = _count_lines(fd, size)
+def _check_count(fd: int, path: str, base: int, size: int, end_offset: int,
+                 lines: int | None) -> int:
+    """A sealed plain segment without a checksum file: its whole newline count (``lines``
+    if already counted) must be what its name and the next segment's imply, and its last line
+    complete. Returns the count."""
+    whole = True
+    if lines is None:
+        lines, whole = _count_lines(fd, size)
     if lines != end_offset - base:
         raise extent_error(path, base, lines, end_offset, active=False)
     if not whole:
         raise CorruptLogError(
             f"segment {base} ends with an unterminated line after its {lines} events",
             path=path, offset=end_offset)
+    return lines
 
 
 def _blocks_match(data: bytes, first_block: int, seal: Seal, expected_len: int) -> bool:
@@ -395,7 +400,7 @@ def read_chunks(
     byte_limit: int | None = None,
     start_position: int | None = None,
     seal: Seal | None = None,
-    counted: MutableMapping[CountKey, bool] | None = None,
+    counted: MutableMapping[CountKey, int] | None = None,
 ) -> Iterator[LineChunk]:
     """Yield lines of segment ``base`` for offsets ``start`` .. ``stop`` (exclusive; default
     and at most ``end_offset``).
@@ -403,9 +408,9 @@ def read_chunks(
     ``end_offset`` is the offset after the segment's last event: the next segment's base for
     a sealed one, the header's head for the active one, whose committed size ``byte_limit`` is
     (bytes past it are never read). Without ``byte_limit`` the segment is sealed: ``seal``
-    is what its checksum file says, if it has one; ``counted`` remembers sealed plain segments
-    already counted whole. ``start_position`` is the known byte position of ``start``, which
-    skips any scan. Skipped events are never decoded.
+    is what its checksum file says, if it has one; ``counted`` remembers the newline counts of
+    sealed plain segments already counted whole. ``start_position`` is the known byte position
+    of ``start``, which skips any scan. Skipped events are never decoded.
 
     Raises CorruptLogError (a count that disagrees with ``end_offset``, a block that fails its
     checksum, an unterminated line, a NUL byte, damaged gzip data) naming the file and the
@@ -438,7 +443,7 @@ def _read_open(
     byte_limit: int | None,
     start_position: int | None,
     seal: Seal | None,
-    counted: MutableMapping[CountKey, bool] | None,
+    counted: MutableMapping[CountKey, int] | None,
 ) -> Iterator[LineChunk]:
     active = byte_limit is not None
     if active:
@@ -465,10 +470,10 @@ def _read_open(
             end_known = size == seal.size
         else:
             key = (base, st.st_dev, st.st_ino, size, st.st_mtime_ns)
-            if counted is None or key not in counted:
-                _check_count(fd, path, base, size, end_offset)
-                if counted is not None:
-                    counted[key] = True
+            known = counted.get(key) if counted is not None else None
+            lines = _check_count(fd, path, base, size, end_offset, known)
+            if counted is not None and known is None:
+                counted[key] = lines
             limit = size
             end_known = True
     elif seal is not None:

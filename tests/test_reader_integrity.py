@@ -123,9 +123,12 @@ def test_a_segment_deleted_from_the_middle_is_a_gap_not_other_events(
     build(log_path, 450, segment_max_events=50)  # 0, 50, ..., 350 sealed; 400 active
     if sums:
         add_sums(log_path)
-    seg(log_path, 350).unlink()
-    sum_file(log_path, 350).unlink(missing_ok=True)
     with EventLog(log_path) as log:
+        # Read it whole first: what the reader learnt then (listing, counts) must not hide
+        # the gap later.
+        assert read_checked(log, 0) == (list(range(450)), None)
+        seg(log_path, 350).unlink()
+        sum_file(log_path, 350).unlink(missing_ok=True)
         got, err = read_checked(log, 360, 400)
         assert got == [] and err is not None
         assert "segment 300 holds 50 events but the next segment starts at 400" in err.message
