@@ -6,6 +6,13 @@ promise, and matches its checksum sidecar block by block (so a flipped byte is f
 it leaves valid JSON); and for every checkpoint, that it parses, belongs to this log, is not
 ahead of it, and that the event it was taken after is still the same. Reads only; never
 repairs.
+
+A live log gives no false alarm: the folder is listed twice and the listings merged (one
+directory read can miss a segment being compressed), a segment is read in whichever form,
+plain or gzip, it has when opened (the active one too: it may have been sealed and compressed
+since the header was read), a segment gone since the listing is checked against a fresh
+listing and header (retention removes only sealed segments, oldest first), and a checkpoint
+ahead of the head is checked against a fresh header (the consumer may have moved on).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ._header import HEADER_SIZE, decode_header
+from ._header import HEADER_SIZE, Header, decode_header
 from .checkpoint import load_checkpoint
 from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from .errors import EventPipeError
@@ -62,17 +69,55 @@ def _gzip_content(path: str, problems: list[Problem], base: int) -> bytes | None
 
 
 def _content(seg: SegmentFile, sealed: bool, committed: int,
-             problems: list[Problem]) -> bytes | None:
-    """A segment's uncompressed content (the committed part of the active one); None when
-    its gzip data is damaged (reported). Raises OSError when the file cannot be read."""
-    if seg.compressed:
-        return _gzip_content(seg.path, problems, seg.base)
-    with open(seg.path, "rb") as f:
+             problems: list[Problem]) -> tuple[SegmentFile, bytes | None]:
+    """A segment's uncompressed content (the committed part of the active one), from
+    whichever form is there now (the listed one, else the other: compression may have replaced
+    it since the listing); None when its gzip data is damaged (reported). Raises
+    FileNotFoundError when neither form is there, OSError when a file cannot be read."""
+    forms = (seg.compressed, not seg.compressed)
+    for k, compressed in enumerate(forms):
+        path = segment_path(os.path.dirname(seg.path), seg.base, compressed)
+        try:
+            content = _read_form(path, compressed, sealed, committed, problems, seg.base)
+        except FileNotFoundError:
+            if k == len(forms) - 1:
+                raise
+            continue
+        return seg._replace(path=path, compressed=compressed), content
+    raise AssertionError("unreachable")
+
+
+def _read_form(path: str, compressed: bool, sealed: bool, committed: int,
+               problems: list[Problem], base: int) -> bytes | None:
+    if compressed:
+        content = _gzip_content(path, problems, base)
+        # The active segment when the header was read, sealed and compressed since.
+        return content if sealed or content is None else content[:committed]
+    with open(path, "rb") as f:
         content = f.read() if sealed else f.read(committed)
     if not sealed and len(content) < committed:
-        problems.append(Problem(seg.path, None, f"active segment is shorter "
+        problems.append(Problem(path, None, f"active segment is shorter "
                                 f"({len(content)} bytes) than committed ({committed})"))
     return content
+
+
+def _listing(folder: str) -> list[SegmentFile]:
+    """The segments, listed twice and merged.
+
+    One directory read can miss a segment that compression renames in (``.jsonl.gz``) and
+    unlinks (``.jsonl``) meanwhile: it may pass the new name's place before the rename and
+    the old name's after the unlink. The unlink comes after the rename, so a second read,
+    started after the first ended, sees the gzip name of any segment the first one missed.
+    """
+    merged = {s.base: s for s in list_segments(folder)}
+    for s in list_segments(folder):
+        merged.setdefault(s.base, s)
+    return [merged[b] for b in sorted(merged)]
+
+
+def _read_header(head_path: str) -> Header | None:
+    with open(head_path, "rb") as f:
+        return decode_header(f.read(HEADER_SIZE))
 
 
 def _check_segment(seg: SegmentFile, content: bytes, expected_events: int,
@@ -155,37 +200,33 @@ def verify_log(
         problems.append(Problem(head_path, None, "header checksum or magic is wrong"))
         return problems, summary
     folder = os.path.join(root, "segments")
-    segs = list_segments(folder)
-    segs = [s for s in segs if s.base <= header.segment_base]
-    if not segs or segs[-1].base != header.segment_base:
+    segs = [s for s in _listing(folder) if s.base <= header.segment_base]
+    if (not segs or segs[-1].base != header.segment_base) and not (
+            _moved_on(head_path, header.segment_base) and _removed(folder, header.segment_base)):
         problems.append(Problem(folder, header.segment_base,
                                 "the active segment named by the header is missing"))
     summary["head"] = header.head
     summary["first_offset"] = segs[0].base if segs else header.head
     for i, listed in enumerate(segs):
-        seg = listed
         if progress is not None:
             progress(i, len(segs))
-        sealed = seg.base < header.segment_base
+        sealed = listed.base < header.segment_base
         next_base = segs[i + 1].base if i + 1 < len(segs) else header.head
         try:
-            try:
-                content = _content(seg, sealed, header.committed, problems)
-            except FileNotFoundError:
-                if seg.compressed or not sealed:
-                    raise
-                # A writer's background thread compressed it since the listing.
-                seg = seg._replace(path=segment_path(folder, seg.base, compressed=True),
-                                   compressed=True)
-                content = _content(seg, sealed, header.committed, problems)
+            seg, content = _content(listed, sealed, header.committed, problems)
         except FileNotFoundError:
-            now = list_segments(folder)
-            if sealed and now and seg.base < now[0].base:
-                continue  # removed by retention while we looked: no longer part of the log
-            problems.append(Problem(seg.path, seg.base, "segment file is missing"))
+            # Removed by retention since we listed (it only removes sealed segments, oldest
+            # first, so the header has moved past it): no longer part of the log.
+            if sealed and _removed(folder, listed.base):
+                continue
+            if not sealed and _moved_on(head_path, listed.base) and _removed(folder,
+                                                                              listed.base):
+                continue
+            problems.append(Problem(listed.path, listed.base, "segment file is missing"))
             continue
         except OSError as exc:
-            problems.append(Problem(seg.path, seg.base, f"segment unreadable: {exc.strerror}"))
+            problems.append(Problem(listed.path, listed.base,
+                                    f"segment unreadable: {exc.strerror}"))
             continue
         if content is None:
             continue
@@ -196,6 +237,21 @@ def verify_log(
         progress(len(segs), len(segs))
     _check_checkpoints(root, meta, header.head, segs, problems, summary)
     return problems, summary
+
+
+def _moved_on(head_path: str, base: int) -> bool:
+    """Whether the header, read again, names an active segment past ``base``."""
+    try:
+        fresh = _read_header(head_path)
+    except OSError:
+        return False
+    return fresh is not None and fresh.segment_base > base
+
+
+def _removed(folder: str, base: int) -> bool:
+    """Whether segment ``base`` lies before the first segment listed now (retention)."""
+    now = _listing(folder)
+    return bool(now) and base < now[0].base
 
 
 def _check_checkpoints(root: str, meta: dict[str, Any], head: int, segs: list[SegmentFile],
@@ -218,13 +274,22 @@ def _check_checkpoints(root: str, meta: dict[str, Any], head: int, segs: list[Se
             continue
         if cp.log_id != meta.get("log_id"):
             problems.append(Problem(cp_path, cp.offset, "checkpoint belongs to another log"))
-        elif cp.offset > head:
+        elif cp.offset > head and cp.offset > (head := _fresh_head(root, head)):
+            # (read again: a live consumer may have passed the head we read at the start)
             problems.append(Problem(cp_path, cp.offset, f"checkpoint is ahead of the head {head}"))
         elif cp.offset > first and cp.segment is not None:
             line = _event_bytes(root, cp.offset - 1)
             if line is not None and zlib.crc32(line) != cp.fingerprint:
                 problems.append(Problem(cp_path, cp.offset - 1,
                                         "the event this checkpoint was taken after has changed"))
+
+
+def _fresh_head(root: str, head: int) -> int:
+    try:
+        fresh = _read_header(os.path.join(root, "head"))
+    except OSError:
+        return head
+    return max(head, fresh.head) if fresh is not None else head
 
 
 def _event_bytes(root: str, offset: int) -> bytes | None:
