@@ -212,6 +212,7 @@ class Consumer:
             retries: list[float] = []
             while not self._stop_flag[0]:
                 if lock.try_acquire():
+                    sd.status(f"consumer {self.name}: took the name over, catching up")
                     self._load()
                     return True
                 if retries:

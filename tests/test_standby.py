@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -338,3 +339,118 @@ def test_catch_up_with_standby_waits_for_the_name(
         assert c.catch_up() == expected_state(log_path)
         assert c.offset == 20
     assert holder.wait(30) == 0
+
+
+# ------------------------------------------------------------------------------------- soak
+
+SOAK_ROUNDS = int(os.environ.get("EVENTPIPE_STANDBY_SOAK_ROUNDS", "60"))
+
+
+def soak_fails(seq: int) -> bool:
+    """Events the soak handler can never handle (they go to the dead-letter log)."""
+    return seq % 101 == 50
+
+
+def soak_handler() -> Any:
+    """In-place fold that fails for good on some events (dead-lettered) and once per process on
+    others (a retry, with its rebuild, gets them through)."""
+    seen_once: set[int] = set()
+
+    def handler(state: dict[str, Any], event: Any, offset: int) -> dict[str, Any]:
+        if state["next"] > offset:
+            raise AssertionError(f"offset {offset} again (next {state['next']})")
+        state["n"] += 1  # in place, before any failure: only a rebuild undoes it
+        if soak_fails(event["seq"]):
+            raise ValueError(f"cannot handle {event['seq']}")
+        if event["seq"] % 37 == 5 and offset not in seen_once:
+            seen_once.add(offset)
+            raise ConnectionError("transient")
+        state["sum"] += event["seq"]
+        state["next"] = offset + 1
+        return state
+
+    return handler
+
+
+SOAK_OPTIONS: dict[str, Any] = {"on_error": "dead_letter", "max_retries": 1,
+                                "retry_backoff": 0.001, "checkpoint_every": 200}
+
+
+def soak_consumer(path: str, dlq: str) -> None:
+    """A standby-pool member."""
+    with Consumer(path, "soak", soak_handler(), INITIAL, standby=True, poll_interval=POLL,
+                  dead_letter=dlq, **SOAK_OPTIONS) as c:
+        c.run()
+
+
+@pytest.mark.slow
+def test_soak_kill_9_the_holder_of_a_standby_pool_at_random_moments(
+    tmp_path: Path, children: Children
+) -> None:
+    rng = random.Random(1)
+    path, dlq = tmp_path / "log", tmp_path / "dlq"
+    total = 40_000
+    EventLog(path, segment_max_bytes=64 * 1024).close()
+    lock = path / "consumers" / "soak.lock"
+    writer = children.worker("writer", str(path), "w", str(total), "5", "65536",
+                             stdout=subprocess.DEVNULL)
+
+    def member() -> subprocess.Popen[bytes]:
+        return children.popen([sys.executable, "-m", "tests.test_standby", "soak",
+                               str(path), str(dlq)], stdout=subprocess.DEVNULL)
+
+    pool = [member() for _ in range(4)]
+    takeovers = []
+    for _ in range(SOAK_ROUNDS):
+        deadline = time.monotonic() + 30
+        while not lock.exists() or not flock_holders(lock):
+            assert time.monotonic() < deadline, "nobody took the name"
+            assert all(p.poll() is None for p in pool), "a pool member exited"
+            time.sleep(0.002)
+        [pid] = flock_holders(lock)
+        [holder] = [p for p in pool if p.pid == pid]
+        time.sleep(rng.uniform(0, 0.1))  # a random moment to kill at
+        holder.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert holder.wait() == -signal.SIGKILL
+        pool.remove(holder)
+        while not flock_holders(lock):
+            assert time.monotonic() - t0 < TAKEOVER_BOUND, "no takeover"
+            time.sleep(0.001)
+        takeovers.append(time.monotonic() - t0)
+        pool.append(member())
+        wait_until_standing_by(pool, lock)  # three standbys again before the next kill
+    assert writer.wait() == 0
+    wait_until_standing_by(pool, lock)  # each in run(), its SIGTERM handler installed
+    for p in pool:
+        p.send_signal(signal.SIGTERM)
+    for p in pool:
+        assert p.wait(30) == 0
+    # A fresh consumer finishes from the pool's last checkpoint.
+    with Consumer(path, "soak", soak_handler(), INITIAL, dead_letter=str(dlq),
+                  **SOAK_OPTIONS) as c:
+        resumed_at = c.offset
+        state = c.catch_up()
+        assert c.offset == total
+    want = dict(INITIAL)
+    with EventLog(path) as log:
+        failing = []
+        for rec in log.read():
+            if soak_fails(rec.event["seq"]):
+                failing.append(rec.offset)
+                continue  # dead-lettered: its in-place change was rebuilt away
+            want["n"] += 1
+            want["sum"] += rec.event["seq"]
+            want["next"] = rec.offset + 1
+    assert state == want, (state, want)
+    with EventLog(dlq) as log:
+        entries = [r.event["offset"] for r in log.read()]
+    assert sorted(entries) == failing, "each failing event dead-lettered exactly once"
+    takeovers.sort()
+    print(f"{SOAK_ROUNDS} kill -9 takeovers, pool at {resumed_at}/{total} events: median "
+          f"{takeovers[len(takeovers) // 2] * 1000:.0f} ms, max {takeovers[-1] * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "soak":
+        soak_consumer(*sys.argv[2:])
