@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import _header, _recovery
+from . import _header, _meta, _recovery
 from ._fsutil import atomic_write, fsync_dir, make_dirs, open_shared, os_errors, write_all
 from ._header import ROLLING, Header, boot_id, encode_header
 from .config import LogConfig
@@ -150,6 +150,10 @@ class Appender:
                 with os_errors("take writer lock", lock_path):
                     fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 try:
+                    # An older log is marked as this format before anything is written in
+                    # it, so an older eventpipe refuses it rather than misread the header.
+                    _meta.upgrade(os.path.join(self.path, _meta.META_FILE),
+                                  self.config.file_mode)
                     head_fd = self._open_head_for_writing()
                 finally:
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn, Self
@@ -30,6 +29,7 @@ from . import _header
 from ._appender import Appender
 from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
 from ._header import Header
+from ._meta import FORMAT_NAME, FORMAT_VERSION, META_FILE, new_meta, read_meta
 from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
 from .compress import Compressor
@@ -41,9 +41,7 @@ from .errors import (
     LogClosedError,
     NotAnEventLogError,
     OffsetOutOfRangeError,
-    StorageError,
     UnserializableEventError,
-    UnsupportedFormatError,
 )
 from .follow import Follower
 from .record import Record
@@ -52,9 +50,6 @@ from .segment import LineChunk, read_chunks, segment_path
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "EventLog"]
 
-FORMAT_NAME = "eventpipe-log"
-FORMAT_VERSION = 1
-META_FILE = "eventpipe.json"
 HEAD_FILE = "head"
 COMPRESS_LOCK = "compress.lock"
 SEGMENTS_DIR = "segments"
@@ -108,7 +103,7 @@ class EventLog:
             if not self._create_missing:
                 raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
             self._create(meta_path)
-        meta = self._read_meta(meta_path)
+        meta = read_meta(meta_path)
         if not os.path.exists(self._head_path):
             # Created by a process that died before writing the header; finish the job.
             with self._appender.mutex:
@@ -128,15 +123,9 @@ class EventLog:
                 " refusing to turn it into a log",
                 path=self.path,
             )
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "log_id": uuid.uuid4().hex,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
         tmp = os.path.join(self.path, f"{_INIT_PREFIX}{os.getpid()}.{uuid.uuid4().hex}")
         with os_errors("create log metadata", meta_path):
-            atomic_write(tmp, orjson.dumps(meta, option=orjson.OPT_INDENT_2), cfg.file_mode)
+            atomic_write(tmp, new_meta(), cfg.file_mode)
             try:
                 # link() fails if another process created the log first: theirs wins, intact.
                 os.link(tmp, meta_path)
@@ -145,34 +134,6 @@ class EventLog:
             finally:
                 os.unlink(tmp)
         fsync_dir(self.path)
-
-    def _read_meta(self, meta_path: str) -> dict[str, Any]:
-        try:
-            with open(meta_path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            raise StorageError.from_os_error(exc, "read log metadata", path=meta_path) from exc
-        try:
-            meta = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise NotAnEventLogError(f"{META_FILE} is not JSON", path=meta_path) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise NotAnEventLogError(f"{META_FILE} does not describe an eventpipe log",
-                                     path=meta_path)
-        if not isinstance(meta.get("log_id"), str) or not meta["log_id"]:
-            raise NotAnEventLogError(f"{META_FILE} has no log id; not written by eventpipe",
-                                     path=meta_path)
-        version = meta.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise NotAnEventLogError(f"{META_FILE} has no valid format version ({version!r})",
-                                     path=meta_path)
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormatError(
-                f"log format version {version!r} is newer than this eventpipe supports "
-                f"({FORMAT_VERSION}); upgrade eventpipe to read it",
-                path=meta_path,
-            )
-        return meta
 
     # --------------------------------------------------------------------------- appending
 
@@ -240,10 +201,11 @@ class EventLog:
             counts.append(count)
         return self._commit_batch(blobs, counts)
 
-    def append_lines(self, lines: bytes, count: int) -> range:
+    def _append_lines(self, lines: bytes, count: int) -> range:
         """Store ``count`` events given as compact JSON lines (each from :meth:`encode`, each
-        ending in a newline) as one atomic batch; for writers that encode ahead (the buffered
-        writer, the CLI). The framing and sizes are checked, the JSON is not parsed.
+        ending in a newline) as one atomic batch; for writers in this package that encode
+        ahead (the buffered writer, the CLI). The framing and sizes are checked, the JSON is
+        not parsed: that is why this is not public (a caller's non-JSON line would be stored).
         """
         if lines.count(b"\n") != count or (lines and not lines.endswith(b"\n")):
             raise UnserializableEventError(

@@ -425,7 +425,7 @@ def test_foreign_marker_file_is_refused(tmp_path: Path, meta: bytes, alone: bool
     assert_unchanged(before, folder)
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_newer_format_version_is_refused_untouched(
     log_path: Path, version: int
 ) -> None:
@@ -462,6 +462,9 @@ def _read_until_error(lg: EventLog, start: int = 0) -> tuple[list[int], CorruptL
 def test_invalid_json_in_a_sealed_segment_names_file_and_offset(log_path: Path) -> None:
     _sealed_log(log_path)
     seg = log_path / "segments" / f"{5:020d}.jsonl"
+    # Not yet checksummed: a reader finds the one bad event by decoding. (Where a .sum exists
+    # the checksum refuses its whole 64 KiB block: tests/test_reader_integrity.py.)
+    (log_path / "segments" / f"{5:020d}.sum").unlink(missing_ok=True)
     data = bytearray(seg.read_bytes())
     line_start = data.index(b'{"i":7,')
     data[line_start + 3] = ord("#")  # {"i#:7,...}: same length, no newline, not JSON

@@ -8,6 +8,7 @@ bytes past its ``synced`` mark.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,13 @@ def test_an_old_format_header_reads_and_is_upgraded(tmp_path: Path) -> None:
     size = (log / "segments" / SEG0).stat().st_size
     body = struct.pack("<4sQQQ", b"EPH1", 5, 0, size)
     (log / "head").write_bytes(body + zlib.crc32(body).to_bytes(4, "little"))
+    meta = json.loads((log / "eventpipe.json").read_bytes())
+    (log / "eventpipe.json").write_text(json.dumps({**meta, "version": 1}))
     with EventLog(log) as lg:
         assert lg.head == 5 and [r.offset for r in lg.read()] == list(range(5))
+        assert json.loads((log / "eventpipe.json").read_bytes())["version"] == 1  # reading
         assert lg.append({"i": 5}) == 5
+    # The writer marked the log as the new format before writing the new header in it, so an
+    # older eventpipe refuses it (UnsupportedFormatError) rather than misread that header.
+    assert json.loads((log / "eventpipe.json").read_bytes()) == {**meta, "version": 2}
     assert (log / "head").read_bytes()[:4] == b"EPH2"

@@ -1,0 +1,74 @@
+"""``eventpipe.json``: the marker that makes a folder a log, its format version and log id.
+
+Written once, atomically, by whoever creates the log; rewritten (atomically) only to raise the
+format version when a writer upgrades an older log. Version 2 logs have the two-copy header of
+``_header``; a version-1 log is read as it is and upgraded by its next writer, so an older
+eventpipe refuses it clearly (UnsupportedFormatError) rather than misreading the new header.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from ._fsutil import atomic_write
+from .errors import NotAnEventLogError, StorageError, UnsupportedFormatError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "META_FILE", "new_meta", "read_meta", "upgrade"]
+
+FORMAT_NAME = "eventpipe-log"
+FORMAT_VERSION = 2
+META_FILE = "eventpipe.json"
+
+
+def new_meta() -> bytes:
+    """The content of a new log's ``eventpipe.json`` (a fresh log id)."""
+    return orjson.dumps({
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "log_id": uuid.uuid4().hex,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }, option=orjson.OPT_INDENT_2)
+
+
+def read_meta(meta_path: str) -> dict[str, Any]:
+    """The checked content of ``eventpipe.json``; NotAnEventLogError for a foreign or damaged
+    file, UnsupportedFormatError for a newer format."""
+    try:
+        with open(meta_path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, "read log metadata", path=meta_path) from exc
+    try:
+        meta = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise NotAnEventLogError(f"{META_FILE} is not JSON", path=meta_path) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise NotAnEventLogError(f"{META_FILE} does not describe an eventpipe log",
+                                 path=meta_path)
+    if not isinstance(meta.get("log_id"), str) or not meta["log_id"]:
+        raise NotAnEventLogError(f"{META_FILE} has no log id; not written by eventpipe",
+                                 path=meta_path)
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise NotAnEventLogError(f"{META_FILE} has no valid format version ({version!r})",
+                                 path=meta_path)
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"log format version {version!r} is newer than this eventpipe supports "
+            f"({FORMAT_VERSION}); upgrade eventpipe to read it",
+            path=meta_path,
+        )
+    return meta
+
+
+def upgrade(meta_path: str, file_mode: int) -> None:
+    """Raise an older log's format version to this one's (the caller holds the writer lock,
+    before it writes anything in the new format)."""
+    meta = read_meta(meta_path)
+    if meta["version"] < FORMAT_VERSION:
+        meta["version"] = FORMAT_VERSION
+        atomic_write(meta_path, orjson.dumps(meta, option=orjson.OPT_INDENT_2), file_mode)
