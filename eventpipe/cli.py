@@ -9,6 +9,7 @@ lines it had read).
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import importlib.util
 import json
@@ -24,7 +25,7 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 
 from . import __version__
-from .errors import ConfigError, EventPipeError, OffsetOutOfRangeError
+from .errors import ConfigError, CorruptLogError, EventPipeError, OffsetOutOfRangeError
 
 __all__ = ["main"]
 
@@ -262,18 +263,40 @@ def cmd_read(args: argparse.Namespace) -> int:
             source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notify)
         else:
             source = ((c.first_offset, c.lines) for c in log.chunks(start, args.to))
-        for first, lines in source:
+        for first, stored in source:
+            bad = _first_invalid(stored)
+            # Print every good event before a bad one, then fail: damaged bytes (say in the
+            # active segment, which has no checksum yet) are never printed as an event.
+            lines = stored if bad is None else stored[:bad]
             if args.with_offsets:
                 # Byte-level framing: no decode and re-encode of stored events.
                 data = b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
                                 for i, line in enumerate(lines))
             else:
                 data = b"\n".join(lines) + b"\n"
-            out.write(data)
+            if lines:
+                out.write(data)
+            if bad is not None:
+                out.flush()
+                raise CorruptLogError("stored event is not valid JSON", path=log.path,
+                                      offset=first + bad)
             if args.follow:
                 out.flush()
     out.flush()
     return EXIT_OK
+
+
+def _first_invalid(lines: list[bytes]) -> int | None:
+    """Index of the first line that is not JSON, None if all are (checked by C code)."""
+    try:
+        collections.deque(map(orjson.loads, lines), maxlen=0)
+    except orjson.JSONDecodeError:
+        for i, line in enumerate(lines):
+            try:
+                orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return i
+    return None
 
 
 # -------------------------------------------------------------------------------- consume

@@ -271,6 +271,16 @@ def test_read_beyond_the_head_is_an_error(cli: Cli, ten: Path) -> None:
     assert "beyond the head (10)" in r.err and "offset=11" in r.err
 
 
+@pytest.mark.parametrize("flag", [(), ("--with-offsets",)])
+def test_read_never_prints_a_damaged_event(cli: Cli, ten: Path, flag: tuple[str, ...]) -> None:
+    seg = ten / "segments" / f"{0:020d}.jsonl"
+    data = seg.read_bytes()
+    seg.write_bytes(data.replace(b'{"i":6}', b'{"i"#6}'))  # same length, not JSON, no NUL
+    r = cli("read", ten, *flag)
+    assert r.code == 3 and "offset=6" in r.err and "not valid JSON" in r.err
+    assert len(r.out.splitlines()) == 6 and b"#" not in r.out
+
+
 def test_read_with_offsets_is_json_lines(cli: Cli, ten: Path) -> None:
     out = cli("read", ten, "--with-offsets").text.splitlines()
     assert [json.loads(line) for line in out] == [{"offset": i, "event": {"i": i}}
