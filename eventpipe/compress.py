@@ -489,6 +489,7 @@ class Compressor:
         self._abandon = threading.Event()  # ... or at once, abandoning it (close())
         self._deadline: float | None = None  # finish(): nothing runs past this
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()  # one thread, whichever threads kick at once
         # Recent errors only: bounded, and stripped of tracebacks (whose frames would pin
         # whatever the failed pass held).
         self._errors: deque[BaseException] = deque(maxlen=MAX_ERRORS)
@@ -511,10 +512,12 @@ class Compressor:
         """Ask for a pass soon; never blocks the caller (cheap: call it on every roll)."""
         self._wanted.set()
         if self._thread is None and not self._stop.is_set():
-            self._thread = threading.Thread(
-                target=self._loop, name="eventpipe-compressor", daemon=True
-            )
-            self._thread.start()
+            with self._starting:
+                if self._thread is None and not self._stop.is_set():
+                    self._thread = threading.Thread(
+                        target=self._loop, name="eventpipe-compressor", daemon=True
+                    )
+                    self._thread.start()
 
     def pending(self, compress: bool | None = None) -> bool:
         """Whether sealed segments await a checksum (or compression): one header read and one
@@ -538,7 +541,8 @@ class Compressor:
         """
         deadline = time.monotonic() + max(0.0, timeout)
         self._deadline = deadline
-        self._stop.set()
+        with self._starting:
+            self._stop.set()
         self._wanted.set()
         thread = self._thread
         if thread is not None:
@@ -558,7 +562,8 @@ class Compressor:
     def close(self) -> None:
         """Stop the thread now: an in-flight segment is abandoned (its temp file removed)."""
         self._abandon.set()
-        self._stop.set()
+        with self._starting:
+            self._stop.set()
         self._wanted.set()
         if self._thread is not None:
             self._thread.join()

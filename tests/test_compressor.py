@@ -227,6 +227,28 @@ def test_a_finish_that_finds_the_lock_held_leaves_its_work_to_the_holder(
     raise AssertionError("A always finished before B came")
 
 
+WRITER_KILLED = r"""
+import os, sys
+from eventpipe import EventLog
+log = EventLog(sys.argv[1], segment_max_events=1, sync="none")
+log.append_many([{"i": i, "pad": "p" * 300} for i in range(200)])
+os._exit(0)  # as a writer killed: its sealing work is left
+"""
+
+
+def test_a_reader_that_kicks_does_the_sealing_work_writers_left(log_path: Path) -> None:
+    killed = subprocess.run([sys.executable, "-c", WRITER_KILLED, str(log_path)],
+                            capture_output=True, timeout=120, env=env(), check=False)
+    assert killed.returncode == 0, killed.stderr
+    assert unfinished(log_path), "the killed writer finished its work: nothing to show"
+    writer_lock = (log_path / "writer.lock").stat().st_mtime_ns
+    with EventLog(log_path) as reader:  # reads only: a consumer's log
+        reader._compression().kick()
+        wait_for(lambda: unfinished(log_path) == [], "the reader's compressor")
+        assert reader._compression()._thread is not None
+    assert (log_path / "writer.lock").stat().st_mtime_ns == writer_lock
+
+
 # -------------------------------------------------------------- 11: compressor hygiene
 
 
