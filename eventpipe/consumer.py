@@ -301,15 +301,13 @@ class Consumer:
     def checkpoint(self) -> None:
         """Persist state and offset now, atomically together (no-op if nothing changed).
 
-        A state that may hold part of an event (a handler interrupted by KeyboardInterrupt or
-        SystemExit) is never saved: the consumer goes back to its last checkpoint instead.
-        Does nothing without the name (a standby still waiting, or after close()).
+        Does nothing while the state may hold part of an event (called from inside the
+        handler, or after a handler was interrupted by KeyboardInterrupt or SystemExit: run()
+        and catch_up() then go back to the last checkpoint), and without the name (a standby
+        still waiting, or after close()).
         """
-        if not self._name_lock.held:
-            return  # a standby, or closed: the name's holder writes this file, nobody else
-        if not self._consistent:
-            self._rewind()
-            return
+        if not self._name_lock.held or not self._consistent:
+            return  # only the name's holder writes this file, and only whole events
         if self.offset == self._checkpointed_offset:
             return
         seg = pos = crc = None

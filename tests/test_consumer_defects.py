@@ -136,6 +136,30 @@ def test_a_base_exception_from_an_in_place_handler_is_never_checkpointed(
     assert checkpoint_of(log_path, "c") == (expected_state(log_path), 100)
 
 
+def test_checkpoint_called_from_inside_an_in_place_handler_saves_nothing_partial(
+    log_path: Path,
+) -> None:
+    with EventLog(log_path) as log:
+        log.append_many([{"seq": i} for i in range(100)])
+    holder: list[Consumer] = []
+    checked = []
+
+    def handler(state: dict[str, Any], event: Any, offset: int) -> dict[str, Any]:
+        state = in_place(state, event, offset)
+        if offset % 10 == 3:
+            holder[0].checkpoint()  # mid-batch: the state holds events past the offset
+            if (log_path / "consumers" / "c.json").exists():
+                saved, at = checkpoint_of(log_path, "c")
+                checked.append(at)
+                assert saved == fold_until(log_path, at), at
+        return state
+
+    with Consumer(log_path, "c", handler, INITIAL, checkpoint_every=25) as c:
+        holder.append(c)
+        assert c.catch_up() == expected_state(log_path)
+    assert checked and checkpoint_of(log_path, "c") == (expected_state(log_path), 100)
+
+
 # ------------------------------------------------------------------------------------ item 3
 
 

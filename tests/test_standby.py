@@ -389,7 +389,7 @@ def test_soak_kill_9_the_holder_of_a_standby_pool_at_random_moments(
 ) -> None:
     rng = random.Random(1)
     path, dlq = tmp_path / "log", tmp_path / "dlq"
-    total = 40_000
+    total = 700 * SOAK_ROUNDS  # the writer appends through most of the rounds
     EventLog(path, segment_max_bytes=64 * 1024).close()
     lock = path / "consumers" / "soak.lock"
     writer = children.worker("writer", str(path), "w", str(total), "5", "65536",
