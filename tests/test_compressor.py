@@ -331,7 +331,8 @@ def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path
     seg = log_path / "segments"
     for name in os.listdir(seg):
         if not name.endswith(".jsonl"):
-            os.unlink(seg / name)  # no checksums yet, no state
+            os.unlink(seg / name)  # no checksums yet
+    (log_path / STATE_FILE).unlink(missing_ok=True)  # no watermark yet
     plain = seg / f"{10:020d}.jsonl"
     plain.write_bytes(b"".join(plain.read_bytes().splitlines(keepends=True)[:-1]))  # damaged
     with EventLog(log_path, segment_max_events=1, sync="none", compression=None) as log:
@@ -399,6 +400,7 @@ def test_a_compressor_killed_while_writing_a_checksum_leaves_nothing_behind(
     for name in os.listdir(seg):
         if name.endswith(".sum"):
             os.unlink(seg / name)
+    (log_path / STATE_FILE).unlink(missing_ok=True)  # every pass starts at segment 0
     # SIGKILL on entering the process's first rename: the one that puts segment 0's checksum
     # in place (opening an existing log renames nothing).
     killed = subprocess.run(
