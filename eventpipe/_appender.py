@@ -392,6 +392,7 @@ class Appender:
                 self._fail(sync_exc, "fsync of the log header", done)
         exc.add_note(f"eventpipe: the append was committed at offsets {done.start}.."
                      f"{done.stop - 1} before this was raised; do not append them again")
+        exc.committed = done  # type: ignore[attr-defined]  # as DurabilityError has it
         raise exc
 
     def _prepare(self, w: _WriterState) -> Header:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -25,22 +24,12 @@ _log = logging.getLogger("eventpipe")
 _LIVE: weakref.WeakSet[BufferedWriter] = weakref.WeakSet()
 
 
-# How the appender marks an interrupt (KeyboardInterrupt has no fields) that landed after its
-# commit point; see _appender._after_failed_publish.
-_COMMITTED_NOTE = re.compile(r"eventpipe: the append was committed at offsets (\d+)\.\.(\d+)")
-
-
 def _committed(exc: BaseException) -> range:
-    """The offsets a failed append says were committed: ``DurabilityError.committed``, or the
-    note on an interrupt that landed after the commit; empty if it committed nothing."""
+    """The offsets a failed append says were committed (``DurabilityError.committed``, or the
+    same attribute the appender sets on an interrupt that landed after its commit point);
+    empty if it committed nothing."""
     committed = getattr(exc, "committed", None)
-    if isinstance(committed, range):
-        return committed
-    for note in getattr(exc, "__notes__", ()):
-        m = _COMMITTED_NOTE.match(note) if isinstance(note, str) else None
-        if m:
-            return range(int(m[1]), int(m[2]) + 1)
-    return range(0)
+    return committed if isinstance(committed, range) else range(0)
 
 
 def _events(n: int) -> str:

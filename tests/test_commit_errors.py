@@ -33,7 +33,8 @@ for name in ("warm", "target", "again"):
     try:
         out["calls"].append({"ok": log.append({"name": name})})
     except KeyboardInterrupt as exc:
-        out["calls"].append({"error": "KeyboardInterrupt", "notes": getattr(exc, "__notes__", [])})
+        out["calls"].append({"error": "KeyboardInterrupt", "notes": getattr(exc, "__notes__", []),
+                             "committed": list(getattr(exc, "committed", range(0)))})
     except StorageError as exc:
         out["calls"].append({"error": type(exc).__name__, "errno": exc.errno, "path": exc.path,
                              "committed": list(getattr(exc, "committed", range(0)))})
@@ -92,6 +93,7 @@ def test_interrupt_after_the_commit_says_the_append_happened(tmp_path: Path) -> 
     assert warm == {"ok": 0}
     assert target["error"] == "KeyboardInterrupt"
     assert any("committed at offsets 1..1" in note for note in target["notes"])
+    assert target["committed"] == [1]  # the same attribute a DurabilityError has
     assert again == {"ok": 2}  # the fsync had succeeded: nothing to refuse
     assert stored(log) == ["warm", "target", "again"]
 
