@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 from eventpipe._header import HEADER_SIZE, Header, decode_header
 from eventpipe.compress import clean_stale, read_sum, sum_blocks
 from eventpipe.status import flock_holders
@@ -41,6 +41,10 @@ needs_strace = pytest.mark.skipif(shutil.which("strace") is None,
 CLOSE_FINISHES = "finish(" in inspect.getsource(EventLog.close)
 needs_close_finish = pytest.mark.skipif(
     not CLOSE_FINISHES, reason="EventLog.close() does not call Compressor.finish() yet")
+# Consumers take a share once they ask for it on a roll (EventLog.seal_soon(), patch likewise).
+CONSUMERS_KICK = "seal_soon" in inspect.getsource(Consumer)
+needs_consumer_kick = pytest.mark.skipif(
+    not CONSUMERS_KICK, reason="Consumer does not call EventLog.seal_soon() on a roll yet")
 
 
 def env(**options: str) -> dict[str, str]:
@@ -170,7 +174,7 @@ def test_finish_gives_up_at_its_timeout_and_the_next_finish_completes(log_path: 
 
 READ_ONLY_FINISH = r"""
 import sys, time
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 log = EventLog(sys.argv[1])
 compressor = log._compression()
 print("go", flush=True)
@@ -181,7 +185,7 @@ log.close()
 
 SEAL_AND_FINISH = r"""
 import sys, time
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 with EventLog(sys.argv[1], segment_max_events=1, sync="none") as log:
     log.append_many([{"late": i} for i in range(3)])  # seals segments while the lock is held
     compressor = log._compression()
@@ -229,7 +233,7 @@ def test_a_finish_that_finds_the_lock_held_leaves_its_work_to_the_holder(
 
 WRITER_KILLED = r"""
 import os, sys
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 log = EventLog(sys.argv[1], segment_max_events=1, sync="none")
 log.append_many([{"i": i, "pad": "p" * 300} for i in range(200)])
 os._exit(0)  # as a writer killed: its sealing work is left
@@ -247,6 +251,32 @@ def test_a_reader_that_kicks_does_the_sealing_work_writers_left(log_path: Path) 
         wait_for(lambda: unfinished(log_path) == [], "the reader's compressor")
         assert reader._compression()._thread is not None
     assert (log_path / "writer.lock").stat().st_mtime_ns == writer_lock
+
+
+KILLED_CLI_LIKE_WRITER = r"""
+import os, sys
+from eventpipe import EventLog
+log = EventLog(sys.argv[1], segment_max_events=5, sync="none")
+log.append_many([{"w": sys.argv[2], "i": i} for i in range(23)])
+os._exit(0)  # killed before close(): nothing of its sealing work is finished here
+"""
+
+
+@needs_consumer_kick
+def test_a_running_consumer_does_the_sealing_work_of_killed_writers(
+        log_path: Path, children: Children) -> None:
+    with EventLog(log_path) as log:
+        log.append({"w": "first"})
+    consumer = children.worker("consumer", str(log_path), "kicker", "--poll", "0.05")
+    assert consumer.stdout is not None and consumer.stdout.readline() == b"caught-up\n"
+    for k in range(8):
+        killed = subprocess.run([sys.executable, "-c", KILLED_CLI_LIKE_WRITER, str(log_path),
+                                 str(k)], capture_output=True, timeout=60, env=env(),
+                                check=False)
+        assert killed.returncode == 0, killed.stderr
+    wait_for(lambda: unfinished(log_path) == [] and header(log_path).head == 1 + 8 * 23,
+             "the consumer's compressor")
+    assert consumer.poll() is None
 
 
 # -------------------------------------------------------------- 11: compressor hygiene
@@ -275,7 +305,7 @@ def test_a_gzip_segment_without_checksum_gets_one_from_its_content(log_path: Pat
 
 IDLE_WRITER = r"""
 import json, os, sys, time
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 path = sys.argv[1]
 log = EventLog(path, sync="none")  # (no interval syncer: it takes the writer lock each second)
 log.append({"x": 1})  # the writer opens: its compressor starts a pass
@@ -383,7 +413,7 @@ def test_clean_stale_removes_every_temp_name_a_compressor_leaves(log_path: Path)
 
 KILLED_AT_SUM = r"""
 import sys
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 log = EventLog(sys.argv[1])
 log.append({"x": 1})  # opens the writer: a pass starts and is killed at the .sum rename
 log.compress()
@@ -421,7 +451,7 @@ def test_a_compressor_killed_while_writing_a_checksum_leaves_nothing_behind(
 
 ROLLS = r"""
 import os, sys, time
-from eventpipe import EventLog
+from eventpipe import Consumer, EventLog
 path = sys.argv[1]
 seg = os.path.join(path, "segments")
 log = EventLog(path, segment_max_events=1, sync="none", retention_max_bytes=int(sys.argv[2]))
