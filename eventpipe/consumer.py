@@ -167,6 +167,7 @@ class Consumer:
         self._notifier: ChangeNotifier | None = None
         self._dead_letter_log: EventLog | None = None
         self._caught_up_once = False
+        self._seen_segment = -1  # the active segment when we last looked (see _help_seal)
         self.last_checkpoint_at: float | None = None
         self.systemd = SystemdNotifier()
         self._closed = False
@@ -708,6 +709,7 @@ class Consumer:
             if self.offset < target and not self._stop_flag[0]:
                 yield from self._process(target, yields)
             self.checkpoint()
+            self._help_seal()
             if not self._caught_up_once:
                 self._caught_up_once = True
                 if self.on_caught_up is not None:
@@ -722,6 +724,7 @@ class Consumer:
                 yield from self._process(None, yields)
                 if self.offset != before:
                     idle_reported = False
+                    self._help_seal()
                     continue
                 # Idle: everything known is handled. Checkpoint once the interval since the
                 # last one has passed, not at once: at a trickle of events an immediate
@@ -766,6 +769,15 @@ class Consumer:
         except (AttributeError, ValueError, RuntimeError, OSError):
             return lambda: None  # no usable stderr
         return faulthandler.disable
+
+    def _help_seal(self) -> None:
+        """When segments rolled since we last looked, ask for their sealing work (checksums,
+        compression, retention) in this process too: it then gets done even where every
+        writer is short-lived. One header read; the work runs in a background thread."""
+        base = self.log.committed_header().segment_base
+        if base != self._seen_segment:
+            self._seen_segment = base
+            self.log.seal_soon()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():

@@ -32,7 +32,7 @@ from ._header import Header
 from ._meta import FORMAT_NAME, FORMAT_VERSION, META_FILE, new_meta, read_meta
 from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
-from .compress import Compressor
+from .compress import FINISH_TIMEOUT, Compressor
 from .config import LogConfig
 from .errors import (
     CorruptLogError,
@@ -276,6 +276,14 @@ class EventLog:
                 file_mode=self.config.file_mode,
             )
         return self._compressor
+
+    def seal_soon(self) -> None:
+        """Ask for the sealing work on sealed segments (checksums, compression, retention) to
+        run soon in a background thread of this process. Never blocks; cheap enough to call
+        on every roll. Writers do it on each roll; long-lived readers (consumers) call it when
+        they see one, so the work gets done even where every writer is short-lived."""
+        self._check_open()
+        self._compression().kick()
 
     def compress(self) -> int:
         """Compress every sealed, uncompressed segment now; return how many.
@@ -527,7 +535,9 @@ class EventLog:
             return
         self._closed = True
         if self._compressor is not None and self._compressor_pid == os.getpid():
-            self._compressor.close()
+            # Finish the sealing work (checksums, compression, retention) this process
+            # started or found, in bounded time: a short-lived writer must not leave it.
+            self._compressor.finish(FINISH_TIMEOUT)
         try:
             self._appender.close()
         finally:
