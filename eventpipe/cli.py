@@ -484,11 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
         "consume", help="run a consumer (what the systemd unit starts)",
         description="Run a consumer until SIGTERM/SIGINT. PATH, --handler and "
                     "--initial-state default to $EVENTPIPE_LOG_PATH, $EVENTPIPE_HANDLER and "
-                    "$EVENTPIPE_INITIAL_STATE (as set by a systemd EnvironmentFile); other "
+                    "$EVENTPIPE_INITIAL_STATE, --name to $EVENTPIPE_CONSUMER_NAME (as set by a "
+                    "systemd EnvironmentFile); other "
                     "options also read EVENTPIPE_<OPTION> variables.")
     p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
                    default=env.get("EVENTPIPE_LOG_PATH"))
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required="EVENTPIPE_CONSUMER_NAME" not in env,
+                   default=env.get("EVENTPIPE_CONSUMER_NAME"),
+                   help="the consumer name (processes sharing it take turns: see --standby)")
     p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
                    default=env.get("EVENTPIPE_HANDLER"),
                    help="MODULE:FUNCTION or FILE.py:FUNCTION")

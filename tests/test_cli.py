@@ -793,6 +793,18 @@ def test_consume_catch_up_print_state(cli: Cli, log_path: Path) -> None:
     assert json.loads(r.out)["events"] == 13
 
 
+def test_consume_takes_everything_from_the_environment(log_path: Path) -> None:
+    """As the systemd unit runs it: PATH, --handler and --name from EVENTPIPE_* variables."""
+    with EventLog(log_path) as log:
+        log.append_many([{"type": "a"}, {"type": "b"}])
+    env = {**_env(), "EVENTPIPE_LOG_PATH": str(log_path), "EVENTPIPE_HANDLER": COUNTER,
+           "EVENTPIPE_CONSUMER_NAME": "shared"}
+    proc = subprocess.run([sys.executable, "-m", "eventpipe", "consume", "--catch-up"],
+                          capture_output=True, timeout=60, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (log_path / "consumers" / "shared.json").exists()
+
+
 def test_consume_module_handler_from_pythonpath(log_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fill(log_path, 4)

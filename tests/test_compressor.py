@@ -319,6 +319,13 @@ def recorded():
 while not recorded() and time.monotonic() < deadline:
     time.sleep(0.01)
 print("recorded" if recorded() else "not recorded", flush=True)
+# The pass that recorded it releases the compress lock just after: wait for that (a lock taken
+# and dropped here, before the window), so the window holds only what an idle writer does.
+import fcntl
+fd = os.open(os.path.join(path, "compress.lock"), os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.flock(fd, fcntl.LOCK_UN)
+os.close(fd)
 os.getppid()  # marks the start of the idle window in the trace
 time.sleep(1.0)  # idle: nothing is appended; the window whose system calls are counted
 os.getppid()
@@ -345,7 +352,9 @@ def test_a_damaged_gzip_segment_without_checksum_is_recorded_once_not_retried(
     calls = trace.read_text().splitlines()
     marks = [i for i, line in enumerate(calls) if "getppid()" in line]
     window = calls[marks[-2] + 1 : marks[-1]]
-    busy = [line for line in window if re.search(r"\b(flock|getdents64)\(", line)]
+    # Attempts to take a lock, and listings: an idle writer must make none.
+    busy = [line for line in window
+            if re.search(r"\bgetdents64\(|\bflock\(.*LOCK_EX", line)]
     assert busy == [], f"an idle writer's compressor kept trying ({len(busy)} calls in 1 s)"
     assert proc.stdout == b"recorded\n", "the damage was never recorded"
     assert not (seg / f"{10:020d}.sum").exists(), "a .sum must never bless damaged content"

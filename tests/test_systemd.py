@@ -14,6 +14,7 @@ root and systemd-nspawn (``.ci/install-systemd.sh``); without them it skips, unl
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -180,7 +181,8 @@ def test_example_env_names_only_real_options() -> None:
     from eventpipe.consumer import CONSUMER_OPTIONS
 
     known = {o.env_name for o in (*LOG_OPTIONS, *CONSUMER_OPTIONS)}
-    known |= {"EVENTPIPE_LOG_PATH", "EVENTPIPE_HANDLER", "EVENTPIPE_INITIAL_STATE"}
+    known |= {"EVENTPIPE_LOG_PATH", "EVENTPIPE_HANDLER", "EVENTPIPE_INITIAL_STATE",
+              "EVENTPIPE_CONSUMER_NAME"}
     text = UNITS / "example.env"
     pairs = _env_file_keys(text.read_text())
     commented = re.findall(r"^#(EVENTPIPE_\w+)=", text.read_text(), re.MULTILINE)
@@ -630,6 +632,86 @@ def kill_and_wait_for_restart(box: Container, log: Path, writer: subprocess.Pope
 
     wait_for(f"restart number {kill} after kill -9", restarted, 30)
     assert writer.poll() is None, "the writer stopped before the restart"
+
+
+POOL = ("eventpipe-consumer@counter-a.service", "eventpipe-consumer@counter-b.service")
+
+
+def test_two_units_share_one_consumer_name(container: tuple[Container, Path]) -> None:
+    """README's hot standby: two instances name one consumer; kill -9 the active one (twice)
+    and the standby takes over, while a writer outside appends; the state stays exact."""
+    box, data = container
+    log = data / "counter"
+    gid = install_basics(box)
+    for unit in POOL:
+        instance = unit.split("@")[1].removesuffix(".service")
+        box.write(f"/etc/eventpipe/{instance}.env", textwrap.dedent(f"""\
+            EVENTPIPE_CONSUMER_NAME=counter
+            EVENTPIPE_STANDBY=true
+            EVENTPIPE_LOG_PATH={LOG_IN_CONTAINER}
+            EVENTPIPE_HANDLER=counter_handler:count
+            PYTHONPATH=/opt/eventpipe-test
+            EVENTPIPE_INITIAL_STATE='{{"count": 0, "sum": 0}}'
+            EVENTPIPE_CHECKPOINT_EVERY=100
+            """), mode="0640")
+        install_unit(box, CONSUMER_TEMPLATE, unit, log_exit=False)
+    box.run("systemctl", "daemon-reload")
+    first = subprocess.run(writer_cmd(log, 1000), capture_output=True, text=True, timeout=60,
+                           env=writer_env(), group=gid, extra_groups=[], check=False)
+    assert first.returncode == 0, first.stderr
+    try:
+        check_standby_pool(box, log, gid)
+    except BaseException:
+        for unit in POOL:
+            print(box.run("systemctl", "status", "--no-pager", "--full", unit,
+                          check=False).stdout)
+        raise
+
+
+def pool_roles(box: Container) -> tuple[str, str] | None:
+    """(active unit, standby unit) when one reports its offset and the other stands by."""
+    status = {u: box.show(u, "StatusText", "ActiveState") for u in POOL}
+    if any(p["ActiveState"] != "active" for p in status.values()):
+        return None
+    active = [u for u, p in status.items()
+              if p["StatusText"].startswith("consumer counter: offset")]
+    standby = [u for u, p in status.items() if "standing by" in p["StatusText"]]
+    return (active[0], standby[0]) if len(active) == 1 and len(standby) == 1 else None
+
+
+def progressed_past(log: Path, before: dict[str, Any]) -> bool:
+    cp = read_checkpoint(log)
+    return cp is not None and cp["offset"] > before["offset"] + 200
+
+
+def taken_over_by(box: Container, unit: str) -> tuple[str, str] | None:
+    roles = pool_roles(box)
+    return roles if roles is not None and roles[0] == unit else None
+
+
+def check_standby_pool(box: Container, log: Path, gid: int) -> None:
+    box.run("systemctl", "start", *POOL, timeout=90)  # both READY: the standby at once
+    active, standby = wait_for("one unit consuming, the other standing by",
+                               lambda: pool_roles(box), 60)
+    with background_writer(log, gid) as (writer, appended):
+        for _ in range(2):
+            before = read_checkpoint(log)
+            assert before is not None
+            wait_for("progress before the kill", functools.partial(progressed_past, log, before),
+                     30)
+            box.run("systemctl", "kill", "--signal=SIGKILL", "--kill-whom=main", active)
+            # The standby takes the name over; systemd restarts the killed unit, which now
+            # finds the name held and stands by in its turn.
+            roles = wait_for("the standby to take over after kill -9",
+                             functools.partial(taken_over_by, box, standby), 60)
+            active, standby = roles
+            assert writer.poll() is None, "the writer stopped before the takeover"
+    head = log_head(log)
+    assert head == 1000 + appended[0]
+    checkpoint = wait_for("the checkpoint to reach the head", lambda: (
+        (cp := read_checkpoint(log)) is not None and cp["offset"] == head and cp), 60)
+    assert checkpoint["state"] == {"count": head, "sum": sum(map(value, range(head)))}
+    box.run("systemctl", "stop", *POOL, timeout=60)
 
 
 def test_writer_example_under_systemd(container: tuple[Container, Path]) -> None:
