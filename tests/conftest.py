@@ -14,6 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, and an ignored signal
+# stays ignored in every child: the tests that stop processes with SIGINT would then wait in
+# vain. A Python handler, unlike SIG_IGN, is reset to the default in an exec'd child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 WORKERS = Path(__file__).resolve().parent / "_workers.py"
 
 
