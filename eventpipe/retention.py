@@ -1,8 +1,13 @@
 """Retention: removing the oldest sealed segments by age, total size or offset.
 
 Only whole sealed segments go, oldest first, so what remains is always one contiguous range
-ending at the head. By default nothing is removed that a known consumer (a checkpoint in the
-log's ``consumers/`` folder) has not processed yet: such segments are held back and reported.
+ending at the head. By default nothing is removed that a known consumer has not processed yet:
+such segments are held back and reported. Known consumers are those with a checkpoint in the
+log's ``consumers/`` folder and those registered in ``consumers/external/`` with a checkpoint
+elsewhere (see :mod:`eventpipe._registry`). A consumer whose position cannot be known (a
+registered one that has not checkpointed yet, a checkpoint that cannot be read, a registration
+that is not valid) is taken to be at offset 0: nothing more is removed until it checkpoints, is
+fixed, or is forgotten (``eventpipe consumers forget``), and the report says which and why.
 Readers and consumers positioned in a removed range get OffsetOutOfRangeError.
 
 Everything happens under ``compress.lock``. The automatic retention that follows each
@@ -27,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import filelock
 
 from ._fsutil import fsync_dir, os_errors
-from .checkpoint import load_checkpoint
+from ._registry import consumer_positions, describe
 from .compress import (
     TMP_SUFFIX,
     SealState,
@@ -37,7 +42,7 @@ from .compress import (
     sum_path,
     visible_size,
 )
-from .errors import CorruptLogError, EventPipeError
+from .errors import CorruptLogError
 from .segment import list_segments, segment_path
 
 if TYPE_CHECKING:
@@ -74,20 +79,26 @@ class _Stale(Exception):
     """The state does not match the disk: fall back to a listing."""
 
 
-def _consumer_offsets(log: EventLog) -> dict[str, int]:
-    folder = os.path.join(log.path, "consumers")
-    offsets = {}
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.endswith(".json"):
-                try:
-                    cp = load_checkpoint(os.path.join(folder, name))
-                except EventPipeError:
-                    offsets[name[:-5]] = 0  # unreadable: assume it still needs everything
-                    continue
-                if cp is not None:
-                    offsets[name[:-5]] = cp.offset
-    return offsets
+def _holds(log: EventLog) -> list[tuple[int, str]]:
+    """(first offset to keep, why) for every known consumer, in- or outside the log (see
+    :mod:`eventpipe._registry`): one whose position is unknown (not checkpointed yet,
+    unreadable, invalid) holds from offset 0, and the reason says so."""
+    holds = []
+    for pos in consumer_positions(log.path, log.log_id):
+        offset = pos.hold
+        if offset is None:
+            continue
+        who = describe(pos.consumer)
+        if pos.checkpoint is not None:
+            why = f"{who} is at offset {offset}"
+        elif pos.pending:
+            why = (f"{who} is registered ({pos.consumer.registration}) but has not "
+                   "checkpointed yet, so it starts at offset 0; if it no longer exists, "
+                   f"run: eventpipe consumers forget {log.path} {pos.consumer.name}")
+        else:
+            why = f"{who} has an unknown position, taken as offset 0: {pos.error}"
+        holds.append((offset, why))
+    return holds
 
 
 def _listed(log: EventLog, active: int) -> tuple[list[_Seg], int]:
@@ -242,13 +253,12 @@ def _decide(log: EventLog, candidates: Iterator[_Seg], total: int, active: int, 
     chosen, kept = _choose(candidates, total, criteria)
     held_back = []
     if not force and chosen:
-        for name, offset in sorted(_consumer_offsets(log).items()):
+        for offset, why in _holds(log):
             allowed = sum(1 for s in chosen if s.next <= offset)
             if allowed < len(chosen):
                 seg = chosen[allowed]
                 held_back.append(
-                    f"segment {seg.base} (offsets {seg.base}..{seg.next - 1}) and later: "
-                    f"consumer {name!r} is at offset {offset}")
+                    f"segment {seg.base} (offsets {seg.base}..{seg.next - 1}) and later: {why}")
                 kept = seg
                 chosen = chosen[:allowed]
     if chosen:

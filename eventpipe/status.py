@@ -7,9 +7,8 @@ import time
 from typing import Any
 
 from ._appender import WRITER_LOCK
-from .checkpoint import load_checkpoint
+from ._registry import ConsumerPosition, consumer_positions
 from .compress import load_state, sum_path
-from .errors import EventPipeError
 from .log import COMPRESS_LOCK, EventLog
 from .segment import SegmentFile, list_segments
 
@@ -55,23 +54,9 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
                 sizes.append(os.path.getsize(s.path))
             except FileNotFoundError:
                 sizes.append(0)  # compressed or pruned while we looked
-        consumers = []
-        folder = os.path.join(log.path, "consumers")
-        names = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json")) \
-            if os.path.isdir(folder) else []
-        for name in names:
-            entry: dict[str, Any] = {"name": name}
-            try:
-                cp = load_checkpoint(os.path.join(folder, f"{name}.json"))
-            except EventPipeError as exc:
-                entry["error"] = str(exc)
-                cp = None
-            if cp is not None:
-                entry.update(offset=cp.offset, lag=max(0, head - cp.offset),
-                             last_checkpoint=cp.updated_at,
-                             checkpoint_age_seconds=round(now - cp.updated_at, 3))
-            entry["running_pids"] = flock_holders(os.path.join(folder, f"{name}.lock"))
-            consumers.append(entry)
+        # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
+        consumers = [_consumer_entry(pos, head, now)
+                     for pos in consumer_positions(log.path, log.log_id)]
         quarantine = os.path.join(log.path, "quarantine")
         active = log.committed_header().segment_base
         return {
@@ -91,6 +76,30 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             "sealing": _sealing(log.path, log.segments_dir, segs, active),
             "quarantined_files": len(os.listdir(quarantine)) if os.path.isdir(quarantine) else 0,
         }
+
+
+def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, Any]:
+    """One consumer of the report. An external one (checkpointing outside the log, registered
+    in ``consumers/external/``) shows its checkpoint and registration files; one that has not
+    checkpointed yet is ``pending``; ``holds_retention_from`` is the first offset retention
+    keeps for it (0 when its position is unknown: pending or ``error``)."""
+    known, cp = pos.consumer, pos.checkpoint
+    entry: dict[str, Any] = {"name": known.name, "external": known.external}
+    if known.external:
+        entry.update(checkpoint=known.checkpoint, registration=known.registration)
+    if pos.error is not None:
+        entry["error"] = pos.error
+    elif cp is not None:
+        entry.update(offset=cp.offset, lag=max(0, head - cp.offset),
+                     last_checkpoint=cp.updated_at,
+                     checkpoint_age_seconds=round(now - cp.updated_at, 3))
+    elif pos.pending:
+        entry["pending"] = True
+    entry["holds_retention_from"] = pos.hold
+    lock = os.path.join(os.path.dirname(known.checkpoint), f"{known.name}.lock") \
+        if known.checkpoint is not None else None
+    entry["running_pids"] = flock_holders(lock) if lock is not None else []
+    return entry
 
 
 def _sealing(root: str, folder: str, segs: list[SegmentFile], active: int) -> dict[str, Any]:
@@ -138,12 +147,20 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"quarantine {report['quarantined_files']} file(s) of cut torn tails")
     lines.append("consumers" + ("" if report["consumers"] else "  none"))
     for c in report["consumers"]:
-        if "error" in c:
-            lines.append(f"  {c['name']:<20} ERROR {c['error']}")
-            continue
         running = f"running (pid {', '.join(map(str, c['running_pids']))})" \
             if c["running_pids"] else "stopped"
-        lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
-                     f"{c.get('lag', 0):>10,}  checkpoint {c.get('checkpoint_age_seconds', 0):.1f}s"
-                     f" ago  {running}")
+        if "error" in c:
+            lines.append(f"  {c['name']:<20} ERROR {c['error']} (retention keeps everything "
+                         "for it until fixed)")
+        elif c.get("pending"):
+            lines.append(f"  {c['name']:<20} no checkpoint yet: retention keeps everything for "
+                         f"it  {running}  (if it was removed: eventpipe consumers forget "
+                         f"{report['path']} {c['name']})")
+        else:
+            lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
+                         f"{c.get('lag', 0):>10,}  checkpoint "
+                         f"{c.get('checkpoint_age_seconds', 0):.1f}s ago  {running}")
+        if c.get("external"):
+            lines.append(f"  {'':<20} external checkpoint {c.get('checkpoint') or '?'} "
+                         f"(registered in {c.get('registration')})")
     return "\n".join(lines) + "\n"
