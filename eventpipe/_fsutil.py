@@ -19,6 +19,7 @@ __all__ = [
     "make_dirs",
     "open_shared",
     "os_errors",
+    "remove_stale_temps",
     "write_all",
 ]
 
@@ -121,6 +122,27 @@ def atomic_write(path: str, data: bytes, mode: int, *, durable: bool = True) -> 
             raise
     if durable:
         fsync_dir(folder)
+
+
+def remove_stale_temps(path: str) -> int:
+    """Remove ``<path>.tmp.<pid>`` files that atomic_write left when its process was killed.
+
+    Only for a file that one process at a time writes, called by that process (the holder of
+    a lock): then none of them is in use. Returns how many were removed.
+    """
+    folder, prefix = os.path.split(path)
+    prefix += ".tmp."
+    removed = 0
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
 def _unlink_quietly(path: str) -> None:

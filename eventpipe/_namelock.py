@@ -26,7 +26,7 @@ import time
 
 import orjson
 
-from ._fsutil import atomic_write
+from ._fsutil import atomic_write, remove_stale_temps
 from .errors import StorageError
 
 __all__ = ["NameLock"]
@@ -70,6 +70,7 @@ class NameLock:
             raise StorageError.from_os_error(exc, "lock consumer name", path=self.path) from exc
         self._held = True
         try:
+            remove_stale_temps(self._owner)  # left by holders killed while writing it
             note = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             atomic_write(self._owner, note, self._mode, durable=False)

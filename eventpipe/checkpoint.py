@@ -9,25 +9,47 @@ Besides ``state`` and ``offset`` (the next offset to process) a checkpoint recor
 last consumed event lies (segment and byte position), so resuming needs no scan, and a CRC of
 that event's stored bytes: on resume the event is read back and compared, which catches a log
 that was replaced, restored from an older backup, or cut back underneath the consumer.
+
+Format version 2 ends each file with a CRC-32 of everything before it, so an edited or damaged
+checkpoint (an offset changed by hand would apply events twice) is refused rather than trusted;
+version 1 files (no checksum) are still read. A state is stored only if it reads back equal to
+itself (see :func:`encode_state`): JSON types with string keys, 64-bit integers, finite floats.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ._fsutil import atomic_write, os_errors
-from .errors import CheckpointError, ConfigError, StorageError
+from ._fsutil import atomic_write, os_errors, remove_stale_temps
+from .errors import CheckpointError, ConfigError, StateNotStorableError, StorageError
 
-__all__ = ["Checkpoint", "checkpoint_path", "load_checkpoint", "save_checkpoint", "validate_name"]
+__all__ = [
+    "Checkpoint",
+    "checkpoint_path",
+    "encode_state",
+    "load_checkpoint",
+    "remove_temp_files",
+    "save_checkpoint",
+    "validate_name",
+]
 
 FORMAT_NAME = "eventpipe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The file's last field; the CRC covers the bytes before it (plus the closing brace).
+_CHECKSUM_KEY = b',"checksum":'
+# Types orjson would otherwise write as something else (datetime -> str, dataclass -> dict,
+# str/int/dict/list subclasses -> the base type): refused, so a state never changes type across
+# a restart.
+_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+           | orjson.OPT_PASSTHROUGH_SUBCLASS)
 _NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,128}")
 
 
@@ -49,6 +71,57 @@ def checkpoint_path(folder: str, name: str) -> str:
     return os.path.join(folder, f"{validate_name(name)}.json")
 
 
+def encode_state(state: Any) -> bytes:
+    """``state`` as JSON, only if it reads back equal to itself; raises ValueError saying why.
+
+    A checkpointed state is what a restarted consumer resumes with, so it must survive the
+    round trip unchanged: dicts with string keys, lists, strings, integers within 64 bits,
+    finite floats, booleans and None. Tuples, sets, datetimes, UUIDs, enums, NaN and the like
+    are refused (orjson would store some of them as another type).
+    """
+    try:
+        data = orjson.dumps(state, option=_STRICT)
+    except orjson.JSONEncodeError as exc:
+        where = _first_change(state)
+        raise ValueError(f"{exc}" + (f" ({where})" if where else "")) from None
+    if orjson.loads(data) != state:
+        raise ValueError(f"it does not read back equal to itself: {_first_change(state)}")
+    return data
+
+
+def _first_change(value: Any, where: str = "state") -> str:
+    """Where a value stops surviving a JSON round trip, and as what (for error messages)."""
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict) and type(value) is dict:
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} has a key of type {type(key).__name__} ({key!r})"
+            children.append((f"{where}[{key!r}]", item))
+    elif type(value) is list:
+        children = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    elif type(value) is int and not -(1 << 63) <= value < 1 << 64:
+        return f"{where} is {value}, beyond 64 bits"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is {value} (stored as null)"
+    elif value is not None and type(value) not in (str, int, float, bool):
+        kind = type(value).__name__
+        return f"{where} is a {kind} ({value!r:.60}), which JSON does not hold unchanged"
+    for path, item in children:
+        found = _first_change(item, path)
+        if found:
+            return found
+    return ""
+
+
+def remove_temp_files(path: str) -> int:
+    """Remove temp files that writes of the checkpoint at ``path`` left behind when killed.
+
+    Call only while holding the consumer's name: then no other process writes them. Returns
+    how many were removed.
+    """
+    return remove_stale_temps(path) + remove_stale_temps(path + ".prev")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a consumer persisted: its state and where it is in which log."""
@@ -61,9 +134,16 @@ class Checkpoint:
     position: int | None  # byte position of that event in the segment's content
     fingerprint: int | None  # crc32 of that event's stored bytes
     updated_at: float  # seconds since the epoch
+    # Set only on the checkpoint written just before dead-lettering the event at ``offset``:
+    # the dead-letter log's head then. A restart finds the entry (if the append happened) by
+    # reading from there, so it is never written twice and the event is not handled again.
+    dead_letter_from: int | None = None
+    version: int = FORMAT_VERSION  # of the file it was read from
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({
+        """The file's content. Raises ValueError (saying why) for a state that cannot be
+        stored unchanged (see :func:`encode_state`)."""
+        head = orjson.dumps({
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "name": self.name,
@@ -72,22 +152,24 @@ class Checkpoint:
             "segment": self.segment,
             "position": self.position,
             "fingerprint": self.fingerprint,
+            "dead_letter_from": self.dead_letter_from,
             "updated_at": self.updated_at,
-            "state": self.state,
         })
+        body = b"%s,\"state\":%s" % (head[:-1], encode_state(self.state))
+        return b"%s%s%d}" % (body, _CHECKSUM_KEY, zlib.crc32(body + b"}"))
 
 
 def save_checkpoint(path: str, checkpoint: Checkpoint, mode: int) -> None:
     """Atomically replace the checkpoint at ``path``, keeping the old one as ``.prev``.
 
-    Raises CheckpointError if the state is not JSON-serialisable, StorageError (disk full,
-    permission) with the old checkpoint intact.
+    Raises StateNotStorableError if the state cannot be stored unchanged (see :func:`encode_state`),
+    StorageError (disk full, permission) with the old checkpoint intact.
     """
     try:
         data = checkpoint.to_bytes()
-    except orjson.JSONEncodeError as exc:
-        raise CheckpointError(f"consumer state is not JSON-serialisable: {exc}",
-                              path=path) from None
+    except ValueError as exc:
+        raise StateNotStorableError(f"consumer state cannot be stored as JSON: {exc}",
+                                    path=path) from None
     prev = path + ".prev"
     with os_errors("keep previous checkpoint", path):
         # A hard link costs no copy; rename over .prev keeps the swap atomic.
@@ -107,11 +189,12 @@ def save_checkpoint(path: str, checkpoint: Checkpoint, mode: int) -> None:
     atomic_write(path, data, mode)
 
 
-def load_checkpoint(path: str) -> Checkpoint | None:
+def load_checkpoint(path: str, name: str | None = None) -> Checkpoint | None:
     """Read the checkpoint at ``path``; None if there is none.
 
-    Raises CheckpointError naming the file when it is not a valid checkpoint (and says whether
-    a previous one is kept beside it).
+    Raises CheckpointError naming the file when it is not a valid checkpoint (a bad checksum,
+    a field of the wrong type, another consumer's when ``name`` is given), and says whether a
+    previous one is kept beside it.
     """
     try:
         with open(path, "rb") as f:
@@ -121,28 +204,49 @@ def load_checkpoint(path: str) -> Checkpoint | None:
     except OSError as exc:
         raise StorageError.from_os_error(exc, "read checkpoint", path=path) from exc
     try:
-        doc = orjson.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise ValueError("not an eventpipe checkpoint")
-        if not isinstance(doc.get("version"), int) or doc["version"] > FORMAT_VERSION:
-            raise ValueError(f"unsupported checkpoint version {doc.get('version')!r}")
-        cp = Checkpoint(
-            name=_typed(doc, "name", str),
-            log_id=_typed(doc, "log_id", str),
-            offset=_typed(doc, "offset", int),
-            state=doc["state"],
-            segment=_typed(doc, "segment", int, optional=True),
-            position=_typed(doc, "position", int, optional=True),
-            fingerprint=_typed(doc, "fingerprint", int, optional=True),
-            updated_at=float(_typed(doc, "updated_at", float | int)),
-        )
-        if cp.offset < 0 or (cp.offset > 0 and None in (cp.segment, cp.position,
-                                                        cp.fingerprint)):
-            raise ValueError("offset and position fields are inconsistent")
-    except (ValueError, KeyError) as exc:
+        cp = _parse(raw)
+        if name is not None and cp.name != name:
+            raise ValueError(f"it is consumer {cp.name!r}'s checkpoint, not {name!r}'s")
+    except (ValueError, KeyError, TypeError) as exc:
         hint = (" (the previous checkpoint is kept as " + os.path.basename(path) + ".prev)"
                 if os.path.exists(path + ".prev") else "")
         raise CheckpointError(f"checkpoint is corrupt: {exc}{hint}", path=path) from None
+    return cp
+
+
+def _parse(raw: bytes) -> Checkpoint:
+    doc = orjson.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ValueError("not an eventpipe checkpoint")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not (
+            1 <= version <= FORMAT_VERSION):
+        raise ValueError(f"unsupported checkpoint version {version!r}")
+    if version >= 2:
+        at = raw.rfind(_CHECKSUM_KEY)
+        stored = doc.get("checksum")
+        if at < 0 or isinstance(stored, bool) or not isinstance(stored, int) or (
+                zlib.crc32(raw[:at] + b"}") != stored):
+            raise ValueError("checksum mismatch: the file was edited or damaged")
+    cp = Checkpoint(
+        name=_typed(doc, "name", str),
+        log_id=_typed(doc, "log_id", str),
+        offset=_typed(doc, "offset", int),
+        state=doc["state"],
+        segment=_typed(doc, "segment", int, optional=True),
+        position=_typed(doc, "position", int, optional=True),
+        fingerprint=_typed(doc, "fingerprint", int, optional=True),
+        updated_at=float(_typed(doc, "updated_at", float | int)),
+        dead_letter_from=(_typed(doc, "dead_letter_from", int, optional=True)
+                          if version >= 2 else None),
+        version=version,
+    )
+    if cp.offset < 0 or (cp.offset > 0 and None in (cp.segment, cp.position, cp.fingerprint)):
+        raise ValueError("offset and position fields are inconsistent")
+    if (cp.segment is not None and cp.segment < 0) or (
+            cp.position is not None and cp.position < 0) or (
+            cp.dead_letter_from is not None and cp.dead_letter_from < 0):
+        raise ValueError("a position field is negative")
     return cp
 
 

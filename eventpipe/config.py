@@ -92,6 +92,16 @@ def _positive_number(value: Any) -> str | None:
     return None if 0 < value < math.inf else f"must be finite and > 0, got {value}"
 
 
+def _seconds_up_to(high: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        complaint = _positive_number(value)
+        if complaint is None and value > high:
+            complaint = f"must be at most {high:g} seconds, got {value}"
+        return complaint
+
+    return check
+
+
 def _one_of(*choices: Any) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {choices!r}, got {value!r}"
@@ -165,8 +175,8 @@ CONSUMER_OPTIONS: tuple[Option, ...] = (
            "When the handler raises: stop, retry with backoff, or dead-letter and go on."),
     Option("max_retries", 3, int, _int_at_least(0),
            "Retries of a failing event under on_error='retry' (and before dead-lettering)."),
-    Option("retry_backoff", 0.1, float, _positive_number,
-           "First retry delay in seconds; doubles with each retry."),
+    Option("retry_backoff", 0.1, float, _seconds_up_to(3600),
+           "First retry delay in seconds (at most 3600); doubles with each retry, up to 3600."),
     Option("dead_letter", None, _parse_optional_str, _optional_path,
            "Path of the log that receives events the handler failed on."),
     Option("checkpoint_dir", None, _parse_optional_str, _optional_path,

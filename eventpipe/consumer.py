@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import logging
 import os
 import signal
 import threading
@@ -22,27 +23,34 @@ import zlib
 from collections.abc import Callable, Generator
 from itertools import count
 from types import FrameType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, NoReturn, Self
 
 import orjson
 
-from ._fsutil import make_dirs
+from ._fsutil import atomic_write, make_dirs, os_errors
 from ._namelock import NameLock
+from ._registry import register_external
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
+    encode_state,
     load_checkpoint,
+    remove_temp_files,
     save_checkpoint,
     validate_name,
 )
 from .config import CONSUMER_OPTIONS, resolve
 from .errors import (
+    CheckpointError,
     CheckpointMismatchError,
     ConfigError,
     ConsumerBusyError,
     CorruptLogError,
+    EventPipeError,
     HandlerError,
     LogClosedError,
+    NotAnEventLogError,
+    StateNotStorableError,
 )
 from .log import EventLog
 from .notify import ChangeNotifier
@@ -74,6 +82,16 @@ _MAIN_THREAD_SLICE = 0.1
 # its poll interval.
 _TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 CONSUMERS_DIR = "consumers"
+# Retry delays double up to this (seconds), whatever retry_backoff and max_retries say.
+_MAX_BACKOFF = 3600.0
+# A dead-letter entry quotes at most this much of the error and of its traceback (characters):
+# the entry must fit the dead-letter log's max_event_bytes whatever the failure.
+_QUOTE_CHARS = 4000
+# The smallest max_event_bytes a dead-letter log may have: an entry naming the event by its
+# offset alone (no copy of it, no error text) must still fit.
+_MIN_DEAD_LETTER_BYTES = 1024
+
+log = logging.getLogger("eventpipe.consumer")
 
 
 class _Sleep(NamedTuple):
@@ -124,12 +142,43 @@ class Consumer:
         self._owns_log = not isinstance(log_or_path, EventLog)
         self.log = EventLog(log_or_path) if not isinstance(log_or_path, EventLog) \
             else log_or_path
+        self._dead_letter_log: EventLog | None = None
         try:
+            if opts["on_error"] == "dead_letter":
+                self._dead_letter_log = self._open_dead_letter(opts["dead_letter"])
             self._setup(name, handler, initial_state, on_caught_up, on_idle)
         except BaseException:
+            if self._dead_letter_log is not None:
+                self._dead_letter_log.close()
             if self._owns_log:
                 self.log.close()
             raise
+
+    def _open_dead_letter(self, where: str | os.PathLike[str]) -> EventLog:
+        """Open (or create) the dead-letter log now, so a bad one fails here and not at the
+        first failing event: not a log, the consumed log itself (it would feed itself), or one
+        whose max_event_bytes cannot hold an entry."""
+        path = os.path.abspath(os.fspath(where))
+        same = ConfigError(
+            f"dead_letter {path!r} is the consumed log: its entries would be consumed again",
+            option="dead_letter")
+        if os.path.realpath(path) == os.path.realpath(self.log.path):
+            raise same
+        try:
+            dlq = EventLog(path)
+        except NotAnEventLogError as exc:
+            raise ConfigError(f"dead_letter {path!r} is not an eventpipe log: {exc.message}",
+                              option="dead_letter") from None
+        if dlq.log_id == self.log.log_id:
+            dlq.close()
+            raise same
+        if dlq.config.max_event_bytes < _MIN_DEAD_LETTER_BYTES:
+            dlq.close()
+            raise ConfigError(
+                f"dead_letter log {path!r} has max_event_bytes {dlq.config.max_event_bytes}; "
+                f"a dead-letter entry needs at least {_MIN_DEAD_LETTER_BYTES}",
+                option="dead_letter")
+        return dlq
 
     def _setup(self, name: str, handler: Handler, initial_state: Any,
                on_caught_up: Hook | None, on_idle: Hook | None) -> None:
@@ -139,14 +188,19 @@ class Consumer:
         self.on_caught_up = on_caught_up
         self.on_idle = on_idle
         try:
-            self._initial_json = orjson.dumps(initial_state)  # checks it encodes
+            self._initial_json = encode_state(initial_state)  # as a checkpoint would store it
             initial = _loads(self._initial_json)  # a private copy
-        except orjson.JSONEncodeError as exc:
-            raise ConfigError(f"initial_state is not JSON-serialisable: {exc}",
+        except ValueError as exc:
+            raise ConfigError(f"initial_state cannot be stored as JSON: {exc}",
                               option="initial_state") from None
         folder = os.fspath(opts["checkpoint_dir"] or os.path.join(self.log.path, CONSUMERS_DIR))
         make_dirs(folder, self.log.config.dir_mode)
         self.checkpoint_path = checkpoint_path(folder, name)
+        if os.path.realpath(folder) != os.path.realpath(
+                os.path.join(self.log.path, CONSUMERS_DIR)):
+            # Retention must know what this consumer still needs (see _registry).
+            register_external(self.log.path, name, self.checkpoint_path,
+                              self.log.config.file_mode, self.log.config.dir_mode)
         self._name_lock = NameLock(folder, name, self.log.config.file_mode)
         self.state: Any = initial
         self.offset = 0
@@ -165,8 +219,15 @@ class Consumer:
         self._stop_flag = [False]
         self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
-        self._dead_letter_log: EventLog | None = None
+        # Dead letters: the (offset, dead-letter head) of a checkpoint written just before a
+        # dead-letter append; the offset whose entry a restart found already written (skipped,
+        # not handled again); and whether to look through the whole dead-letter log instead
+        # (after resuming from an older checkpoint, which records no such marks).
+        self._pending_dead_letter: tuple[int, int] | None = None
+        self._skip_offset: int | None = None
+        self._scan_all_dead_letters = False
         self._caught_up_once = False
+        self._log_gone = False  # the log was removed or replaced under us (see _check_log)
         self._seen_segment = -1  # the active segment when we last looked (see _help_seal)
         self.last_checkpoint_at: float | None = None
         self.systemd = SystemdNotifier()
@@ -234,10 +295,45 @@ class Consumer:
             self._notifier = None
             notifier.close()
 
+    def _read_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint to resume from: ours, or (when ours is damaged) the previous one.
+
+        A checkpoint is replaced atomically, so a damaged one was damaged afterwards (a disk
+        error, an edit). The previous checkpoint is an older pair of state and offset that
+        belong together: resuming from it handles the events since again, which gives the same
+        state. The damaged file is kept aside as ``<name>.json.corrupt`` for inspection.
+        """
+        path = self.checkpoint_path
+        try:
+            return load_checkpoint(path, self.name)
+        except CheckpointError as damaged:
+            try:
+                prev = load_checkpoint(path + ".prev", self.name)
+            except CheckpointError as also:
+                raise CheckpointError(f"{damaged.message}, which is damaged too: {also.message}",
+                                      path=path) from None
+            if prev is None:
+                raise
+            log.warning("%s; resuming from the previous checkpoint %s.prev (offset %d): the "
+                        "events after it are handled again; the damaged file is kept as "
+                        "%s.corrupt", damaged, os.path.basename(path), prev.offset,
+                        os.path.basename(path))
+            with os_errors("set aside a damaged checkpoint", path):
+                os.replace(path, path + ".corrupt")
+                # Put the previous checkpoint back in place: rebuilds after a handler error
+                # replay from this file.
+                atomic_write(path, prev.to_bytes(), self.log.config.file_mode)
+            self._scan_all_dead_letters = True
+            return prev
+
     def _load(self) -> None:
-        cp = load_checkpoint(self.checkpoint_path)
+        remove_temp_files(self.checkpoint_path)  # we hold the name: left by killed writes
+        self._pending_dead_letter = self._skip_offset = None
+        cp = self._read_checkpoint()
         if cp is None:
             return
+        if cp.version < 2:
+            self._scan_all_dead_letters = True  # written before dead-letter marks existed
         h = self.log.head
         where = self.checkpoint_path
         if cp.log_id != self.log.log_id:
@@ -257,6 +353,10 @@ class Consumer:
             self._verify = cp
             assert cp.segment is not None and cp.position is not None
             self._next_position = (cp.segment, cp.position)
+        if cp.dead_letter_from is not None:
+            self._pending_dead_letter = (cp.offset, cp.dead_letter_from)
+            if self._dead_lettered(cp.offset):
+                self._skip_offset = cp.offset  # killed after the append: the event is done
         self._consistent = True
 
     def _rewind(self) -> None:
@@ -299,6 +399,15 @@ class Consumer:
         self._next_position = (chunk.segment_base, after)
         return LineChunk(chunk.segment_base, chunk.first_offset + 1, after, chunk.lines[1:])
 
+    def _skip_dead_lettered(self, chunk: LineChunk) -> LineChunk:
+        """Pass over the chunk's first event: dead-lettered by a run killed before its next
+        checkpoint (what that run would have done next)."""
+        self._skip_offset = None
+        after = self._advance(chunk.segment_base, chunk.position, chunk.lines[:1], 1,
+                              self.state)
+        self.checkpoint()
+        return LineChunk(chunk.segment_base, chunk.first_offset + 1, after, chunk.lines[1:])
+
     def checkpoint(self) -> None:
         """Persist state and offset now, atomically together (no-op if nothing changed).
 
@@ -311,20 +420,76 @@ class Consumer:
             return  # only the name's holder writes this file, and only whole events
         if self.offset == self._checkpointed_offset:
             return
+        self._save()
+
+    def _save(self, dead_letter_from: int | None = None) -> None:
         seg = pos = crc = None
         if self._last is not None:
             seg, pos, line = self._last
             crc = zlib.crc32(line)
         stamp = time.time()
-        save_checkpoint(
-            self.checkpoint_path,
-            Checkpoint(self.name, self.log.log_id, self.offset, self.state, seg, pos, crc, stamp),
-            self.log.config.file_mode,
-        )
+        try:
+            save_checkpoint(
+                self.checkpoint_path,
+                Checkpoint(self.name, self.log.log_id, self.offset, self.state, seg, pos, crc,
+                           stamp, dead_letter_from),
+                self.log.config.file_mode,
+            )
+        except StateNotStorableError as exc:
+            self._unstorable(exc)
+        self._pending_dead_letter = (
+            None if dead_letter_from is None else (self.offset, dead_letter_from))
         self._checkpointed_offset = self.offset
         self._since_checkpoint = 0
         self._checkpoint_due = time.monotonic() + self.options["checkpoint_interval"]
         self.last_checkpoint_at = stamp
+
+    def _unstorable(self, exc: StateNotStorableError) -> NoReturn:
+        """Name the event after which the state stopped being storable; rewind; raise.
+
+        The state is checked when checkpointed, not after every event (that would cost a full
+        encode per event). Finding the event replays the (deterministic) handler from the last
+        checkpoint: a bisection, with one encode per step. The state goes back to the last
+        checkpoint, as a restart would; nothing is written.
+        """
+        cp = load_checkpoint(self.checkpoint_path, self.name)
+        start = cp.offset if cp is not None else 0
+        end = self.offset
+        reason = exc.message.removeprefix("consumer state cannot be stored as JSON: ")
+
+        def storable_after(stop: int) -> bool:
+            state = cp.state if cp is not None else _loads(self._initial_json)
+            if cp is not None and stop > start:
+                state = _loads(orjson.dumps(state))  # cp.state may be changed in place
+            for record in self.log.read(start, stop):
+                state = self.handler(state, record.event, record.offset)
+            try:
+                encode_state(state)
+            except ValueError as why:
+                nonlocal reason
+                reason = str(why)
+                return False
+            return True
+
+        offset: int | None = None
+        self._consistent = False
+        try:
+            lo, hi = start, end  # storable after lo events (the checkpoint), not after hi
+            if not storable_after(hi):
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if storable_after(mid) else (lo, mid)
+                offset = hi - 1
+        except Exception:
+            offset = None  # the handler failed while replaying: the range is all we know
+        self._rewind()
+        at = (f"after the event at offset {offset}" if offset is not None
+              else f"after one of offsets {start}..{end - 1}")
+        raise StateNotStorableError(
+            f"consumer {self.name!r}: the state {at} cannot be stored as JSON ({reason}). A state "
+            "may hold only dicts with string keys, lists, strings, integers within 64 bits, "
+            f"finite floats, booleans and None; nothing was checkpointed after offset {start}",
+            path=self.checkpoint_path, offset=offset) from None
 
     # ---------------------------------------------------------------------------- processing
 
@@ -346,10 +511,14 @@ class Consumer:
             # (it never removes what the consumer still needs): nothing left to compare.
             self._verify = None
             self._next_position = None
+        if stop is None:
+            stop = self._head_at_least_offset()
         first = self.offset - 1 if self._verify is not None else self.offset
         position = self._next_position
         for stored in self.log.chunks(first, stop, position=position):
             chunk = self._verify_against(stored) if self._verify is not None else stored
+            if chunk.first_offset == self._skip_offset and chunk.lines:
+                chunk = self._skip_dead_lettered(chunk)
             if not (yield from self._consume_chunk(chunk, yields)):
                 break
 
@@ -454,7 +623,7 @@ class Consumer:
         """
         opts = self.options
         retries = opts["max_retries"] if opts["on_error"] != "stop" else 0
-        delay = opts["retry_backoff"]
+        delay = min(opts["retry_backoff"], _MAX_BACKOFF)
         for _ in range(retries):
             if not self._stop_flag[0]:
                 yield _Sleep(time.monotonic() + delay)
@@ -462,7 +631,7 @@ class Consumer:
                 self.state = yield from self._state_before(offset, yields)
                 self._consistent = True
                 return None
-            delay *= 2
+            delay = min(2 * delay, _MAX_BACKOFF)
             try:
                 before = yield from self._state_before(offset, yields)
             except HandlerError:
@@ -500,7 +669,7 @@ class Consumer:
         HandlerError naming the offset if the handler fails during the replay: a partial
         replay is never used. With ``yields``, hands the loop back as _process does.
         """
-        cp = load_checkpoint(self.checkpoint_path)
+        cp = load_checkpoint(self.checkpoint_path, self.name)
         state, start = (cp.state, cp.offset) if cp is not None else (
             _loads(self._initial_json), 0)
         handler = self.handler
@@ -525,26 +694,76 @@ class Consumer:
         return state
 
     def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
-        if self._dead_letter_log is None:
-            self._dead_letter_log = EventLog(self.options["dead_letter"])
+        """Append the failed event to the dead-letter log, exactly once.
+
+        First a checkpoint of the state before the event, marked with the dead-letter log's
+        head: a run killed after the append then finds its entry by reading from there (and
+        passes over the event, see _load), however many entries others appended meanwhile.
+        """
         dlq = self._dead_letter_log
-        # A crash between this append and the checkpoint after it replays the event; find
-        # the entry already written instead of writing a second one.
-        for record in dlq.read(max(0, dlq.head - 100)):
+        assert dlq is not None
+        if self._dead_lettered(offset):
+            return
+        self._save(dead_letter_from=dlq.head)
+        dlq.append(self._dead_letter_entry(dlq, offset, event, exc))
+
+    def _dead_lettered(self, offset: int) -> bool:
+        """Whether the dead-letter log already holds our entry for ``offset``."""
+        dlq = self._dead_letter_log
+        pending = self._pending_dead_letter
+        if dlq is None:
+            return False
+        if pending is not None and pending[0] == offset:
+            start = pending[1]
+        elif self._scan_all_dead_letters:
+            start = 0
+        else:
+            return False  # no mark: no append can have happened since the last checkpoint
+        log_id, name = self.log.log_id, self.name
+        for record in dlq.read(max(start, dlq.first_offset)):
             e = record.event
-            if (isinstance(e, dict) and e.get("consumer") == self.name
-                    and e.get("offset") == offset and e.get("log_id") == self.log.log_id):
-                return
-        dlq.append({
+            if (isinstance(e, dict) and e.get("offset") == offset
+                    and e.get("consumer") == name and e.get("log_id") == log_id):
+                return True
+        return False
+
+    def _dead_letter_entry(self, dlq: EventLog, offset: int, event: Any,
+                           exc: BaseException) -> dict[str, Any]:
+        """The entry for a failed event, made to fit the dead-letter log's max_event_bytes.
+
+        Quoted text is cut to _QUOTE_CHARS; if the entry is still too large, the event itself
+        is left out (``event_omitted``: re-read it at ``offset`` of ``log_id``), then the
+        traceback and the error text.
+        """
+        error = _clip(f"{type(exc).__name__}: {exc}")
+        trace = "".join(traceback.format_exception(exc))
+        if len(trace) > _QUOTE_CHARS:
+            trace = "...(cut)\n" + trace[-_QUOTE_CHARS:]  # the innermost frames matter most
+        entry: dict[str, Any] = {
             "consumer": self.name,
             "log": self.log.path,
             "log_id": self.log.log_id,
             "offset": offset,
             "event": event,
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": "".join(traceback.format_exception(exc)),
+            "error": error,
+            "traceback": trace,
             "at": time.time(),
-        })
+        }
+        limit = dlq.config.max_event_bytes
+        for drop in ("event", "traceback", "error", "log"):
+            try:
+                if len(dlq.encode(entry)) <= limit:
+                    break
+            except EventPipeError:
+                pass  # too large (or not encodable, which only the event can be): cut more
+            if drop == "event":
+                entry["event"] = None
+                entry["event_omitted"] = "too large to quote; read it at this offset"
+            elif drop == "log":
+                del entry["log"]  # a very long path: log_id names the log too
+            else:
+                entry[drop] = entry[drop][:200] + "...(cut)"
+        return entry
 
     # ------------------------------------------------------------------------------ running
 
@@ -738,6 +957,7 @@ class Consumer:
                     if self.on_idle is not None:
                         self.on_idle(self)
                     continue  # the hook may have appended or stopped: look again first
+                self._check_log()
                 timeout = self._until_ping(poll)
                 if self.offset != self._checkpointed_offset:
                     timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
@@ -747,7 +967,9 @@ class Consumer:
             try:
                 # Whatever ended the run: checkpoint a state of whole events, never one a
                 # handler was interrupted in (that one is rewound to the last checkpoint).
-                if self._consistent:
+                if self._log_gone:
+                    pass  # nowhere to write: the folder went, or is another log's now
+                elif self._consistent:
                     self.checkpoint()
                 else:
                     self._rewind_quietly()
@@ -755,6 +977,31 @@ class Consumer:
                 sd.stopping()
                 self._notifier = None
                 notifier.close()
+
+    def _check_log(self) -> None:
+        """Stop with an error if the log is not the one we follow any more.
+
+        Called whenever everything known is handled (a stat or two and a header read): a
+        header replaced by a copy of the same log is followed (EventLog.check_replaced); a
+        removed log, another log in its place, or a head cut back behind what we handled
+        would otherwise stall us silently or fold another log's events into this state.
+        """
+        try:
+            self.log.check_replaced()
+        except EventPipeError:
+            self._log_gone = True
+            raise
+
+    def _head_at_least_offset(self) -> int:
+        """The head now; raises if it is behind what we handled (the log was cut back)."""
+        head = self.log.head
+        if head < self.offset:
+            self._log_gone = True
+            raise CheckpointMismatchError(
+                f"the log's head went back to {head}, behind offset {self.offset} that consumer "
+                f"{self.name!r} handled: the log was cut back or restored from an older copy",
+                path=self.log.path, offset=self.offset)
+        return head
 
     def _arm_faulthandler(self) -> Callable[[], None]:
         """Under systemd's watchdog: dump every thread's stack if it aborts us (SIGABRT).
@@ -826,6 +1073,10 @@ class Consumer:
 
     def __repr__(self) -> str:
         return f"Consumer({self.log.path!r}, {self.name!r}, offset={self.offset})"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "...(cut)"
 
 
 def _raised_here(exc: BaseException) -> bool:

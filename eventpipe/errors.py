@@ -117,6 +117,10 @@ class CorruptLogError(EventPipeError, ValueError):
     """Stored bytes fail a check (framing, JSON, gzip, header checksum, contiguity)."""
 
 
+class LogReplacedError(EventPipeError, RuntimeError):
+    """The log folder or its header was removed, or replaced by another log, while open."""
+
+
 class OffsetOutOfRangeError(EventPipeError, IndexError):
     """The requested offset is not stored (beyond the head, or removed by retention)."""
 
@@ -198,6 +202,11 @@ class DurabilityError(StorageError):
 
 class CheckpointError(EventPipeError, ValueError):
     """A consumer checkpoint file is unreadable or invalid."""
+
+
+class StateNotStorableError(CheckpointError, TypeError):
+    """A consumer's state cannot be checkpointed unchanged as JSON; ``offset`` names the event
+    whose handling made it so (when it could be found). Nothing was checkpointed."""
 
 
 class CheckpointMismatchError(CheckpointError):

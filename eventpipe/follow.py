@@ -30,7 +30,8 @@ class Follower:
     ``poll_interval`` as the bound when a notification is lost or none exist (network
     filesystems; ``notifications=False``). The async form never blocks the loop on a wait and
     stops cleanly when its task is cancelled, and hands the loop back every few milliseconds
-    while it works through a backlog. :meth:`stop` (thread-safe) ends iteration.
+    while it works through a backlog. :meth:`stop` (thread-safe) ends iteration. Iteration
+    raises LogReplacedError if the log folder is removed or replaced by another log.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Follower:
                     offset = record[0] + 1
                     if self._stopped.is_set():
                         return
+                self._log.check_replaced()  # a replaced header would stall us for good
                 notifier.wait(self._poll)
         finally:
             notifier.close()
@@ -92,6 +94,7 @@ class Follower:
                     if clock() - yielded_at >= _ASYNC_SLICE:
                         await asyncio.sleep(0)
                         yielded_at = clock()
+                self._log.check_replaced()
                 await notifier.wait_async(self._poll)
         finally:
             notifier.close()

@@ -39,8 +39,10 @@ from .errors import (
     EventPipeError,
     EventTooLargeError,
     LogClosedError,
+    LogReplacedError,
     NotAnEventLogError,
     OffsetOutOfRangeError,
+    StorageError,
     UnserializableEventError,
 )
 from .follow import Follower
@@ -348,6 +350,53 @@ class EventLog:
                 os.close(fd)
                 fd = kept
         return _header.read_header(fd, self._head_path)
+
+    def check_replaced(self) -> None:
+        """Follow the log's header if it was replaced by a copy of itself; raise if the log went.
+
+        A header file replaced by another file (``rsync``, ``cp --remove-destination``, a
+        restore) leaves this process reading the old one forever: it would see no new events
+        and report no lag. Compares the open header with the one now at the path (two stats):
+        the same log (its metadata names the same log id) is re-opened; a removed log folder,
+        or another log in its place, raises LogReplacedError. Followers and consumers call this
+        each time they find nothing new.
+        """
+        self._check_open()
+        fd = self._reader_fds.get(HEAD_FILE, -1)
+        if fd < 0:
+            return
+        try:
+            now = os.stat(self._head_path)
+        except FileNotFoundError:
+            raise LogReplacedError("the log's header file is gone: the log folder was removed "
+                                   "or moved away", path=self._head_path) from None
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, "check log header", path=self._head_path) \
+                from exc
+        was = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (was.st_dev, was.st_ino):
+            return
+        meta_path = os.path.join(self.path, META_FILE)
+        try:
+            log_id = str(read_meta(meta_path)["log_id"])
+        except EventPipeError as exc:
+            raise LogReplacedError(f"the log's header was replaced and its metadata cannot be "
+                                   f"read ({exc})", path=self.path) from exc
+        if log_id != self.log_id:
+            raise LogReplacedError(
+                f"the log was replaced by another one (log id {log_id}, was {self.log_id}): "
+                "the folder was removed and created again, or restored from another log",
+                path=self.path)
+        with os_errors("reopen log header", self._head_path):
+            fresh = os.open(self._head_path, os.O_RDONLY | os.O_CLOEXEC)
+            # dup2 swaps the file under the same descriptor number in one step: another thread
+            # reading through it meanwhile gets the old header or the new, never a closed or
+            # reused descriptor.
+            try:
+                os.dup2(fresh, fd, inheritable=False)
+            finally:
+                os.close(fresh)
+        self.segment_index.invalidate()
 
     def _read_header(self) -> Header:
         """Old name of :meth:`committed_header`, kept while callers move to it."""

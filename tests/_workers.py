@@ -7,6 +7,7 @@ returned, so the parent knows exactly what was acknowledged before it killed the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -15,6 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 from eventpipe import Consumer, EventLog
+from eventpipe.checkpoint import load_checkpoint
+
+
+def rewrite_checkpoint(path: str | os.PathLike[str], **changes: Any) -> None:
+    """Rewrite a checkpoint file with some fields changed and a valid checksum: a checkpoint
+    as eventpipe itself could have written it (e.g. before the log was restored from an older
+    copy). Editing the JSON by hand now only tests the checksum."""
+    cp = load_checkpoint(os.fspath(path))
+    assert cp is not None
+    with open(path, "wb") as f:
+        f.write(dataclasses.replace(cp, **changes).to_bytes())
 
 
 def writer(path: str, wid: str, count: str, seed: str, seg_bytes: str) -> None:

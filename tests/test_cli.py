@@ -32,6 +32,7 @@ from eventpipe.compress import BLOCK_BYTES
 from eventpipe.segment import list_segments
 from eventpipe.status import log_status
 
+from ._workers import rewrite_checkpoint
 from .conftest import ROOT, Children
 
 COUNTER = str(ROOT / "examples" / "counter_consumer.py") + ":handle"
@@ -637,9 +638,7 @@ def test_verify_finds_a_corrupt_checkpoint(cli: Cli, copy: Path) -> None:
 
 def test_verify_finds_a_checkpoint_ahead_of_the_head(cli: Cli, copy: Path) -> None:
     cp = _checkpoint(copy, "ahead", 9000)
-    doc = orjson.loads(cp.read_bytes())
-    doc["offset"] = 9005
-    cp.write_bytes(orjson.dumps(doc))
+    rewrite_checkpoint(cp, offset=9005)
     r = cli("verify", copy)
     assert r.code == 1
     assert f"{cp}: offset 9005 checkpoint is ahead of the head 9000" in r.text

@@ -25,7 +25,7 @@ from eventpipe import (
     HandlerError,
 )
 
-from ._workers import INITIAL, fold
+from ._workers import INITIAL, fold, rewrite_checkpoint
 from .conftest import Children
 
 
@@ -170,9 +170,7 @@ def test_checkpoint_ahead_of_the_log_is_refused_and_left_untouched(log_path: Pat
         with Consumer(log, "c", fold, INITIAL) as c:
             c.catch_up()
         cp = log_path / "consumers" / "c.json"
-        doc = json.loads(cp.read_bytes())
-        doc["offset"] = 25
-        cp.write_text(json.dumps(doc))
+        rewrite_checkpoint(cp, offset=25)
         before = cp.read_bytes()
         with pytest.raises(CheckpointMismatchError) as exc:
             Consumer(log, "c", fold, INITIAL)
@@ -215,11 +213,14 @@ def test_corrupt_checkpoint_is_a_clear_error(log_path: Path) -> None:
             log.append({"seq": 3})
             c.catch_up()  # a second checkpoint: the first is kept as .prev
         cp = log_path / "consumers" / "c.json"
+        prev = log_path / "consumers" / "c.json.prev"
+        assert json.loads(prev.read_bytes())["offset"] == 3
         cp.write_bytes(cp.read_bytes()[:20])
+        prev.write_bytes(prev.read_bytes()[:25])  # (one damaged file falls back to the other)
         with pytest.raises(CheckpointError) as exc:
             Consumer(log, "c", fold, INITIAL)
-        assert exc.value.path == str(cp) and "c.json.prev" in str(exc.value)
-        assert json.loads((log_path / "consumers" / "c.json.prev").read_bytes())["offset"] == 3
+        assert exc.value.path == str(cp)
+        assert "c.json.prev), which is damaged too" in str(exc.value)
 
 
 def failing_on(seq: int, times: int | None = None) -> Any:

@@ -390,7 +390,6 @@ def test_registering_again_reads_and_rewrites_only_what_differs(
     assert leftovers == []
 
 
-@pytest.mark.xfail(strict=True, reason="consumer.py registers in a later commit")
 def test_a_consumer_with_an_external_checkpoint_dir_registers_itself(
         log_path: Path, tmp_path: Path) -> None:
     append(log_path, 5, 0)
