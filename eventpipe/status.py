@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from ._appender import WRITER_LOCK
 from ._registry import ConsumerPosition, consumer_positions
 from .compress import load_state, sum_path
 from .log import COMPRESS_LOCK, EventLog
+from .notify import inotify_usage
 from .segment import SegmentFile, list_segments
 
 __all__ = ["flock_holders", "format_status", "log_status"]
@@ -75,7 +77,15 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
             "sealing": _sealing(log.path, log.segments_dir, segs, active),
             "quarantined_files": len(os.listdir(quarantine)) if os.path.isdir(quarantine) else 0,
+            "inotify": _inotify(),
         }
+
+
+def _inotify() -> dict[str, Any]:
+    """inotify capacity of the user running status: past the limit, new consumers and
+    followers poll instead of being woken (see :func:`eventpipe.notify.inotify_usage`)."""
+    usage = inotify_usage()
+    return {**dataclasses.asdict(usage), "warning": usage.warning}
 
 
 def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, Any]:
@@ -145,6 +155,17 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"compressor {when} pid {e.get('pid', '?')}: {e.get('error', '?')}")
     if report["quarantined_files"]:
         lines.append(f"quarantine {report['quarantined_files']} file(s) of cut torn tails")
+    inotify = report.get("inotify")
+    if inotify is not None:
+        def of(limit: int | None) -> str:
+            return "?" if limit is None else f"{limit:,}"
+
+        lines.append(
+            f"inotify    {inotify['instances_in_use']} of {of(inotify['max_user_instances'])} "
+            f"instances in use by uid {inotify['uid']} ({inotify['watches_in_use']:,} of "
+            f"{of(inotify['max_user_watches'])} watches)")
+        if inotify["warning"]:
+            lines.append(f"WARNING    {inotify['warning']}")
     lines.append("consumers" + ("" if report["consumers"] else "  none"))
     for c in report["consumers"]:
         running = f"running (pid {', '.join(map(str, c['running_pids']))})" \
