@@ -234,7 +234,8 @@ def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
     from .notify import ChangeNotifier
 
     out_fd = sys.stdout.fileno()
-    with ChangeNotifier(log.path, "head", use_watchdog=notifications) as notifier:
+    with ChangeNotifier(log.path, "head", use_watchdog=notifications,
+                        poll_interval=poll) as notifier:
         offset = start
         while stop is None or offset < stop:
             for chunk in log.chunks(offset, stop):
@@ -242,6 +243,7 @@ def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
                 offset = chunk.first_offset + len(chunk.lines)
             if stop is not None and offset >= stop:
                 return
+            log.check_replaced()  # a replaced header would stall `read --follow` for good
             deadline = time.monotonic() + poll
             while not notifier.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
                 if _reader_gone(out_fd):

@@ -265,7 +265,8 @@ class Consumer:
             return True
         sd = self.systemd
         notifier = ChangeNotifier(lock.folder, lock.filename,
-                                  use_watchdog=self.options["notifications"])
+                                  use_watchdog=self.options["notifications"],
+                                  poll_interval=self.options["poll_interval"])
         notifier.start()  # before the next attempt: a release after it leaves a hint
         self._notifier = notifier
         try:
@@ -919,7 +920,8 @@ class Consumer:
             sd.stopping()
             return
         notifier = ChangeNotifier(self.log.path, "head",
-                                  use_watchdog=self.options["notifications"])
+                                  use_watchdog=self.options["notifications"],
+                                  poll_interval=self.options["poll_interval"])
         notifier.start()  # before the catch-up read, so nothing appended meanwhile is missed
         self._notifier = notifier
         self._yielded_at = time.monotonic()

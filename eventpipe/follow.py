@@ -57,7 +57,8 @@ class Follower:
             notifier.wake()
 
     def _begin(self) -> tuple[ChangeNotifier, int]:
-        notifier = ChangeNotifier(self._log.path, HEAD_FILE, use_watchdog=self._notifications)
+        notifier = ChangeNotifier(self._log.path, HEAD_FILE, use_watchdog=self._notifications,
+                                  poll_interval=self._poll)
         # Watch first, read second: an append racing with the first read leaves a hint.
         notifier.start()
         self._notifier = notifier
