@@ -26,6 +26,7 @@ from .errors import (
     StateNotStorableError,
     StorageError,
     StoragePermissionError,
+    UnsafePathError,
     UnserializableEventError,
     UnsupportedFormatError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "StateNotStorableError",
     "StorageError",
     "StoragePermissionError",
+    "UnsafePathError",
     "UnserializableEventError",
     "UnsupportedFormatError",
     "__version__",

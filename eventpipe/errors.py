@@ -25,10 +25,13 @@ __all__ = [
     "HandlerError",
     "LockTimeout",
     "LogClosedError",
+    "LogReplacedError",
     "NotAnEventLogError",
     "OffsetOutOfRangeError",
+    "StateNotStorableError",
     "StorageError",
     "StoragePermissionError",
+    "UnsafePathError",
     "UnserializableEventError",
     "UnsupportedFormatError",
 ]
@@ -115,6 +118,11 @@ class UnsupportedFormatError(EventPipeError, ValueError):
 
 class CorruptLogError(EventPipeError, ValueError):
     """Stored bytes fail a check (framing, JSON, gzip, header checksum, contiguity)."""
+
+
+class UnsafePathError(EventPipeError, PermissionError):
+    """A link (symbolic, or a hard link where eventpipe writes) or another user's folder where
+    eventpipe refuses to go: nothing was read or written through it. ``path`` names it."""
 
 
 class LogReplacedError(EventPipeError, RuntimeError):

@@ -29,6 +29,7 @@ from . import _header
 from ._appender import Appender
 from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
 from ._header import Header
+from ._layout import Folder
 from ._meta import FORMAT_NAME, FORMAT_VERSION, META_FILE, new_meta, read_meta
 from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
@@ -96,6 +97,9 @@ class EventLog:
         self._compressor: Compressor | None = None
         self._compressor_pid = 0
         self.log_id = self._open_or_create()
+        self.folder = Folder.open(self.path)
+        """The log folder, open: everything inside it is reached through this descriptor,
+        never by path (see :mod:`eventpipe._layout`)."""
 
     # ----------------------------------------------------------------- opening and creating
 
@@ -593,6 +597,7 @@ class EventLog:
             fd = self._reader_fds.pop(HEAD_FILE, -1)
             if fd >= 0:
                 os.close(fd)
+            self.folder.close()
 
     def __enter__(self) -> Self:
         return self
