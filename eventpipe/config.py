@@ -117,6 +117,20 @@ def _mode(value: Any) -> str | None:
     return None
 
 
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _is(kind: type | tuple[type, ...], what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, kind) and not (
+        isinstance(v, bool) and kind is not bool) else f"must be {what}, got {v!r}"
+
+
 LOG_OPTIONS: tuple[Option, ...] = (
     Option("segment_max_bytes", 16 * 1024 * 1024, _parse_int, _int_at_least(64),
            "Roll to a new segment before one would grow past this many bytes."),
@@ -132,29 +146,18 @@ LOG_OPTIONS: tuple[Option, ...] = (
            'Seconds between fsyncs under sync="interval" (the power-loss window).'),
     Option("max_event_bytes", 1024 * 1024, _parse_int, _int_at_least(2),
            "Largest encoded event accepted; larger ones raise EventTooLargeError."),
-    Option("file_mode", 0o644, _parse_mode, _mode,
-           "Mode of created files; folders get the same plus x where r (0o664 -> 0o775)."),
+    # Events are often private: the owner and the log's group may read them, others nothing.
+    Option("file_mode", 0o640, _parse_mode, _mode,
+           "Mode of created files; folders get the same plus x where r (0o640 -> 0o750)."),
     Option("retention_max_age", None, _parse_optional_float, _optional(_positive_number),
            "Remove sealed segments older than this many seconds (None: keep)."),
     Option("retention_max_bytes", None, _parse_optional_int, _optional(_int_at_least(1)),
            "Remove the oldest sealed segments beyond this total size (None: keep)."),
     Option("lock_timeout", None, _parse_optional_float, _optional(_positive_number),
            "Seconds to wait for the writer lock before LockTimeout (None: wait)."),
+    Option("trust_owner", False, _parse_bool, _is(bool, "True or False"),
+           "As root, use a log folder owned by another user (refused otherwise)."),
 )
-
-
-def _parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def _is(kind: type | tuple[type, ...], what: str) -> Callable[[Any], str | None]:
-    return lambda v: None if isinstance(v, kind) and not (
-        isinstance(v, bool) and kind is not bool) else f"must be {what}, got {v!r}"
 
 
 def _optional_path(value: Any) -> str | None:
@@ -241,6 +244,7 @@ class LogConfig:
     lock_timeout: float | None
     retention_max_age: float | None
     retention_max_bytes: int | None
+    trust_owner: bool
 
     @classmethod
     def from_options(
