@@ -4,12 +4,16 @@ Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, 
 2 bad usage or a bad option; 3 an eventpipe error (corrupt log, storage, busy consumer...);
 130 interrupted by SIGINT; 143 ``append`` stopped by SIGTERM (after committing the complete
 lines it had read).
+
+Run by root on a log folder another user owns, every command but ``demo`` first becomes that
+user (see :func:`eventpipe._ownership.drop_to_owner`) and says so on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -374,14 +378,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     progress = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
     problems, summary = verify_log(args.path, progress=progress)
+    warnings = summary.pop("warnings", [])
     if args.json:
-        doc = {"ok": not problems, "problems": [p._asdict() for p in problems], **summary}
+        doc = {"ok": not problems, "problems": [p._asdict() for p in problems],
+               "warnings": [w._asdict() for w in warnings], **summary}
         _stdout().write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         for p in problems:
             where = f" offset {p.offset}" if p.offset is not None else ""
             print(f"{p.path}:{where} {p.problem}")
+        for w in warnings:
+            print(f"{w.path}: warning: {w.problem}")
         verdict = "ok" if not problems else f"{len(problems)} problem(s)"
+        if warnings:
+            verdict += f", {len(warnings)} warning(s)"
         _err(f"verified {summary['segments']} segments, {summary['events']} events, "
              f"{summary['checkpoints']} checkpoints: {verdict}")
     return EXIT_OK if not problems else EXIT_FAILED
@@ -551,7 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("verify", help="check every segment and checkpoint")
+    p = sub.add_parser(
+        "verify", help="check every segment and checkpoint, and the log's layout",
+        description="Check every segment and checkpoint, and what lies in the log folder: "
+                    "symbolic links, files hard-linked elsewhere, FIFOs and devices, entries "
+                    "of other owners, world-writable files or folders, setuid files (problems, "
+                    "exit 1) and permissions beyond the log's file_mode (warnings; set "
+                    "EVENTPIPE_FILE_MODE to the log's mode).")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
@@ -593,11 +609,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_owner(args: argparse.Namespace) -> None:
+    """Root on a log folder another user owns: become that user before touching the log."""
+    path = getattr(args, "path", None)
+    if path is None or os.geteuid() != 0:
+        return
+    from ._ownership import drop_to_owner
+
+    _preload()
+    note = drop_to_owner(path)
+    if note is not None:
+        _err(note)
+
+
+def _preload() -> None:
+    """Import, while still root, what the commands import later.
+
+    After dropping to a log's owner, modules under a folder only root may read (a Python
+    installed in /root, pyenv's default as root) can no longer be imported: a command would
+    fail half-way. The handler of ``consume`` is loaded after the drop, as the owner.
+    """
+    from . import _registry, consumer, log, notify, status, verify  # noqa: F401
+
+    # notify imports this lazily; off Linux it is missing and notify uses watchdog's Observer.
+    with contextlib.suppress(ImportError):
+        from watchdog.observers import inotify_c  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _as_owner(args)
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:

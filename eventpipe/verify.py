@@ -13,11 +13,16 @@ plain or gzip, it has when opened (the active one too: it may have been sealed a
 since the header was read), a segment gone since the listing is checked against a fresh
 listing and header (retention removes only sealed segments, oldest first), and a checkpoint
 ahead of the head is checked against a fresh header (the consumer may have moved on).
+
+First of all, the layout (see :func:`check_layout`): what a log's users could plant in it to
+steer a process working there, walked without following a single link.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,20 +30,28 @@ from typing import Any, NamedTuple
 import orjson
 
 from ._header import HEADER_SIZE, Header, decode_header
+from ._ownership import group_name, user_name
 from .checkpoint import load_checkpoint
 from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
+from .config import LOG_OPTIONS, resolve
 from .errors import EventPipeError
 from .segment import SegmentFile, list_segments, segment_path
 
-__all__ = ["Problem", "verify_log"]
+__all__ = ["Problem", "check_layout", "verify_log"]
 
 
 class Problem(NamedTuple):
-    """One thing wrong: the file, the event offset (when known), and what."""
+    """One thing wrong: the file, the event offset (when known), what, and its kind.
+
+    Kinds: ``data`` (metadata, header, segments), ``checkpoint``, and the layout's
+    ``symlink``, ``hardlink``, ``special_file``, ``foreign_owner``, ``world_writable``,
+    ``setuid``, ``unreadable`` (problems) and ``mode`` (a warning).
+    """
 
     path: str
     offset: int | None
     problem: str
+    kind: str = "data"
 
 
 def _gzip_content(path: str, problems: list[Problem], base: int) -> bytes | None:
@@ -170,15 +183,221 @@ def _check_segment(seg: SegmentFile, content: bytes, expected_events: int,
     return len(lines)
 
 
+# --------------------------------------------------------------------------------- layout
+
+_LAYOUT_LIMIT = 100  # problems of one kind named one by one; beyond that, one line counts them
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_layout(root: str, file_mode: int) -> tuple[list[Problem], list[Problem]]:
+    """Walk the log folder ``root`` without following links; returns (problems, warnings).
+
+    Problems: a symbolic link anywhere inside (eventpipe refuses to follow one); a file with
+    hard links outside the log (written through, it would change a file elsewhere); anything
+    but files, folders and links (a FIFO would block a reader); an entry whose owner is
+    neither the log folder's owner nor root and whose group is not the log folder's (someone
+    outside the users sharing the log); a world-writable file or folder, the log folder
+    included; a setuid or setgid file; a folder that cannot be listed (its entries go
+    unchecked). Warnings: group or other permission bits beyond ``file_mode`` (files) or the
+    folder mode it gives (folders), one per kind of excess with the first path and a count.
+    Only ``root`` itself is reached through a link (the operator's); entries are read with
+    ``lstat`` and folders opened with ``O_NOFOLLOW`` relative to their parent's descriptor.
+    """
+    walk = _LayoutWalk(root, file_mode)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        walk.problem((), "unreadable", f"cannot open the log folder: {exc.strerror}")
+        return walk.problems, []
+    try:
+        top = os.fstat(fd)
+        walk.owner, walk.group = top.st_uid, top.st_gid
+        walk.entry((), top)
+        walk.folder(fd, ())
+        walk.hard_links(fd)
+    finally:
+        os.close(fd)
+    return walk.finish()
+
+
+class _LayoutWalk:
+    def __init__(self, root: str, file_mode: int) -> None:
+        self.root = root
+        self.file_mode = file_mode
+        self.dir_mode = file_mode | ((file_mode & 0o444) >> 2)
+        self.owner = self.group = -1
+        self.problems: list[Problem] = []
+        self.counts: dict[str, int] = {}
+        self.excess: dict[tuple[str, int], list[str]] = {}  # (what, bits) -> paths
+        # (st_dev, st_ino) -> (st_nlink, the folders where a name of it was found)
+        self.linked: dict[tuple[int, int], tuple[int, list[tuple[str, ...]]]] = {}
+
+    def path(self, parts: tuple[str, ...]) -> str:
+        return os.path.join(self.root, *parts)
+
+    def problem(self, parts: tuple[str, ...], kind: str, what: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= _LAYOUT_LIMIT:
+            self.problems.append(Problem(self.path(parts), None, what, kind))
+
+    def folder(self, fd: int, parts: tuple[str, ...]) -> None:
+        try:
+            names = sorted(os.listdir(fd))
+        except OSError as exc:
+            self.problem(parts, "unreadable", f"cannot list this folder ({exc.strerror}): "
+                                              "its entries were not checked")
+            return
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since the listing (a live log)
+            except OSError as exc:
+                self.problem((*parts, name), "unreadable", f"cannot stat: {exc.strerror}")
+                continue
+            self.entry((*parts, name), st, fd)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    self.problem((*parts, name), "symlink",
+                                 "became a symbolic link while verified: refusing to follow it")
+                else:
+                    self.problem((*parts, name), "unreadable",
+                                 f"cannot open this folder ({exc.strerror}): its entries were "
+                                 "not checked")
+                continue
+            try:
+                self.folder(sub, (*parts, name))
+            finally:
+                os.close(sub)
+
+    def entry(self, parts: tuple[str, ...], st: os.stat_result, parent_fd: int = -1) -> None:
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(parts[-1], dir_fd=parent_fd)
+            except OSError:
+                target = "?"
+            self.problem(parts, "symlink", f"is a symbolic link (to {target!r}): eventpipe "
+                                           "refuses to follow links inside a log; remove it")
+            return
+        is_dir = stat.S_ISDIR(mode)
+        if not is_dir and not stat.S_ISREG(mode):
+            self.problem(parts, "special_file", "is neither a file nor a folder (a FIFO, "
+                                                "socket or device): remove it")
+        if st.st_uid not in (self.owner, 0) and st.st_gid != self.group:
+            self.problem(parts, "foreign_owner",
+                         f"belongs to {user_name(st.st_uid)} and "
+                         f"{group_name(st.st_gid)}: neither the log folder's owner "
+                         f"({user_name(self.owner)}) nor its group "
+                         f"({group_name(self.group)})")
+        if mode & stat.S_IWOTH:
+            what = "folder" if is_dir else "file"
+            self.problem(parts, "world_writable",
+                         f"{what} is writable by every user (mode {stat.S_IMODE(mode):04o}): "
+                         "anyone could plant or change what eventpipe reads here")
+        if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+            self.problem(parts, "setuid", f"file is setuid or setgid (mode "
+                                          f"{stat.S_IMODE(mode):04o}): nothing in a log is a "
+                                          "program; chmod ug-s")
+        if stat.S_ISREG(mode) and st.st_nlink > 1:
+            self.linked.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))[1].append(parts)
+        # o+w is a problem of its own (above); the rest of group and other bits a warning.
+        extra = stat.S_IMODE(mode) & 0o075 & ~(self.dir_mode if is_dir else self.file_mode)
+        if extra and (is_dir or stat.S_ISREG(mode)):
+            self.excess.setdefault(("folder" if is_dir else "file", extra), []).append(
+                self.path(parts))
+
+    def hard_links(self, root_fd: int) -> None:
+        """Report files with a name outside the log, after counting the names inside again.
+
+        A consumer links its checkpoint to ``.prev`` names and renames them (all in one
+        folder): the first listing may have missed a name that exists now, so each suspect's
+        folders are listed again and its names counted against its link count of now.
+        """
+        for key, (seen_nlink, found) in self.linked.items():
+            if len(found) >= seen_nlink:
+                continue  # every name of it is inside the log (a checkpoint and its .prev)
+            names, nlink = self._count_names(root_fd, key, {p[:-1] for p in found})
+            if nlink <= names:
+                continue
+            self.problem(found[0], "hardlink",
+                         f"has {nlink} hard links, {names} of them inside the log: it is also "
+                         "a file elsewhere, which writing it would change (eventpipe refuses "
+                         "to write through it); replace it with a copy")
+
+    def _count_names(self, root_fd: int, key: tuple[int, int],
+                     folders: set[tuple[str, ...]]) -> tuple[int, int]:
+        names, nlink = 0, 0
+        for folder in folders:
+            fd = os.dup(root_fd)
+            try:
+                for name in folder:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = sub
+                for name in os.listdir(fd):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == key:
+                        names += 1
+                        nlink = st.st_nlink
+            except OSError:
+                continue  # gone or swapped since: judged on what the walk saw
+            finally:
+                os.close(fd)
+        return names, nlink
+
+    def finish(self) -> tuple[list[Problem], list[Problem]]:
+        for kind, count in self.counts.items():
+            if count > _LAYOUT_LIMIT:
+                self.problems.append(Problem(self.root, None, f"{count - _LAYOUT_LIMIT} more "
+                                             f"entries like the {kind} ones above", kind))
+        warnings = []
+        for (what, bits), paths in sorted(self.excess.items()):
+            allowed = self.dir_mode if what == "folder" else self.file_mode
+            more = f" (and {len(paths) - 1} more {what}s)" if len(paths) > 1 else ""
+            warnings.append(Problem(
+                paths[0], None,
+                f"{what}{more} gives {_bits(bits)}, beyond the log's {what} mode "
+                f"{allowed:04o} (chmod {_bits(bits, '-')}; or, if the log's file_mode is "
+                "another, verify with EVENTPIPE_FILE_MODE set to it)", "mode"))
+        return self.problems, warnings
+
+
+def _bits(bits: int, sign: str = "+") -> str:
+    """Group and other permission bits as chmod says them: ``g+w,o+r``."""
+    parts = []
+    for who, shift in (("g", 3), ("o", 0)):
+        letters = "".join(c for c, m in (("r", 4), ("w", 2), ("x", 1)) if bits >> shift & m)
+        if letters:
+            parts.append(f"{who}{sign}{letters}")
+    return ",".join(parts)
+
+
 def verify_log(
     path: str | os.PathLike[str],
     *,
     progress: Callable[[int, int], None] | None = None,
+    file_mode: int | None = None,
 ) -> tuple[list[Problem], dict[str, Any]]:
-    """Check the log at ``path``; returns (problems, summary). An empty list means healthy."""
+    """Check the log at ``path``; returns (problems, summary). An empty list means healthy.
+
+    The layout is checked against ``file_mode`` (default: the ``file_mode`` option, from
+    ``EVENTPIPE_FILE_MODE`` or built in); its warnings are ``summary["warnings"]``, a list
+    of :class:`Problem`. Raises ConfigError for an unparsable ``EVENTPIPE_FILE_MODE``.
+    """
     root = os.path.abspath(os.fspath(path))
-    problems: list[Problem] = []
-    summary: dict[str, Any] = {"segments": 0, "events": 0, "checkpoints": 0}
+    if file_mode is None:
+        file_mode = resolve(tuple(o for o in LOG_OPTIONS if o.name == "file_mode"),
+                            {})["file_mode"]
+    problems, warnings = check_layout(root, file_mode)
+    summary: dict[str, Any] = {"segments": 0, "events": 0, "checkpoints": 0,
+                               "warnings": warnings}
     meta_path = os.path.join(root, "eventpipe.json")
     try:
         with open(meta_path, "rb") as f:
@@ -235,7 +454,10 @@ def verify_log(
         summary["segments"] += 1
     if progress is not None:
         progress(len(segs), len(segs))
+    first_checkpoint_problem = len(problems)
     _check_checkpoints(root, meta, header.head, segs, problems, summary)
+    problems[first_checkpoint_problem:] = [
+        p._replace(kind="checkpoint") for p in problems[first_checkpoint_problem:]]
     return problems, summary
 
 
