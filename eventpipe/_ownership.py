@@ -13,6 +13,8 @@ rule, like git's ``safe.directory``:
   becomes that user (uid, the folder's group, the user's other groups) before it opens
   anything, so what it creates belongs to that user and nothing it does reaches root-only
   files. It does what ``runuser -u OWNER -g GROUP -- eventpipe ...`` would, for the whole run.
+  A symbolic link on the way to the log that another user owns counts the same: that user
+  chose where the command goes, so it goes there with that user's rights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 
 from .errors import StorageError, UnsafePathError
 
@@ -80,13 +83,44 @@ def _nearest_existing(path: str) -> tuple[str, os.stat_result]:
             path = parent
 
 
+def _links_on_the_way(path: str) -> list[tuple[str, os.stat_result]]:
+    """Every symbolic link resolving the absolute ``path`` follows, in order, with its own
+    status (up to the first missing component)."""
+    found: list[tuple[str, os.stat_result]] = []
+    todo = list(reversed(path.split("/")))
+    current = "/"
+    while todo and len(found) <= 40:  # the kernel's own limit (ELOOP)
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        try:
+            st = os.lstat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            break
+        if not stat.S_ISLNK(st.st_mode):
+            current = candidate
+            continue
+        found.append((candidate, st))
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = "/"
+        todo.extend(reversed(target.split("/")))
+    return found
+
+
 def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
     """As root, become the owner of the log folder at ``path``; a message saying so, or None.
 
     Nothing happens (None) unless the process runs as root and the folder (or, if it does not
-    exist yet, the nearest existing folder above it) belongs to another user. Then the process
-    takes the folder's group as its primary group, the owner's other groups (those in the
-    group database, root's group left out) as its supplementary groups, and the owner's uid as
+    exist yet, the nearest existing folder above it) belongs to another user, or a symbolic
+    link on the way to it does: a link's owner decides where the command goes, so it runs as
+    that user (the last such link's, with the link's group). Then the process takes the
+    folder's group as its primary group, the owner's other groups (those in the group
+    database, root's group left out) as its supplementary groups, and the owner's uid as
     real, effective and saved uid: for good, capabilities included. A folder of group root
     gives the owner's own primary group instead. Call it before opening anything in the log,
     and before starting threads. Raises UnsafePathError when there is no group to take but
@@ -94,7 +128,11 @@ def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
     """
     if os.geteuid() != 0:
         return None
-    where, st = _nearest_existing(os.path.abspath(os.fspath(path)))
+    log = os.path.abspath(os.fspath(path))
+    where, st = _nearest_existing(log)
+    steering = [(link, lst) for link, lst in _links_on_the_way(log) if lst.st_uid != 0]
+    if steering:
+        where, st = steering[-1]
     uid, gid = st.st_uid, st.st_gid
     if uid == 0:
         return None
@@ -106,7 +144,8 @@ def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
         # Root's group reads files no member of a log's group should reach through it.
         if entry is None or entry.pw_gid == 0:
             raise UnsafePathError(
-                f"folder is owned by {user_name(uid)} and group root: refusing to run as that "
+                f"{'link' if steering else 'folder'} is owned by {user_name(uid)} and group "
+                "root: refusing to run as that "
                 "user in group root; give the folder its own group (chgrp)", path=where)
         gid = entry.pw_gid
     groups = [gid]
@@ -128,7 +167,11 @@ def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
     if entry is not None:
         # What runuser sets, so that a handler's ~ is the owner's, not root's.
         os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
-    log = os.path.abspath(os.fspath(path))
-    whose = where if where == log else f"{where} (where {log} would be created)"
+    if steering:
+        whose = f"the link {where} on the way to {log}"
+    elif where == log:
+        whose = log
+    else:
+        whose = f"{where} (where {log} would be created)"
     return (f"running as {user_name(uid)} and {group_name(gid)}, the owner of {whose}; "
             "root does not work in folders other users control")

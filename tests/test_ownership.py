@@ -202,6 +202,27 @@ def test_a_link_planted_by_the_owner_reaches_nothing_of_roots(owned_log: Path,
     assert snapshot(victims) == before
 
 
+def test_a_link_on_the_way_decides_who_runs(owned_log: Path, base: Path) -> None:
+    # A link root made (the operator's) to the owner's log: the owner's log, as the owner.
+    alias = base / "ops-alias"
+    alias.symlink_to(owned_log)
+    err = ok(run("append", alias, stdin=events(1)))
+    assert f"running as uid {OWNER} and gid {OWNER}, the owner of {alias};" in err
+    assert "the link" not in err
+    # A link the owner made, to a log of root's: it goes there with the owner's rights only.
+    rootlog = base / "private" / "rootlog"
+    ok(run("append", rootlog, stdin=events(0)))
+    (base / "private").chmod(0o700)
+    before = snapshot(base / "private")
+    planted = owned_log.parent / "redirect"
+    planted.symlink_to(rootlog)
+    os.lchown(planted, OWNER, OWNER)
+    proc = run("append", planted, stdin=events(1))
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert f"the owner of the link {planted} on the way to {planted}" in proc.stderr.decode()
+    assert snapshot(base / "private") == before
+
+
 def test_root_commands_on_roots_own_log_stay_root(base: Path) -> None:
     log = base / "rootlog"
     err = ok(run("append", log, stdin=events(0, 1)))
@@ -385,3 +406,24 @@ def test_verify_names_links_hard_links_foreign_owners_and_open_folders(
     for path in planted.values():
         assert any(line.startswith(f"{path}:") for line in lines), (path, lines)
     assert "6 problem(s), 1 warning(s)" in text.stderr.decode()
+
+
+def test_verify_reads_nothing_through_a_link(base: Path) -> None:
+    # The active segment and the header replaced by links to FIFOs outside the log: opening
+    # either through the link would block verify for good (nothing ever writes to them).
+    log = base / "log"
+    ok(run("append", log, stdin=events(0, 1)))
+    for name in ("head", "segments/00000000000000000000.jsonl"):
+        original = (log / name).read_bytes()
+        fifo = base / name.replace("/", "-")
+        os.mkfifo(fifo)
+        (log / name).unlink()
+        (log / name).symlink_to(fifo)
+        proc = run("verify", log, "--json")
+        assert proc.returncode == 1, proc.stderr
+        problems = json.loads(proc.stdout)["problems"]
+        assert {"kind": "symlink", "path": str(log / name)}.items() <= problems[0].items()
+        assert any("refusing to follow" in p["problem"] for p in problems[1:]), problems
+        (log / name).unlink()
+        (log / name).write_bytes(original)
+    ok(run("verify", log))
