@@ -34,7 +34,7 @@ from ._ownership import group_name, user_name
 from .checkpoint import load_checkpoint
 from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from .config import LOG_OPTIONS, resolve
-from .errors import EventPipeError
+from .errors import EventPipeError, UnsafePathError
 from .segment import SegmentFile, list_segments, segment_path
 
 __all__ = ["Problem", "check_layout", "verify_log"]
@@ -60,8 +60,7 @@ def _gzip_content(path: str, problems: list[Problem], base: int) -> bytes | None
     out: list[bytes] = []
     consumed = 0
     step = 4096  # small steps, so a failure is located to within 4 KiB of compressed input
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = _read_inside(path, 2)
     try:
         while consumed < len(raw) and not inflater.eof:
             out.append(inflater.decompress(raw[consumed : consumed + step]))
@@ -106,8 +105,7 @@ def _read_form(path: str, compressed: bool, sealed: bool, committed: int,
         content = _gzip_content(path, problems, base)
         # The active segment when the header was read, sealed and compressed since.
         return content if sealed or content is None else content[:committed]
-    with open(path, "rb") as f:
-        content = f.read() if sealed else f.read(committed)
+    content = _read_inside(path, 2, -1 if sealed else committed)
     if not sealed and len(content) < committed:
         problems.append(Problem(path, None, f"active segment is shorter "
                                 f"({len(content)} bytes) than committed ({committed})"))
@@ -129,8 +127,42 @@ def _listing(folder: str) -> list[SegmentFile]:
 
 
 def _read_header(head_path: str) -> Header | None:
-    with open(head_path, "rb") as f:
-        return decode_header(f.read(HEADER_SIZE))
+    return decode_header(_read_inside(head_path, 1, HEADER_SIZE))
+
+
+def _read_inside(path: str, depth: int, size: int = -1) -> bytes:
+    """The content (at most ``size`` bytes) of the file ``path``, ``depth`` names below the
+    log folder, reached without following any link below the log folder.
+
+    Raises UnsafePathError for a link or anything but a regular file (a FIFO is not waited
+    for), FileNotFoundError, or another OSError.
+    """
+    folder, names = path, list[str]()
+    for _ in range(depth):
+        folder, name = os.path.split(folder)
+        names.insert(0, name)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the operator's path
+    try:
+        for k, name in enumerate(names):
+            last = k == len(names) - 1
+            flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC if last
+                     else _DIR_FLAGS)
+            try:
+                sub = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and stat.S_ISLNK(
+                        os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)):
+                    raise UnsafePathError("is a symbolic link; refusing to follow it",
+                                          path=os.path.join(folder, *names[:k + 1])) from None
+                raise
+            os.close(fd)
+            fd = sub
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError("is not a regular file; refusing to read it", path=path)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(size)
+    finally:
+        os.close(fd)
 
 
 def _check_segment(seg: SegmentFile, content: bytes, expected_events: int,
@@ -400,8 +432,7 @@ def verify_log(
                                "warnings": warnings}
     meta_path = os.path.join(root, "eventpipe.json")
     try:
-        with open(meta_path, "rb") as f:
-            meta = orjson.loads(f.read())
+        meta = orjson.loads(_read_inside(meta_path, 1))
         if not isinstance(meta, dict) or meta.get("format") != "eventpipe-log":
             problems.append(Problem(meta_path, None, "not an eventpipe log's metadata"))
             meta = {}
@@ -410,8 +441,7 @@ def verify_log(
         return problems, summary
     head_path = os.path.join(root, "head")
     try:
-        with open(head_path, "rb") as f:
-            header = decode_header(f.read(HEADER_SIZE))
+        header = _read_header(head_path)
     except OSError as exc:
         problems.append(Problem(head_path, None, f"header unreadable: {exc}"))
         return problems, summary
@@ -445,7 +475,7 @@ def verify_log(
             continue
         except OSError as exc:
             problems.append(Problem(listed.path, listed.base,
-                                    f"segment unreadable: {exc.strerror}"))
+                                    f"segment unreadable: {_reason(exc)}"))
             continue
         if content is None:
             continue
@@ -459,6 +489,10 @@ def verify_log(
     problems[first_checkpoint_problem:] = [
         p._replace(kind="checkpoint") for p in problems[first_checkpoint_problem:]]
     return problems, summary
+
+
+def _reason(exc: OSError) -> str:
+    return exc.message if isinstance(exc, EventPipeError) else str(exc.strerror)
 
 
 def _moved_on(head_path: str, base: int) -> bool:
