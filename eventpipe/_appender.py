@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import _header, _meta, _recovery
-from ._fsutil import atomic_write, fsync_dir, make_dirs, open_shared, os_errors, write_all
+from ._fsutil import os_errors, write_all
 from ._header import ROLLING, Header, boot_id, encode_header
+from ._layout import HEAD_FILE, SEGMENTS_DIR, WRITER_LOCK, Folder
 from .config import LogConfig
 from .errors import (
     CorruptLogError,
@@ -36,12 +37,10 @@ from .errors import (
     LogClosedError,
     StorageError,
 )
-from .segment import list_segments, segment_path
+from .segment import list_segments, segment_name, segment_path
 
 __all__ = ["Appender"]
 
-WRITER_LOCK = "writer.lock"
-QUARANTINE_DIR = "quarantine"
 
 _pread = os.pread
 _pwrite = os.pwrite
@@ -111,11 +110,12 @@ class Appender:
     when the writer opens, so sealed segments get checksummed and compressed.
     """
 
-    def __init__(self, path: str, segments_dir: str, head_path: str, config: LogConfig,
-                 on_roll: Callable[[], None]) -> None:
-        self.path = path
-        self.segments_dir = segments_dir
-        self.head_path = head_path
+    def __init__(self, root: Folder, config: LogConfig, on_roll: Callable[[], None]) -> None:
+        self.root = root  # the log folder; every file is reached through it (see _layout)
+        self.path = root.path
+        self.segments_dir = os.path.join(root.path, SEGMENTS_DIR)  # for messages
+        self.head_path = root.path_of(HEAD_FILE)  # for messages
+        self._segments: Folder | None = None  # opened on first use
         self.config = config
         self.mutex = threading.Lock()
         self._on_roll = on_roll
@@ -143,17 +143,15 @@ class Appender:
         w = self._state
         if w is None:
             mode = self.config.file_mode
-            lock_path = os.path.join(self.path, WRITER_LOCK)
-            with os_errors("open writer lock", lock_path):
-                lock_fd = open_shared(lock_path, mode)
+            lock_path = self.root.path_of(WRITER_LOCK)
+            lock_fd = self.root.open_shared(WRITER_LOCK, mode)
             try:
                 with os_errors("take writer lock", lock_path):
                     fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 try:
                     # An older log is marked as this format before anything is written in
                     # it, so an older eventpipe refuses it rather than misread the header.
-                    _meta.upgrade(os.path.join(self.path, _meta.META_FILE),
-                                  self.config.file_mode)
+                    _meta.upgrade(self.root, self.config.file_mode)
                     head_fd = self._open_head_for_writing()
                 finally:
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)
@@ -169,20 +167,35 @@ class Appender:
     def _open_head_for_writing(self) -> int:
         """Open ``head`` read-write, creating the first segment and header if missing."""
         mode = self.config.file_mode
-        with os_errors("open log header", self.head_path):
+        root = self.root
+        try:
+            return root.open_file(HEAD_FILE, os.O_RDWR)
+        except StorageError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        root.mkdir(SEGMENTS_DIR, self.config.dir_mode)
+        segments = self._segments_folder()
+        first = segment_name(0)
+        try:
+            fd = segments.open_file(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except StorageError as exc:  # left by a creator that died before writing the header
+            if exc.errno != errno.EEXIST:
+                raise
+            fd = segments.open_file(first, os.O_WRONLY)
+        with os_errors("create first segment", segments.path_of(first)):
             try:
-                return os.open(self.head_path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                pass
-            make_dirs(self.segments_dir, self.config.dir_mode)
-            first = segment_path(self.segments_dir, 0)
-            fd = os.open(first, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-            os.close(fd)
-            fsync_dir(self.segments_dir)
-            atomic_write(self.head_path, encode_header(Header(0, 0, 0, 0, self._boot)), mode)
-            return os.open(self.head_path, os.O_RDWR | os.O_CLOEXEC)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        segments.fsync()
+        root.write_atomic(HEAD_FILE, encode_header(Header(0, 0, 0, 0, self._boot)), mode)
+        return root.open_file(HEAD_FILE, os.O_RDWR)
+
+    def _segments_folder(self) -> Folder:
+        """``segments/``, open (once): new segment files are created through it."""
+        if self._segments is None:
+            self._segments = self.root.sub(SEGMENTS_DIR)
+        return self._segments
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's files, locks and threads; reopen on demand."""
@@ -438,7 +451,7 @@ class Appender:
             os.fdatasync(w.head_fd)
 
     def _rebuild(self, w: _WriterState) -> Header:
-        segs = [s for s in list_segments(self.segments_dir) if not s.compressed]
+        segs = [s for s in list_segments(self._segments_folder()) if not s.compressed]
         if not segs:
             raise CorruptLogError("log header is invalid and no segment is left to rebuild"
                                   " it from", path=self.head_path)
@@ -452,13 +465,14 @@ class Appender:
 
     def _open_active(self, w: _WriterState, base: int) -> None:
         path = segment_path(self.segments_dir, base)
-        with os_errors("open active segment", path):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise CorruptLogError(
-                    "the header names an active segment that does not exist", path=path
-                ) from None
+        try:
+            fd = self._segments_folder().open_file(segment_name(base), os.O_RDWR)
+        except StorageError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            raise CorruptLogError(
+                "the header names an active segment that does not exist", path=path
+            ) from None
         if w.seg_fd >= 0:
             os.close(w.seg_fd)
         w.seg_fd, w.seg_base = fd, base
@@ -466,8 +480,7 @@ class Appender:
     def _quarantine(self, fd: int, base: int, start: int, end: int) -> None:
         if end > start:
             _recovery.quarantine(
-                fd, segment_path(self.segments_dir, base),
-                os.path.join(self.path, QUARANTINE_DIR), base, start, end,
+                fd, segment_path(self.segments_dir, base), self.root, base, start, end,
                 file_mode=self.config.file_mode, dir_mode=self.config.dir_mode)
 
     # ------------------------------------------------------------------------------ rolling
@@ -544,7 +557,7 @@ class Appender:
                     os.fdatasync(fd)
                 if cfg.sync == "always" and created:
                     os.fdatasync(created[-1][1])
-                fsync_dir(self.segments_dir)
+                self._segments_folder().fsync()
         except BaseException as exc:
             self._undo(w, h, created)
             with contextlib.suppress(OSError):
@@ -565,27 +578,30 @@ class Appender:
         Readers ignore them (they only list up to the header's active segment), but a roll
         must not leave one behind, or it would sit inside the committed range.
         """
-        for seg in list_segments(self.segments_dir):
+        segments = self._segments_folder()
+        for seg in list_segments(segments):
             if seg.base <= h.segment_base:
                 continue
-            with os_errors("remove uncommitted segment", seg.path):
-                if not seg.compressed:
-                    fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
-                    try:
+            if not seg.compressed:
+                fd = segments.open_file(seg.name, os.O_RDWR)
+                try:
+                    with os_errors("remove uncommitted segment", seg.path):
                         self._quarantine(fd, seg.base, 0, os.fstat(fd).st_size)
-                    finally:
-                        os.close(fd)
-                os.unlink(seg.path)
+                finally:
+                    os.close(fd)
+            segments.unlink(seg.name)
 
     def _new_segment(self, h: Header, base: int) -> int:
         path = segment_path(self.segments_dir, base)
         mode = self.config.file_mode
+        segments = self._segments_folder()
         for attempt in range(2):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-                os.fchmod(fd, mode)
-                return fd
-            except FileExistsError:
+                return segments.open_file(segment_name(base),
+                                          os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+            except StorageError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
                 if attempt:
                     break
                 # Left by a writer that died mid-roll without a durable ROLLING flag (a
@@ -606,7 +622,7 @@ class Appender:
         for base, fd in created:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(segment_path(self.segments_dir, base))
+                self._segments_folder().unlink(segment_name(base))
 
     def _raise_write_error(self, exc: BaseException, h: Header) -> NoReturn:
         """Re-raise the error of a failed (and undone) append, OSErrors as StorageError."""
@@ -705,3 +721,6 @@ class Appender:
                 if self._state is not None:
                     self._state.close()
                     self._state = None
+                if self._segments is not None:
+                    self._segments.close()
+                    self._segments = None

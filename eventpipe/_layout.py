@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from typing import Self
 
 from .errors import StorageError, UnsafePathError
@@ -38,7 +40,9 @@ __all__ = [
     "QUARANTINE_DIR",
     "SEGMENTS_DIR",
     "WRITER_LOCK",
+    "FlockFile",
     "Folder",
+    "folder_of",
 ]
 
 META_FILE = "eventpipe.json"  # format marker, version and log id
@@ -128,7 +132,7 @@ class Folder:
 
         A file opened for writing without ``O_EXCL`` must be a regular file with one link
         (a hard link planted to a file elsewhere would otherwise be written through). A file
-        this call creates gets exactly ``mode``.
+        this call creates with ``O_EXCL`` gets exactly ``mode`` (see :meth:`open_shared`).
         """
         try:
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
@@ -142,14 +146,24 @@ class Folder:
                 raise UnsafePathError(
                     f"has {st.st_nlink} hard links; refusing to write through it",
                     path=self.path_of(name))
-            if flags & os.O_CREAT and st.st_size == 0 and stat.S_IMODE(st.st_mode) != mode:
-                # Only the creator sets the mode (the file may be another user's otherwise).
-                with contextlib.suppress(PermissionError):
-                    os.fchmod(fd, mode)
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask: we created it
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def open_shared(self, name: str, mode: int) -> int:
+        """Open ``name`` read-write, creating it with exactly ``mode`` if missing (lock files).
+
+        Only the creator sets the mode: the file may belong to another user of the group.
+        """
+        try:
+            return self.open_file(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        return self.open_file(name, os.O_RDWR)
 
     # ---------------------------------------------------------------------------- contents
 
@@ -295,3 +309,56 @@ class Folder:
 
     def __repr__(self) -> str:
         return f"Folder({self.path!r}, fd={self.fd})"
+
+
+@contextlib.contextmanager
+def folder_of(where: Folder | str | os.PathLike[str]) -> Iterator[Folder]:
+    """``where`` if it is a Folder; else the folder at that path, open for the block (for
+    callers outside the library that name a folder by path: tools, tests)."""
+    if isinstance(where, Folder):
+        yield where
+    else:
+        with Folder.open(where) as folder:
+            yield folder
+
+
+class FlockFile:
+    """An exclusive ``flock`` on lock file ``name`` of ``folder``, created with ``mode`` if
+    missing; the file is opened at each acquire and closed at release (so a forked child never
+    shares a held lock). Compatible with filelock's Unix locks, which also use flock. Not
+    reentrant; guard it with a thread lock where threads of one process may race for it."""
+
+    def __init__(self, folder: Folder, name: str, mode: int) -> None:
+        self.folder = folder
+        self.name = name
+        self.mode = mode
+        self._fd = -1
+
+    @property
+    def path(self) -> str:
+        return self.folder.path_of(self.name)
+
+    def acquire(self, *, blocking: bool) -> bool:
+        """Take the lock (waiting if ``blocking``); False if another process holds it."""
+        fd = self.folder.open_shared(self.name, self.mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError.from_os_error(exc, "take lock", path=self.path) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)

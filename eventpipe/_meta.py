@@ -14,14 +14,13 @@ from typing import Any
 
 import orjson
 
-from ._fsutil import atomic_write
+from ._layout import META_FILE, Folder
 from .errors import NotAnEventLogError, StorageError, UnsupportedFormatError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "META_FILE", "new_meta", "read_meta", "upgrade"]
 
 FORMAT_NAME = "eventpipe-log"
 FORMAT_VERSION = 2
-META_FILE = "eventpipe.json"
 
 
 def new_meta() -> bytes:
@@ -34,14 +33,14 @@ def new_meta() -> bytes:
     }, option=orjson.OPT_INDENT_2)
 
 
-def read_meta(meta_path: str) -> dict[str, Any]:
-    """The checked content of ``eventpipe.json``; NotAnEventLogError for a foreign or damaged
-    file, UnsupportedFormatError for a newer format."""
-    try:
-        with open(meta_path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise StorageError.from_os_error(exc, "read log metadata", path=meta_path) from exc
+def read_meta(root: Folder) -> dict[str, Any]:
+    """The checked content of ``eventpipe.json`` in log folder ``root``; NotAnEventLogError
+    for a foreign or damaged file, UnsupportedFormatError for a newer format."""
+    meta_path = root.path_of(META_FILE)
+    raw = root.read_bytes(META_FILE)
+    if raw is None:
+        raise StorageError.from_os_error(FileNotFoundError(2, "No such file or directory"),
+                                         "read log metadata", path=meta_path)
     try:
         meta = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -65,10 +64,10 @@ def read_meta(meta_path: str) -> dict[str, Any]:
     return meta
 
 
-def upgrade(meta_path: str, file_mode: int) -> None:
+def upgrade(root: Folder, file_mode: int) -> None:
     """Raise an older log's format version to this one's (the caller holds the writer lock,
     before it writes anything in the new format)."""
-    meta = read_meta(meta_path)
+    meta = read_meta(root)
     if meta["version"] < FORMAT_VERSION:
         meta["version"] = FORMAT_VERSION
-        atomic_write(meta_path, orjson.dumps(meta, option=orjson.OPT_INDENT_2), file_mode)
+        root.write_atomic(META_FILE, orjson.dumps(meta, option=orjson.OPT_INDENT_2), file_mode)

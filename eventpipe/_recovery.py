@@ -20,8 +20,9 @@ import logging
 import os
 import time
 
-from ._fsutil import fsync_dir, make_dirs, os_errors, write_all
+from ._fsutil import os_errors, write_all
 from ._header import Header, boot_id
+from ._layout import QUARANTINE_DIR, Folder
 from .errors import CorruptLogError
 
 __all__ = ["check_active", "quarantine", "rebuild_header", "scan_whole_lines"]
@@ -147,26 +148,27 @@ def _first_newline_after_damage(fd: int, start: int, end: int) -> int:
     return -1
 
 
-def quarantine(fd: int, path: str, qdir: str, base: int, start: int, end: int, *,
+def quarantine(fd: int, path: str, root: Folder, base: int, start: int, end: int, *,
                file_mode: int, dir_mode: int) -> str:
-    """Move bytes ``start..end`` of segment ``base`` (open as ``fd``) to ``qdir`` and cut them
-    off; returns the quarantine file's path."""
-    make_dirs(qdir, dir_mode)
-    qpath = os.path.join(qdir, f"{base:020d}-{start}-{time.time_ns()}.bin")
-    with os_errors("quarantine torn tail", qpath):
-        qfd = os.open(qpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
-        try:
-            pos = start
-            while pos < end:
-                block = os.pread(fd, min(_BLOCK, end - pos), pos)
-                if not block:
-                    break
-                write_all(qfd, block, pos - start)
-                pos += len(block)
-            os.fsync(qfd)
-        finally:
-            os.close(qfd)
-        fsync_dir(qdir)
+    """Move bytes ``start..end`` of segment ``base`` (open as ``fd``) to the log's
+    ``quarantine/`` folder and cut them off; returns the quarantine file's path."""
+    name = f"{base:020d}-{start}-{time.time_ns()}.bin"
+    with root.sub(QUARANTINE_DIR, create_mode=dir_mode) as qdir:
+        qpath = qdir.path_of(name)
+        qfd = qdir.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+        with os_errors("quarantine torn tail", qpath):
+            try:
+                pos = start
+                while pos < end:
+                    block = os.pread(fd, min(_BLOCK, end - pos), pos)
+                    if not block:
+                        break
+                    write_all(qfd, block, pos - start)
+                    pos += len(block)
+                os.fsync(qfd)
+            finally:
+                os.close(qfd)
+        qdir.fsync()
     with os_errors("cut torn tail", path):
         os.ftruncate(fd, start)
         os.fsync(fd)

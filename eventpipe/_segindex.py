@@ -24,7 +24,9 @@ import bisect
 import os
 import threading
 import weakref
+from collections.abc import Callable
 
+from ._layout import Folder
 from .compress import BLOCK_BYTES, read_sum, sum_path
 from .errors import CorruptLogError
 from .segment import CountKey, Seal, list_segments, segment_exists
@@ -60,14 +62,20 @@ class SegmentIndex:
     a cached listing that ends before it is stale and is refreshed.
     """
 
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
+    def __init__(self, open_folder: Callable[[], Folder]) -> None:
+        self._open_folder = open_folder
         self._lock = threading.Lock()
         self._bases: tuple[int, ...] = ()
         self._generation = 0
         self._seals: dict[int, Seal] = {}
         self.counted = _Bounded(_COUNTS_KEPT)  # newline counts of sealed plain segments
         _INDEXES.add(self)
+
+
+    @property
+    def folder(self) -> Folder:
+        """The segments folder (opened by the log on first use)."""
+        return self._open_folder()
 
     def _forget_after_fork(self) -> None:
         # Another thread of the parent may have held a lock at fork(): it would never be

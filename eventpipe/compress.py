@@ -46,12 +46,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import filelock
 import orjson
 
-from ._fsutil import fsync_dir, os_errors, write_all
+from ._fsutil import os_errors, write_all
+from ._layout import COMPRESS_LOCK, COMPRESS_STATE, FlockFile, Folder, folder_of
 from .errors import CorruptLogError
-from .segment import CHUNK_BYTES, GZIP_SUFFIX, list_segments, parse_name, segment_path
+from .segment import (
+    CHUNK_BYTES,
+    GZIP_SUFFIX,
+    list_segments,
+    parse_name,
+    segment_name,
+    segment_path,
+)
 
 __all__ = ["BLOCK_BYTES", "FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState",
            "SegmentSum", "clean_stale", "compress_segment", "load_state", "read_sum",
@@ -61,7 +68,7 @@ TMP_SUFFIX = ".tmp"
 SUM_SUFFIX = ".sum"
 SUM_FORMAT = "eventpipe-segment-sum"
 BLOCK_BYTES = 64 * 1024
-STATE_FILE = "compress.state"
+STATE_FILE = COMPRESS_STATE
 STATE_FORMAT = "eventpipe-compress-state"
 FINISH_TIMEOUT = 10.0  # what a closing writer gives the sealing work it leaves (see finish())
 MAX_ERRORS = 10  # errors kept in memory and in the state file
@@ -96,20 +103,27 @@ class SegmentSum(NamedTuple):
     block_crcs: list[int]
 
 
-def sum_path(folder: str, base: int) -> str:
-    return os.path.join(folder, f"{base:020d}{SUM_SUFFIX}")
+def sum_name(base: int) -> str:
+    return f"{base:020d}{SUM_SUFFIX}"
 
 
-def read_sum(folder: str, base: int) -> SegmentSum | None:
+def sum_path(folder: Folder | str, base: int) -> str:
+    """Where segment ``base``'s checksum file lies, for messages."""
+    where = folder.path if isinstance(folder, Folder) else os.fspath(folder)
+    return os.path.join(where, sum_name(base))
+
+
+def read_sum(folder: Folder | str, base: int) -> SegmentSum | None:
     """The segment's checksum file, None if it has none yet; CorruptLogError if unreadable."""
     path = sum_path(folder, base)
     try:
-        with open(path, "rb") as f:
-            doc = orjson.loads(f.read())
+        with folder_of(folder) as f:
+            raw = f.read_bytes(sum_name(base))
+        if raw is None:
+            return None
+        doc = orjson.loads(raw)
         return SegmentSum(int(doc["base"]), int(doc["events"]), int(doc["bytes"]),
                           [int(c) for c in doc["block_crc32"]])
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptLogError(f"segment checksum file is unreadable: {exc}", path=path) from None
 
@@ -163,11 +177,13 @@ def _gzip_blocks(fd: int, path: str) -> Iterator[bytes]:
         raise CorruptLogError(f"gzip segment is damaged: {exc}", path=path) from None
 
 
-def summarize(path: str, *, compressed: bool) -> tuple[int, int, list[int], bool]:
-    """(complete lines, bytes, block CRCs, ends with a newline) of a segment's content.
+def summarize(folder: Folder, name: str, *,
+              compressed: bool) -> tuple[int, int, list[int], bool]:
+    """(complete lines, bytes, block CRCs, ends with a newline) of segment file ``name``.
 
     Raises CorruptLogError when gzip data is damaged, StorageError when unreadable.
     """
+    path = folder.path_of(name)
     last = b"\n"
 
     def tracked(blocks: Iterator[bytes]) -> Iterator[bytes]:
@@ -176,8 +192,8 @@ def summarize(path: str, *, compressed: bool) -> tuple[int, int, list[int], bool
             last = block[-1:]
             yield block
 
+    fd = folder.open_file(name, os.O_RDONLY)
     with os_errors("checksum segment", path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             blocks = _gzip_blocks(fd, path) if compressed else _plain_blocks(fd)
             lines, size, crcs = sum_blocks(tracked(blocks))
@@ -186,26 +202,26 @@ def summarize(path: str, *, compressed: bool) -> tuple[int, int, list[int], bool
     return lines, size, crcs, last == b"\n"
 
 
-def _replace(path: str, data: bytes, mode: int) -> None:
-    """Atomically replace ``path``: ``<path>.tmp``, fsync, rename, fsync of the folder.
+def _replace(folder: Folder, name: str, data: bytes, mode: int) -> None:
+    """Atomically replace ``name``: ``<name>.tmp``, fsync, rename, fsync of the folder.
 
     The temp name is fixed, not per process: only the compress lock's holder writes these
-    files, and a temp file a killed holder left is overwritten by the next write of ``path``.
+    files, and a temp file a killed holder left is removed and created anew (exclusively).
     """
-    tmp = path + TMP_SUFFIX
-    with os_errors("atomic write", path):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    tmp = name + TMP_SUFFIX
+    folder.unlink(tmp)
+    fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os_errors("atomic write", folder.path_of(name)):
         try:
-            os.fchmod(fd, mode)
             write_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    folder.rename(tmp, name)
+    folder.fsync()
 
 
-def checksum_segment(folder: str, base: int, *, compressed: bool, expected_events: int,
+def checksum_segment(folder: Folder, base: int, *, compressed: bool, expected_events: int,
                      mode: int) -> SegmentSum:
     """Checksum sealed segment ``base`` (plain or gzip) into its ``.sum`` file.
 
@@ -213,7 +229,8 @@ def checksum_segment(folder: str, base: int, *, compressed: bool, expected_event
     ``expected_events`` complete lines: a checksum must never bless damaged content.
     """
     path = segment_path(folder, base, compressed)
-    lines, size, crcs, whole = summarize(path, compressed=compressed)
+    lines, size, crcs, whole = summarize(folder, segment_name(base, compressed),
+                                         compressed=compressed)
     _check_count(path, base, lines, whole, expected_events)
     return _write_sum(folder, base, lines, size, crcs, mode)
 
@@ -226,22 +243,23 @@ def _check_count(path: str, base: int, lines: int, whole: bool, expected: int) -
             path=path, offset=base)
 
 
-def _write_sum(folder: str, base: int, lines: int, size: int, crcs: list[int],
+def _write_sum(folder: Folder, base: int, lines: int, size: int, crcs: list[int],
                mode: int) -> SegmentSum:
     doc = {"format": SUM_FORMAT, "version": 1, "base": base, "events": lines, "bytes": size,
            "block_bytes": BLOCK_BYTES, "block_crc32": crcs}
-    _replace(sum_path(folder, base), orjson.dumps(doc), mode)
+    _replace(folder, sum_name(base), orjson.dumps(doc), mode)
     return SegmentSum(base, lines, size, crcs)
 
 
-def write_sum(folder: str, base: int, expected_events: int, mode: int) -> SegmentSum:
+def write_sum(folder: Folder | str, base: int, expected_events: int, mode: int) -> SegmentSum:
     """Checksum sealed plain segment ``base``; see :func:`checksum_segment`."""
-    return checksum_segment(folder, base, compressed=False, expected_events=expected_events,
-                            mode=mode)
+    with folder_of(folder) as f:
+        return checksum_segment(f, base, compressed=False, expected_events=expected_events,
+                                mode=mode)
 
 
 def compress_segment(
-    folder: str,
+    where: Folder | str,
     base: int,
     *,
     level: int,
@@ -255,35 +273,43 @@ def compress_segment(
     ``expected``, the content must match that checksum first. Raises CorruptLogError if the
     content or the copy does not verify (the original is then kept, the copy removed).
     """
-    plain = segment_path(folder, base)
-    final = segment_path(folder, base, compressed=True)
-    tmp = final + TMP_SUFFIX
-    with os_errors("compress segment", plain):
-        src = os.open(plain, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, file_mode)
+    with folder_of(where) as folder:
+        return _compress_segment(folder, base, level, file_mode, expected, should_stop)
+
+
+def _compress_segment(folder: Folder, base: int, level: int, file_mode: int,
+                      expected: SegmentSum | None, should_stop: Callable[[], bool]) -> int:
+    plain_name, final_name = segment_name(base), segment_name(base, compressed=True)
+    plain = folder.path_of(plain_name)
+    tmp_name = final_name + TMP_SUFFIX
+    tmp = folder.path_of(tmp_name)
+    src = folder.open_file(plain_name, os.O_RDONLY)
+    try:
+        folder.unlink(tmp_name)
+        dst = folder.open_file(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, file_mode)
+        with os_errors("compress segment", plain):
             try:
-                os.fchmod(dst, file_mode)
                 _deflate(src, dst, level, should_stop, expected, plain)
                 os.fsync(dst)
                 _verify_copy(src, dst, tmp)
+                st = os.fstat(src)
+                plain_size = st.st_size
+                gz_size = os.fstat(dst).st_size
+                # Keep the segment's own age: retention by age goes by when events were
+                # written.
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             except BaseException:
                 os.close(dst)
-                os.unlink(tmp)
+                folder.unlink(tmp_name)
                 raise
-            st = os.fstat(src)
-            plain_size = st.st_size
-            gz_size = os.fstat(dst).st_size
             os.close(dst)
-            # Keep the segment's own age: retention by age goes by when events were written.
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(src)
-        os.rename(tmp, final)
-        # The gzip copy must be durable under its final name before the original goes,
-        # whatever the log's sync setting: otherwise a power loss could lose sealed events.
-        fsync_dir(folder)
-        os.unlink(plain)
+    finally:
+        os.close(src)
+    folder.rename(tmp_name, final_name)
+    # The gzip copy must be durable under its final name before the original goes, whatever
+    # the log's sync setting: otherwise a power loss could lose sealed events.
+    folder.fsync()
+    folder.unlink(plain_name)
     return plain_size - gz_size
 
 
@@ -357,24 +383,21 @@ def _is_temp(name: str) -> bool:
                 and rest[len(SUM_SUFFIX + TMP_SUFFIX) + 1:].isdigit()))
 
 
-def clean_stale(folder: str) -> None:
+def clean_stale(where: Folder | str) -> None:
     """Remove what a killed compression left: temp files, and originals already replaced.
 
     Only call it holding the compress lock: only its holder writes these files.
     """
-    with os_errors("clean up after compression", folder):
-        names = set(os.listdir(folder))
+    with folder_of(where) as folder:
+        names = set(folder.names())
         for name in names:
             if _is_temp(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, name))
+                folder.unlink(name)
             else:
                 parsed = parse_name(name)
-                if parsed is not None and not parsed[1]:
-                    gz = os.path.basename(segment_path(folder, parsed[0], compressed=True))
-                    if gz in names:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(folder, name))
+                if parsed is not None and not parsed[1] and (
+                        segment_name(parsed[0], compressed=True) in names):
+                    folder.unlink(name)
 
 
 # ------------------------------------------------------------------------------ the state
@@ -402,15 +425,14 @@ class SealState:
         }, option=orjson.OPT_INDENT_2)
 
 
-def state_path(root: str) -> str:
-    return os.path.join(root, STATE_FILE)
-
-
-def load_state(root: str) -> SealState | None:
+def load_state(root: Folder | str) -> SealState | None:
     """The log's ``compress.state``; None when missing or unreadable (it is then rebuilt)."""
     try:
-        with open(state_path(root), "rb") as f:
-            doc = orjson.loads(f.read())
+        with folder_of(root) as f:
+            raw = f.read_bytes(STATE_FILE)
+        if raw is None:
+            return None
+        doc = orjson.loads(raw)
         if doc.get("format") != STATE_FORMAT or doc.get("version") != 1:
             return None
         st = SealState(int(doc["checksummed_below"]), int(doc["compressed_below"]),
@@ -425,24 +447,24 @@ def load_state(root: str) -> SealState | None:
     return st
 
 
-def save_state(root: str, state: SealState, mode: int) -> None:
+def save_state(root: Folder, state: SealState, mode: int) -> None:
     """Replace ``compress.state``; the caller holds the compress lock."""
     if len(state.damaged) > MAX_DAMAGED:
         state.damaged = dict(sorted(state.damaged.items())[-MAX_DAMAGED:])
-    _replace(state_path(root), state.to_json(), mode)
+    _replace(root, STATE_FILE, state.to_json(), mode)
 
 
-def visible_size(folder: str, base: int) -> int:
+def visible_size(folder: Folder, base: int) -> int:
     """Bytes on disk of segment ``base`` in the form readers open (plain first), 0 if gone."""
     for compressed in (False, True):
-        with contextlib.suppress(FileNotFoundError):
-            return os.stat(segment_path(folder, base, compressed)).st_size
+        st = folder.lstat(segment_name(base, compressed))
+        if st is not None:
+            return st.st_size
     return 0
 
 
-def _exists(folder: str, base: int) -> bool:
-    return (os.path.exists(segment_path(folder, base))
-            or os.path.exists(segment_path(folder, base, compressed=True)))
+def _exists(folder: Folder, base: int) -> bool:
+    return folder.exists(segment_name(base)) or folder.exists(segment_name(base, True))
 
 
 def _error_record(exc: BaseException) -> dict[str, Any]:
@@ -465,8 +487,8 @@ class Compressor:
 
     def __init__(
         self,
-        folder: str,
-        lock_path: str,
+        root: Folder,
+        segments: Callable[[], Folder],
         sealed_below: Callable[[], int],
         *,
         compress: bool,
@@ -474,10 +496,9 @@ class Compressor:
         file_mode: int,
         after_pass: Callable[[], None] = lambda: None,
     ) -> None:
-        self._folder = folder
-        self._root = os.path.dirname(lock_path)
-        self._lock = filelock.FileLock(lock_path, mode=file_mode, thread_local=False,
-                                       is_singleton=False)
+        self._segments = segments
+        self._root = root
+        self._lock = FlockFile(root, COMPRESS_LOCK, file_mode)
         self._sealed_below = sealed_below
         self._compress = compress
         self._after_pass = after_pass
@@ -494,6 +515,10 @@ class Compressor:
         # whatever the failed pass held).
         self._errors: deque[BaseException] = deque(maxlen=MAX_ERRORS)
         self._unsaved: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+
+    @property
+    def _folder(self) -> Folder:
+        return self._segments()
 
     @property
     def errors(self) -> list[BaseException]:
@@ -609,9 +634,7 @@ class Compressor:
         if not self._in_process.acquire(blocking=blocking):
             return None
         try:
-            try:
-                self._lock.acquire(timeout=-1 if blocking else 0)
-            except filelock.Timeout:
+            if not self._lock.acquire(blocking=blocking):
                 return None
             try:
                 return self._pass(compress, full, pause)
@@ -737,17 +760,15 @@ class Compressor:
               abandon: Callable[[], bool]) -> tuple[int, int]:
         """Checksum (and compress) segment ``base``; returns (next base, 1 if compressed)."""
         folder = self._folder
-        plain = segment_path(folder, base)
-        gz = segment_path(folder, base, compressed=True)
-        has_plain, has_gz = os.path.exists(plain), os.path.exists(gz)
+        has_plain = folder.exists(segment_name(base))
+        has_gz = folder.exists(segment_name(base, compressed=True))
         if not (has_plain or has_gz):
             raise _Lost
         counted = base < state.summed_below  # its size is in state.sealed_bytes already
         if has_plain and has_gz:
             # Killed after the verified gzip copy was renamed in, before the original went.
             before = visible_size(folder, base)
-            with os_errors("remove compressed original", plain):
-                os.unlink(plain)
+            folder.unlink(segment_name(base))
             has_plain = False
             if counted:
                 state.sealed_bytes += visible_size(folder, base) - before
@@ -776,7 +797,8 @@ class Compressor:
         checked by the next segment being where it says (a listing only when it is not)."""
         path = segment_path(self._folder, base, compressed=not plain)
         try:
-            lines, size, crcs, whole = summarize(path, compressed=not plain)
+            lines, size, crcs, whole = summarize(self._folder, segment_name(base, not plain),
+                                                 compressed=not plain)
         except CorruptLogError as exc:
             nxt = base + expected if expected is not None else self._next_listed(base, limit)
             raise _Damaged(exc, nxt) from None
@@ -827,8 +849,8 @@ class Compressor:
                 if pause():
                     end, result.complete = seg.base, False
                     break
-                has_plain = os.path.exists(segment_path(folder, seg.base))
-                has_sum = os.path.exists(sum_path(folder, seg.base))
+                has_plain = folder.exists(segment_name(seg.base))
+                has_sum = folder.exists(sum_name(seg.base))
                 if not has_sum or (compress and has_plain):
                     try:
                         result.compressed += self._seal_listed(seg.base, nxt, has_plain,
@@ -838,7 +860,7 @@ class Compressor:
                         self._record_damage(seg.base, d, state, result, counted=False)
                         result.done += 1
                         continue
-                    has_plain = os.path.exists(segment_path(folder, seg.base))
+                    has_plain = folder.exists(segment_name(seg.base))
                 state.sealed_bytes += visible_size(folder, seg.base)
                 if has_plain and plain_from is None:
                     plain_from = seg.base
@@ -853,9 +875,8 @@ class Compressor:
                      compress: bool, limit: int, abandon: Callable[[], bool]) -> int:
         """Checksum (and compress) a listed segment whose next base the listing gives."""
         folder = self._folder
-        if has_plain and os.path.exists(segment_path(folder, base, compressed=True)):
-            with os_errors("remove compressed original", segment_path(folder, base)):
-                os.unlink(segment_path(folder, base))
+        if has_plain and folder.exists(segment_name(base, compressed=True)):
+            folder.unlink(segment_name(base))
             has_plain = False
         try:
             known = read_sum(folder, base) if has_sum else None

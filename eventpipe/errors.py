@@ -120,11 +120,6 @@ class CorruptLogError(EventPipeError, ValueError):
     """Stored bytes fail a check (framing, JSON, gzip, header checksum, contiguity)."""
 
 
-class UnsafePathError(EventPipeError, PermissionError):
-    """A link (symbolic, or a hard link where eventpipe writes) or another user's folder where
-    eventpipe refuses to go: nothing was read or written through it. ``path`` names it."""
-
-
 class LogReplacedError(EventPipeError, RuntimeError):
     """The log folder or its header was removed, or replaced by another log, while open."""
 
@@ -188,6 +183,11 @@ def _rebuild_storage(cls: type[StorageError], message: str, errno: int | None, p
 
 class StoragePermissionError(StorageError, PermissionError):
     """The process may not read or write the named path."""
+
+
+class UnsafePathError(StoragePermissionError):
+    """A link (symbolic, or a hard link where eventpipe writes) or another user's folder where
+    eventpipe refuses to go: nothing was read or written through it. ``path`` names it."""
 
 
 class DurabilityError(StorageError):

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+from ._layout import HEAD_FILE
 from .notify import ChangeNotifier
 
 if TYPE_CHECKING:
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Follower"]
 
-HEAD_FILE = "head"
 # The async form hands the loop back at least this often while records are available (the
 # loop is not otherwise entered between records: an async generator's yield is not an await).
 _ASYNC_SLICE = 0.005

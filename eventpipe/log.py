@@ -17,6 +17,7 @@ partial or uncommitted event, whatever writers in other processes are doing.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import uuid
@@ -27,10 +28,10 @@ import orjson
 
 from . import _header
 from ._appender import Appender
-from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
+from ._fsutil import make_dirs, os_errors
 from ._header import Header
-from ._layout import Folder
-from ._meta import FORMAT_NAME, FORMAT_VERSION, META_FILE, new_meta, read_meta
+from ._layout import HEAD_FILE, META_FILE, SEGMENTS_DIR, Folder
+from ._meta import FORMAT_NAME, FORMAT_VERSION, new_meta, read_meta
 from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
 from .compress import FINISH_TIMEOUT, Compressor
@@ -53,9 +54,6 @@ from .segment import LineChunk, read_chunks, segment_path
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "EventLog"]
 
-HEAD_FILE = "head"
-COMPRESS_LOCK = "compress.lock"
-SEGMENTS_DIR = "segments"
 _INIT_PREFIX = ".eventpipe-init."
 
 _dumps = orjson.dumps
@@ -83,45 +81,69 @@ class EventLog:
         self.config = LogConfig.from_options(options)
         self._create_missing = create
         self.path = os.path.abspath(os.fspath(path))
-        self.segments_dir = os.path.join(self.path, SEGMENTS_DIR)
-        self._head_path = os.path.join(self.path, HEAD_FILE)
-        self._appender = Appender(self.path, self.segments_dir, self._head_path, self.config,
-                                  self._sealed)
-        # The header's read descriptor, opened on first use. A dict, not a lock: setdefault is
-        # atomic, and a lock held by another thread at fork() would stay held in the child.
+        self.segments_dir = os.path.join(self.path, SEGMENTS_DIR)  # for messages
+        self._head_path = os.path.join(self.path, HEAD_FILE)  # for messages
+        self.folder = self._open_folder()
+        """The log folder, open: everything inside it is reached through this descriptor,
+        never by path (see :mod:`eventpipe._layout`)."""
+        # Descriptors opened on first use (the header's, the segments folder). Dicts, not a
+        # lock: setdefault is atomic, and a lock held by another thread at fork() would stay
+        # held in the child.
         self._reader_fds: dict[str, int] = {}
-        self.segment_index = SegmentIndex(self.segments_dir)
-        """Where segments start (a cached listing); see :class:`~eventpipe._segindex.SegmentIndex`.
-        Whatever removes or seals segments in this process calls its ``invalidate()``."""
+        self._folders: dict[str, Folder] = {}
         self._closed = False
         self._compressor: Compressor | None = None
         self._compressor_pid = 0
-        self.log_id = self._open_or_create()
-        self.folder = Folder.open(self.path)
-        """The log folder, open: everything inside it is reached through this descriptor,
-        never by path (see :mod:`eventpipe._layout`)."""
+        try:
+            self._appender = Appender(self.folder, self.config, self._sealed)
+            self.segment_index = SegmentIndex(lambda: self.segments)
+            """Where segments start (a cached listing); see
+            :class:`~eventpipe._segindex.SegmentIndex`. Whatever removes or seals segments in
+            this process calls its ``invalidate()``."""
+            self.log_id = self._open_or_create()
+        except BaseException:
+            self.folder.close()
+            raise
 
     # ----------------------------------------------------------------- opening and creating
 
+    def _open_folder(self) -> Folder:
+        """Open the log folder (creating it if allowed). The one path followed as given:
+        the operator may reach the log through a link of their own."""
+        if self._create_missing:
+            make_dirs(self.path, self.config.dir_mode)
+        elif not os.path.isdir(self.path):
+            raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
+        return Folder.open(self.path)
+
+    @property
+    def segments(self) -> Folder:
+        """The ``segments/`` folder, open (see :mod:`eventpipe._layout`)."""
+        folder = self._folders.get(SEGMENTS_DIR)
+        if folder is None:
+            fresh = self.folder.sub(SEGMENTS_DIR)
+            folder = self._folders.setdefault(SEGMENTS_DIR, fresh)
+            if folder is not fresh:  # another thread opened it meanwhile
+                fresh.close()
+        return folder
+
     def _open_or_create(self) -> str:
-        meta_path = os.path.join(self.path, META_FILE)
-        if not os.path.exists(meta_path):
+        root = self.folder
+        if not root.exists(META_FILE):
             if not self._create_missing:
                 raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
-            self._create(meta_path)
-        meta = read_meta(meta_path)
-        if not os.path.exists(self._head_path):
+            self._create()
+        meta = read_meta(root)
+        if not root.exists(HEAD_FILE):
             # Created by a process that died before writing the header; finish the job.
             with self._appender.mutex:
                 self._appender.open()
         return str(meta["log_id"])
 
-    def _create(self, meta_path: str) -> None:
-        cfg = self.config
-        make_dirs(self.path, cfg.dir_mode)
-        with os_errors("inspect directory", self.path):
-            others = [n for n in os.listdir(self.path) if not n.startswith(_INIT_PREFIX)]
-        if others and os.path.exists(meta_path):
+    def _create(self) -> None:
+        root = self.folder
+        others = [n for n in root.names() if not n.startswith(_INIT_PREFIX)]
+        if others and root.exists(META_FILE):
             return  # another process created the log since we looked: theirs is used
         if others:
             raise NotAnEventLogError(
@@ -129,17 +151,17 @@ class EventLog:
                 " refusing to turn it into a log",
                 path=self.path,
             )
-        tmp = os.path.join(self.path, f"{_INIT_PREFIX}{os.getpid()}.{uuid.uuid4().hex}")
-        with os_errors("create log metadata", meta_path):
-            atomic_write(tmp, new_meta(), cfg.file_mode)
-            try:
-                # link() fails if another process created the log first: theirs wins, intact.
-                os.link(tmp, meta_path)
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-        fsync_dir(self.path)
+        tmp = f"{_INIT_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
+        root.write_atomic(tmp, new_meta(), self.config.file_mode)
+        try:
+            # link() fails if another process created the log first: theirs wins, intact.
+            root.link(tmp, META_FILE)
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        finally:
+            root.unlink(tmp)
+        root.fsync()
 
     # --------------------------------------------------------------------------- appending
 
@@ -273,8 +295,8 @@ class EventLog:
             # A forked child inherits the object but not its thread: give it its own.
             self._compressor_pid = os.getpid()
             self._compressor = Compressor(
-                self.segments_dir,
-                os.path.join(self.path, COMPRESS_LOCK),
+                self.folder,
+                lambda: self.segments,
                 lambda: self.committed_header().segment_base,
                 compress=self.config.compression is not None,
                 after_pass=self._apply_retention,
@@ -344,11 +366,12 @@ class EventLog:
         """
         fd = self._reader_fds.get(HEAD_FILE, -1)
         if fd < 0:
-            with os_errors("open log header", self._head_path):
-                try:
-                    fd = os.open(self._head_path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
+            try:
+                fd = self.folder.open_file(HEAD_FILE, os.O_RDONLY)
+            except StorageError as exc:
+                if exc.errno == errno.ENOENT:
                     return Header(0, 0, 0)  # creation in progress in another process
+                raise
             kept = self._reader_fds.setdefault(HEAD_FILE, fd)
             if kept != fd:  # another thread opened it meanwhile
                 os.close(fd)
@@ -369,8 +392,10 @@ class EventLog:
         fd = self._reader_fds.get(HEAD_FILE, -1)
         if fd < 0:
             return
+        # By path on purpose: the log folder itself may have been removed or replaced (our
+        # descriptor would still show the old one); only identities are compared here.
         try:
-            now = os.stat(self._head_path)
+            now = os.stat(self._head_path, follow_symlinks=False)
         except FileNotFoundError:
             raise LogReplacedError("the log's header file is gone: the log folder was removed "
                                    "or moved away", path=self._head_path) from None
@@ -380,9 +405,9 @@ class EventLog:
         was = os.fstat(fd)
         if (now.st_dev, now.st_ino) == (was.st_dev, was.st_ino):
             return
-        meta_path = os.path.join(self.path, META_FILE)
         try:
-            log_id = str(read_meta(meta_path)["log_id"])
+            with Folder.open(self.path) as current:
+                log_id = str(read_meta(current)["log_id"])
         except EventPipeError as exc:
             raise LogReplacedError(f"the log's header was replaced and its metadata cannot be "
                                    f"read ({exc})", path=self.path) from exc
@@ -391,8 +416,17 @@ class EventLog:
                 f"the log was replaced by another one (log id {log_id}, was {self.log_id}): "
                 "the folder was removed and created again, or restored from another log",
                 path=self.path)
+        try:
+            folder_now = os.stat(self.path)
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, "check log folder", path=self.path) from exc
+        ours = self.folder.stat()
+        if (folder_now.st_dev, folder_now.st_ino) != (ours.st_dev, ours.st_ino):
+            raise LogReplacedError(
+                "the log folder was replaced by a copy of this log (a restore?): open the log "
+                "again", path=self.path)
+        fresh = self.folder.open_file(HEAD_FILE, os.O_RDONLY)
         with os_errors("reopen log header", self._head_path):
-            fresh = os.open(self._head_path, os.O_RDONLY | os.O_CLOEXEC)
             # dup2 swaps the file under the same descriptor number in one step: another thread
             # reading through it meanwhile gets the old header or the new, never a closed or
             # reused descriptor.
@@ -496,7 +530,7 @@ class EventLog:
             reached = offset
             try:
                 for chunk in read_chunks(
-                    self.segments_dir, base, start=offset, stop=want, end_offset=seg_end,
+                    self.segments, base, start=offset, stop=want, end_offset=seg_end,
                     byte_limit=h.committed if active else None, start_position=known,
                     seal=seal, counted=index.counted,
                 ):
@@ -597,6 +631,8 @@ class EventLog:
             fd = self._reader_fds.pop(HEAD_FILE, -1)
             if fd >= 0:
                 os.close(fd)
+            for folder in self._folders.values():
+                folder.close()
             self.folder.close()
 
     def __enter__(self) -> Self:

@@ -23,15 +23,11 @@ it names is gone), the listing is used too.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-import filelock
-
-from ._fsutil import fsync_dir, os_errors
+from ._layout import COMPRESS_LOCK, FlockFile
 from ._registry import consumer_positions, describe
 from .compress import (
     TMP_SUFFIX,
@@ -39,18 +35,16 @@ from .compress import (
     load_state,
     read_sum,
     save_state,
-    sum_path,
+    sum_name,
     visible_size,
 )
 from .errors import CorruptLogError
-from .segment import list_segments, segment_path
+from .segment import list_segments, segment_name
 
 if TYPE_CHECKING:
     from .log import EventLog
 
 __all__ = ["PruneReport", "prune"]
-
-COMPRESS_LOCK = "compress.lock"
 
 
 class PruneReport(NamedTuple):
@@ -104,29 +98,28 @@ def _holds(log: EventLog) -> list[tuple[int, str]]:
 def _listed(log: EventLog, active: int) -> tuple[list[_Seg], int]:
     """Every sealed segment from a listing, oldest first, and the total size with the active
     segment."""
-    segs = [s for s in list_segments(log.segments_dir) if s.base < active]
+    folder = log.segments
+    segs = [s for s in list_segments(folder) if s.base < active]
     nexts = [s.base for s in segs[1:]] + [active]
     out = []
     for s, n in zip(segs, nexts, strict=True):
-        try:
-            st = os.stat(s.path)
-            out.append(_Seg(s.base, n, st.st_size, st.st_mtime))
-        except FileNotFoundError:
-            out.append(_Seg(s.base, n, 0, None))
-    total = sum(s.size for s in out) + visible_size(log.segments_dir, active)
+        st = folder.lstat(s.name)
+        out.append(_Seg(s.base, n, 0, None) if st is None
+                   else _Seg(s.base, n, st.st_size, st.st_mtime))
+    total = sum(s.size for s in out) + visible_size(folder, active)
     return out, total
 
 
 def _walked(log: EventLog, state: SealState) -> Iterator[_Seg]:
     """Sealed segments from the state's first one, oldest first, found one by one (raises
     _Stale when the state does not match the disk)."""
-    folder = log.segments_dir
+    folder = log.segments
     base = state.first_base
     while base < state.summed_below:
         st = None
         for compressed in (False, True):
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(segment_path(folder, base, compressed))
+            st = folder.lstat(segment_name(base, compressed))
+            if st is not None:
                 break
         if st is None:
             raise _Stale
@@ -189,12 +182,9 @@ def prune(
         header = log.committed_header()
         segs, total = _listed(log, header.segment_base)
         return _decide(log, iter(segs), total, header.segment_base, force, criteria)[0]
-    lock = filelock.FileLock(os.path.join(log.path, COMPRESS_LOCK),
-                             mode=log.config.file_mode, thread_local=False, is_singleton=False)
-    try:
-        lock.acquire(timeout=-1 if blocking else 0)
-    except filelock.Timeout:
-        state = load_state(log.path)
+    lock = FlockFile(log.folder, COMPRESS_LOCK, log.config.file_mode)
+    if not lock.acquire(blocking=blocking):
+        state = load_state(log.folder)
         first = state.first_base if state is not None else log.committed_header().segment_base
         return PruneReport([], 0, first, ["another process is compressing; try later"])
     try:
@@ -210,11 +200,11 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
                   incremental: bool) -> PruneReport:
     header = log.committed_header()
     active = header.segment_base
-    state = load_state(log.path)
+    state = load_state(log.folder)
     if incremental and state is not None and state.summed_below <= active:
         try:
             # Segments sealed since the last pass (above the watermark) are not counted yet.
-            total = state.sealed_bytes + visible_size(log.segments_dir, active)
+            total = state.sealed_bytes + visible_size(log.segments, active)
             report, chosen = _decide(log, _walked(log, state), total, active, force, criteria)
         except _Stale:
             incremental = False
@@ -223,17 +213,13 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
         report, chosen = _decide(log, iter(segs), total, active, force, criteria)
     if not chosen:
         return report
-    folder = log.segments_dir
-    with os_errors("remove segment", folder):
-        for seg in chosen:  # oldest first: a crash half-way leaves the state's first one gone
-            for path in (segment_path(folder, seg.base),
-                         segment_path(folder, seg.base, compressed=True),
-                         sum_path(folder, seg.base),
-                         sum_path(folder, seg.base) + TMP_SUFFIX,
-                         segment_path(folder, seg.base, compressed=True) + TMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-    fsync_dir(folder)
+    folder = log.segments
+    for seg in chosen:  # oldest first: a crash half-way leaves the state's first one gone
+        for name in (segment_name(seg.base), segment_name(seg.base, compressed=True),
+                     sum_name(seg.base), sum_name(seg.base) + TMP_SUFFIX,
+                     segment_name(seg.base, compressed=True) + TMP_SUFFIX):
+            folder.unlink(name)
+    folder.fsync()
     if state is not None:
         if incremental:
             state.first_base = report.first_offset
@@ -244,7 +230,7 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
             state.sealed_bytes = sum(visible_size(folder, s.base) for s in segs
                                      if report.first_offset <= s.base < state.summed_below)
         state.damaged = {b: v for b, v in state.damaged.items() if b >= report.first_offset}
-        save_state(log.path, state, log.config.file_mode)
+        save_state(log.folder, state, log.config.file_mode)
     return report
 
 

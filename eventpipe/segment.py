@@ -29,11 +29,13 @@ every event before the damage was yielded.
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import NamedTuple
 
+from ._layout import Folder, folder_of
 from .errors import CorruptLogError, OffsetOutOfRangeError, StorageError
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "SegmentFile",
     "list_segments",
     "read_chunks",
+    "segment_name",
     "segment_path",
 ]
 
@@ -55,11 +58,12 @@ _NUL = b"\0"  # never in JSON text (control characters are escaped): a NUL byte 
 
 
 class SegmentFile(NamedTuple):
-    """A segment file found on disk."""
+    """A segment file found on disk: ``name`` in its folder, ``path`` for messages."""
 
     base: int
     path: str
     compressed: bool
+    name: str
 
 
 class LineChunk(NamedTuple):
@@ -93,9 +97,14 @@ class Seal(NamedTuple):
 CountKey = tuple[int, int, int, int, int]
 
 
-def segment_path(folder: str, base: int, compressed: bool = False) -> str:
-    suffix = GZIP_SUFFIX if compressed else PLAIN_SUFFIX
-    return os.path.join(folder, f"{base:0{NAME_DIGITS}d}{suffix}")
+def segment_name(base: int, compressed: bool = False) -> str:
+    return f"{base:0{NAME_DIGITS}d}{GZIP_SUFFIX if compressed else PLAIN_SUFFIX}"
+
+
+def segment_path(folder: Folder | str, base: int, compressed: bool = False) -> str:
+    """Where segment ``base`` lies, for messages: files are opened through their Folder."""
+    where = folder.path if isinstance(folder, Folder) else os.fspath(folder)
+    return os.path.join(where, segment_name(base, compressed))
 
 
 def parse_name(name: str) -> tuple[int, bool] | None:
@@ -111,48 +120,44 @@ def parse_name(name: str) -> tuple[int, bool] | None:
     return int(stem), compressed
 
 
-def list_segments(folder: str) -> list[SegmentFile]:
+def list_segments(folder: Folder | str) -> list[SegmentFile]:
     """Segment files in ``folder`` sorted by base; one entry per base (plain wins over gzip).
 
     A base present in both forms is mid-compression or left by a crash after the verified gzip
     copy was renamed into place; the two are identical, and the plain one is cheaper to read.
     """
     found: dict[int, SegmentFile] = {}
-    try:
-        names = os.listdir(folder)
-    except OSError as exc:
-        raise StorageError.from_os_error(exc, "list segments", path=folder) from exc
-    for name in names:
-        parsed = parse_name(name)
-        if parsed is None:
-            continue
-        base, compressed = parsed
-        if base in found and compressed:
-            continue
-        found[base] = SegmentFile(base, os.path.join(folder, name), compressed)
+    with folder_of(folder) as f:
+        for name in f.names():
+            parsed = parse_name(name)
+            if parsed is None:
+                continue
+            base, compressed = parsed
+            if base in found and compressed:
+                continue
+            found[base] = SegmentFile(base, f.path_of(name), compressed, name)
     return [found[b] for b in sorted(found)]
 
 
-def segment_exists(folder: str, base: int) -> bool:
+def segment_exists(folder: Folder, base: int) -> bool:
     """Whether segment ``base`` is on disk in either form.
 
     Plain first: compression renames the gzip copy in before it unlinks the plain file, so a
     segment that is being compressed is always found in one form or the other.
     """
-    return (os.path.exists(segment_path(folder, base))
-            or os.path.exists(segment_path(folder, base, compressed=True)))
+    return folder.exists(segment_name(base)) or folder.exists(segment_name(base, True))
 
 
-def _open_segment(folder: str, base: int, first_wanted: int) -> tuple[int, str, bool]:
+def _open_segment(folder: Folder, base: int, first_wanted: int) -> tuple[int, str, bool]:
     """Open the segment at ``base``, plain or gzip. Returns (fd, path, compressed)."""
     for compressed in (False, True):
-        path = segment_path(folder, base, compressed)
+        name = segment_name(base, compressed)
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), path, compressed
-        except FileNotFoundError:
-            continue  # compressed and removed between listing and opening: try the other form
-        except OSError as exc:
-            raise StorageError.from_os_error(exc, "open segment", path=path) from exc
+            return folder.open_file(name, os.O_RDONLY), folder.path_of(name), compressed
+        except StorageError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # compressed and removed between listing and opening: try the other form
     raise OffsetOutOfRangeError(
         f"segment {base} is gone (removed by retention?); offset {first_wanted} is not stored",
         path=segment_path(folder, base),
@@ -391,7 +396,7 @@ def _find_from_end_checked(fd: int, lines_back: int, seal: Seal) -> int | None:
 
 
 def read_chunks(
-    folder: str,
+    folder: Folder | str,
     base: int,
     *,
     start: int,
@@ -420,7 +425,8 @@ def read_chunks(
     stop = end_offset if stop is None else min(stop, end_offset)
     if start >= stop:
         return
-    fd, path, compressed = _open_segment(folder, base, start)
+    with folder_of(folder) as f:
+        fd, path, compressed = _open_segment(f, base, start)
     try:
         yield from _read_open(fd, path, compressed, base, start, stop, end_offset, byte_limit,
                               start_position, seal, counted)

@@ -7,10 +7,10 @@ import os
 import time
 from typing import Any
 
-from ._appender import WRITER_LOCK
+from ._layout import COMPRESS_LOCK, WRITER_LOCK
 from ._registry import ConsumerPosition, consumer_positions
 from .compress import load_state, sum_path
-from .log import COMPRESS_LOCK, EventLog
+from .log import EventLog
 from .notify import inotify_usage
 from .segment import SegmentFile, list_segments
 

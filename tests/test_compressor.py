@@ -445,9 +445,10 @@ def test_a_compressor_killed_while_writing_a_checksum_leaves_nothing_behind(
     # SIGKILL on entering the process's first rename: the one that puts segment 0's checksum
     # in place (opening an existing log renames nothing).
     killed = subprocess.run(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename",
-         "-e", "inject=rename:signal=SIGKILL:when=1", sys.executable, "-c", KILLED_AT_SUM,
-         str(log_path)], capture_output=True, timeout=120, env=env(), check=False)
+        # (renameat: files inside the log are renamed relative to folder descriptors)
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=rename,renameat,renameat2",
+         "-e", "inject=rename,renameat,renameat2:signal=SIGKILL:when=1", sys.executable, "-c",
+         KILLED_AT_SUM, str(log_path)], capture_output=True, timeout=120, env=env(), check=False)
     assert killed.returncode != 0, "the compressor was not killed"
     assert [n for n in os.listdir(seg) if n.startswith(f"{0:020d}.sum.tmp")], \
         f"the kill left no temp file: {sorted(os.listdir(seg))}"

@@ -56,7 +56,10 @@ def test_sync_always_flushes_data_then_header_then_returns(tmp_path: Path) -> No
         call, args, result = m.group(1), m.group(2), int(m.group(3))
         fd = int(args.split(",")[0]) if call != "openat" else -1
         if call == "openat" and result >= 0:
-            path = args.split('"')[1]
+            # Files inside the log are opened relative to folder descriptors (see _layout).
+            where, name = args.split(",")[0].strip(), args.split('"')[1]
+            path = name if where == "AT_FDCWD" or name.startswith("/") else (
+                f"{paths.get(int(where), '?')}/{name}")
             paths[result] = path
             if "/segments/" in path and path.endswith(".jsonl") and "O_CREAT" in args:
                 uncommitted_dirs = True

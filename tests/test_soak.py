@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 ROUNDS = int(os.environ.get("EVENTPIPE_SOAK_ROUNDS", "300"))
 FAULTS = [
     "pwrite64:error=ENOSPC", "pwrite64:error=EIO", "fdatasync:error=EIO", "fsync:error=EIO",
-    "ftruncate:error=EIO", "openat:error=ENOSPC", "rename:error=EIO", "flock:error=ENOLCK",
+    "ftruncate:error=EIO", "openat:error=ENOSPC", "renameat:error=EIO", "flock:error=ENOLCK",
     "pread64:error=EIO",
 ]
 
