@@ -637,7 +637,11 @@ def _preload() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (see the module docstring)."""
+    """Run the CLI; returns the exit code (see the module docstring).
+
+    Run as root on a log another user owns, it makes the whole process that user for good:
+    call it in a process of its own (as the ``eventpipe`` command does).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
