@@ -32,6 +32,7 @@ from ._fsutil import make_dirs, os_errors
 from ._header import Header
 from ._layout import HEAD_FILE, META_FILE, SEGMENTS_DIR, Folder
 from ._meta import FORMAT_NAME, FORMAT_VERSION, new_meta, read_meta
+from ._ownership import check_owner
 from ._segindex import SegmentIndex
 from .buffered import BufferedWriter
 from .compress import FINISH_TIMEOUT, Compressor
@@ -95,6 +96,7 @@ class EventLog:
         self._compressor: Compressor | None = None
         self._compressor_pid = 0
         try:
+            check_owner(self.folder.stat(), self.path, self.config.trust_owner)
             self._appender = Appender(self.folder, self.config, self._sealed)
             self.segment_index = SegmentIndex(lambda: self.segments)
             """Where segments start (a cached listing); see
@@ -112,9 +114,13 @@ class EventLog:
         the operator may reach the log through a link of their own."""
         if self._create_missing:
             make_dirs(self.path, self.config.dir_mode)
-        elif not os.path.isdir(self.path):
-            raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
-        return Folder.open(self.path)
+        try:
+            return Folder.open(self.path)
+        except StorageError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotAnEventLogError("no eventpipe log here (create=False)",
+                                         path=self.path) from None
+            raise
 
     @property
     def segments(self) -> Folder:

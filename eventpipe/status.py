@@ -7,9 +7,10 @@ import os
 import time
 from typing import Any
 
-from ._layout import COMPRESS_LOCK, WRITER_LOCK
+from ._layout import COMPRESS_LOCK, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._registry import ConsumerPosition, consumer_positions
-from .compress import load_state, sum_path
+from .compress import load_state, sum_name
+from .errors import StorageError
 from .log import EventLog
 from .notify import inotify_usage
 from .segment import SegmentFile, list_segments
@@ -24,7 +25,7 @@ def flock_holders(path: str) -> list[int]:
     inherited across fork() shows the original taker.
     """
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=False)  # a planted link names the link's inode
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
@@ -49,17 +50,19 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     now = time.time()
     with EventLog(path, create=False) as log:
         head = log.head
-        segs = list_segments(log.segments_dir)
+        segs = list_segments(log.segments)
         sizes = []
         for s in segs:
-            try:
-                sizes.append(os.path.getsize(s.path))
-            except FileNotFoundError:
-                sizes.append(0)  # compressed or pruned while we looked
+            st = log.segments.lstat(s.name)  # a link planted here is not followed
+            sizes.append(0 if st is None else st.st_size)  # 0: compressed or pruned meanwhile
         # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
         consumers = [_consumer_entry(pos, head, now)
                      for pos in consumer_positions(log.path, log.log_id)]
-        quarantine = os.path.join(log.path, "quarantine")
+        try:
+            with log.folder.sub(QUARANTINE_DIR) as quarantine:
+                quarantined = len(quarantine.names())
+        except StorageError:
+            quarantined = 0  # none yet (or not a folder: verify reports that)
         active = log.committed_header().segment_base
         return {
             "path": log.path,
@@ -75,8 +78,8 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             "consumers": consumers,
             "writers_holding_lock": flock_holders(os.path.join(log.path, WRITER_LOCK)),
             "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
-            "sealing": _sealing(log.path, log.segments_dir, segs, active),
-            "quarantined_files": len(os.listdir(quarantine)) if os.path.isdir(quarantine) else 0,
+            "sealing": _sealing(log.folder, log.segments, segs, active),
+            "quarantined_files": quarantined,
             "inotify": _inotify(),
         }
 
@@ -112,7 +115,8 @@ def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, A
     return entry
 
 
-def _sealing(root: str, folder: str, segs: list[SegmentFile], active: int) -> dict[str, Any]:
+def _sealing(root: Folder, folder: Folder, segs: list[SegmentFile],
+             active: int) -> dict[str, Any]:
     """The sealing work on sealed segments: what is left, what was found damaged, the
     compressor's recent errors (from ``compress.state``, written by whichever process ran
     the last pass)."""
@@ -120,7 +124,7 @@ def _sealing(root: str, folder: str, segs: list[SegmentFile], active: int) -> di
     state = load_state(root)
     return {
         "sealed": len(sealed),
-        "without_checksum": sum(1 for s in sealed if not os.path.exists(sum_path(folder, s.base))),
+        "without_checksum": sum(1 for s in sealed if not folder.exists(sum_name(s.base))),
         "plain": sum(1 for s in sealed if not s.compressed),
         "checksummed_below": state.summed_below if state is not None else None,
         "compressed_below": state.gzipped_below if state is not None else None,

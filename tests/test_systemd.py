@@ -411,7 +411,7 @@ import select, sys
 from eventpipe import EventLog
 path, count = sys.argv[1], int(sys.argv[2])
 done = 0
-with EventLog(path, segment_max_events=1000) as log:
+with EventLog(path, segment_max_events=1000, file_mode=0o660, trust_owner=True) as log:
     while count < 0 or done < count:
         n = log.head
         k = 50 if count < 0 else min(500, count - done)
@@ -445,7 +445,7 @@ def read_checkpoint(log: Path) -> dict[str, Any] | None:
 
 
 def log_head(log: Path) -> int:
-    with EventLog(log, file_mode=0o660) as opened:
+    with EventLog(log, file_mode=0o660, trust_owner=True) as opened:
         return opened.head
 
 
@@ -736,7 +736,7 @@ def test_writer_example_under_systemd(container: tuple[Container, Path]) -> None
 
     try:
         wait_for("the writer to empty the spool", spool_done, 30)
-        with EventLog(data / "orders", file_mode=0o660) as log:
+        with EventLog(data / "orders", file_mode=0o660, trust_owner=True) as log:
             events = [r.event for r in log.read()]
         assert sorted(e["order"] for e in events) == list(range(7)), events
 
