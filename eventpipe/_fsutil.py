@@ -20,6 +20,7 @@ __all__ = [
     "open_shared",
     "os_errors",
     "remove_stale_temps",
+    "set_folder_mode",
     "write_all",
 ]
 
@@ -58,17 +59,27 @@ def make_dirs(path: str | os.PathLike[str], mode: int) -> None:
                 os.mkdir(d, mode)
             except FileExistsError:
                 continue
-            # The umask strips group bits; a shared log needs them exactly as configured.
-            # Keep a setgid bit inherited from the parent folder: it is what gives files
-            # created here the shared group rather than each creator's own. Skip the chmod
-            # when the bits are already right: under systemd's RestrictSUIDSGID= any chmod
-            # naming the setgid bit fails, even one that leaves it as it is.
-            current = os.stat(d).st_mode
-            if current & 0o777 != mode & 0o777:
-                try:
-                    os.chmod(d, mode | (current & stat.S_ISGID))
-                except PermissionError:
-                    os.chmod(d, mode)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                set_folder_mode(fd, mode)
+            finally:
+                os.close(fd)
+
+
+def set_folder_mode(fd: int, mode: int) -> None:
+    """Give the folder open as ``fd`` exactly ``mode``, whatever the umask did at creation.
+
+    A shared log needs its group bits as configured. A setgid bit inherited from the parent
+    folder is kept: it gives files created here the shared group rather than each creator's
+    own. Nothing is done when the bits are right already: under systemd's RestrictSUIDSGID=
+    any chmod naming the setgid bit fails, even one that leaves it as it is.
+    """
+    current = os.fstat(fd).st_mode
+    if current & 0o777 != mode & 0o777:
+        try:
+            os.fchmod(fd, mode | (current & stat.S_ISGID))
+        except PermissionError:
+            os.fchmod(fd, mode)
 
 
 def open_shared(path: str, mode: int) -> int:

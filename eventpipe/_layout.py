@@ -28,6 +28,7 @@ import stat
 from collections.abc import Iterator
 from typing import Self
 
+from ._fsutil import set_folder_mode
 from .errors import StorageError, UnsafePathError
 
 __all__ = [
@@ -113,14 +114,7 @@ class Folder:
         except OSError as exc:
             raise self._error(exc, "open folder", name) from exc
         try:
-            current = os.fstat(fd).st_mode
-            # Skip the chmod when right already: under systemd's RestrictSUIDSGID= a chmod
-            # naming the setgid bit fails even when it changes nothing.
-            if current & 0o777 != mode & 0o777:
-                try:
-                    os.fchmod(fd, mode | (current & stat.S_ISGID))
-                except PermissionError:
-                    os.fchmod(fd, mode)
+            set_folder_mode(fd, mode)
         except OSError as exc:
             raise self._error(exc, "set mode of folder", name) from exc
         finally:
