@@ -29,13 +29,18 @@ from ._workers import INITIAL, fold, rewrite_checkpoint
 from .conftest import Children
 
 
-def expected_state(log_path: Path) -> dict[str, Any]:
-    """The state an uninterrupted run ends in, folded straight from the log."""
+def fold_until(log_path: Path, stop: int | None = None) -> dict[str, Any]:
+    """The state after the events before ``stop`` (default: all), folded straight from the log."""
     state = dict(INITIAL)
     with EventLog(log_path) as log:
-        for rec in log.read():
+        for rec in log.read(0, stop):
             state = fold(state, rec.event, rec.offset)
     return state
+
+
+def expected_state(log_path: Path) -> dict[str, Any]:
+    """The state an uninterrupted run ends in, folded straight from the log."""
+    return fold_until(log_path)
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:

@@ -28,20 +28,12 @@ import pytest
 
 from eventpipe import Consumer, CorruptLogError, EventLog, HandlerError
 
+from ._loop import loop_gaps
 from ._workers import INITIAL, fold
 from .conftest import ROOT, Children
-from .test_consumer import expected_state, read_line
+from .test_consumer import expected_state, fold_until, read_line
 
 MODULE = "tests.test_consumer_defects"
-
-
-def fold_until(log_path: Path, stop: int) -> dict[str, Any]:
-    """The state after the events before ``stop``, folded straight from the log."""
-    state = dict(INITIAL)
-    with EventLog(log_path) as log:
-        for rec in log.read(0, stop):
-            state = fold(state, rec.event, rec.offset)
-    return state
 
 
 def checkpoint_of(log_path: Path, name: str) -> tuple[dict[str, Any], int]:
@@ -319,24 +311,11 @@ def test_run_async_with_a_backlog_and_a_backoff_never_stalls_the_loop(tmp_path: 
         return busy_handler(state, event, offset)
 
     async def main() -> tuple[int, float, int]:
-        gaps: list[float] = []
-        ticking = True
-
-        async def ticker() -> None:
-            last = time.monotonic()
-            while ticking:
-                await asyncio.sleep(0.001)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
         with Consumer(path, "c", handler, 0, on_error="retry", retry_backoff=0.5,
                       on_caught_up=lambda c: c.stop()) as c:
-            tick = asyncio.create_task(ticker())
-            await asyncio.sleep(0.01)
-            state: int = await c.run_async()
-            ticking = False
-            await tick
+            async with loop_gaps() as gaps:
+                await asyncio.sleep(0.01)
+                state: int = await c.run_async()
         return state, max(gaps), len(gaps)
 
     state, longest, ticks = asyncio.run(main())
@@ -352,28 +331,15 @@ def test_async_follow_hands_the_loop_back_while_records_are_available(tmp_path: 
             log.append_many([{"seq": i} for i in range(first, first + 50_000)])
 
     async def main() -> tuple[int, float]:
-        gaps: list[float] = []
-        ticking = True
-
-        async def ticker() -> None:
-            last = time.monotonic()
-            while ticking:
-                await asyncio.sleep(0.001)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
         seen = 0
         with EventLog(path) as log:
-            tick = asyncio.create_task(ticker())
-            await asyncio.sleep(0.01)
-            async for rec in log.follow(0):
-                spin(0.00001)  # a 10 us loop body that does not await
-                seen += 1
-                if rec.offset == 149_999:
-                    break
-            ticking = False
-            await tick
+            async with loop_gaps() as gaps:
+                await asyncio.sleep(0.01)
+                async for rec in log.follow(0):
+                    spin(0.00001)  # a 10 us loop body that does not await
+                    seen += 1
+                    if rec.offset == 149_999:
+                        break
         return seen, max(gaps)
 
     seen, longest = asyncio.run(main())

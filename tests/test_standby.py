@@ -24,9 +24,10 @@ import pytest
 
 from eventpipe import Consumer, EventLog
 
+from ._loop import loop_gaps
 from ._workers import INITIAL, fold
 from .conftest import ROOT, Children
-from .test_consumer import expected_state, read_final, read_line, wait_for
+from .test_consumer import expected_state, fold_until, read_final, read_line, wait_for
 
 POLL = 30.0  # standbys' poll interval: a takeover well within it was notified, not polled
 TAKEOVER_BOUND = 5.0  # kill -9 of the holder to the new holder caught up (generous: 2 cores)
@@ -53,15 +54,6 @@ def flock_holders(path: Path) -> list[int]:
         if parts[5] == dev:
             pids.add(int(parts[4]))
     return sorted(pids)
-
-
-def fold_until(log_path: Path, stop: int) -> dict[str, Any]:
-    """The state after the events before ``stop``, folded straight from the log."""
-    state = dict(INITIAL)
-    with EventLog(log_path) as log:
-        for rec in log.read(0, stop):
-            state = fold(state, rec.event, rec.offset)
-    return state
 
 
 def cpu_seconds(pid: int) -> float:
@@ -289,34 +281,21 @@ def test_run_async_standby_takes_over_without_blocking_the_loop(
     lock = log_path / "consumers" / "aio.lock"
 
     async def main() -> tuple[Any, list[float]]:
-        gaps: list[float] = []
-        ticking = True
-
-        async def ticker() -> None:
-            last = time.monotonic()
-            while ticking:
-                await asyncio.sleep(0.001)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
         def caught_up(c: Consumer) -> None:
             c.stop()
 
         with Consumer(log_path, "aio", fold, INITIAL, standby=True, poll_interval=POLL,
                       on_caught_up=caught_up) as c:
-            tick = asyncio.create_task(ticker())
-            run = asyncio.create_task(c.run_async())
-            # Wait (without blocking the loop) until it stands by, then kill the holder.
-            while not gaps or flock_holders(lock) != [holder.pid]:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
-            assert not run.done()
-            holder.send_signal(signal.SIGKILL)
-            state = await asyncio.wait_for(run, TAKEOVER_BOUND)
-            assert flock_holders(lock) == [os.getpid()]
-            ticking = False
-            await tick
+            async with loop_gaps() as gaps:
+                run = asyncio.create_task(c.run_async())
+                # Wait (without blocking the loop) until it stands by, then kill the holder.
+                while not gaps or flock_holders(lock) != [holder.pid]:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
+                assert not run.done()
+                holder.send_signal(signal.SIGKILL)
+                state = await asyncio.wait_for(run, TAKEOVER_BOUND)
+                assert flock_holders(lock) == [os.getpid()]
         return state, gaps
 
     state, gaps = asyncio.run(main())
