@@ -14,6 +14,10 @@ a few milliseconds. The notification is a hint: standbys also retry at their pol
 The holder writes ``<name>.owner`` (pid, host, since) so a refused second process, and a
 standby's status line, can say who has the name. Raw ``flock`` excludes filelock's ``flock`` on
 the same file, so older versions (which took the name through filelock) still exclude this one.
+
+Both files are reached relative to the checkpoint :class:`~eventpipe._layout.Folder`, never
+through a link: a lock file planted as a link (or a hard link) to a file elsewhere would
+otherwise be opened read-write, and its mode changed, by whoever takes the name (issue 15).
 """
 
 from __future__ import annotations
@@ -26,35 +30,36 @@ import time
 
 import orjson
 
-from ._fsutil import atomic_write, remove_stale_temps
-from .errors import StorageError
+from ._layout import Folder
+from .checkpoint import read_entry, remove_stale_temps, storage_context
+from .errors import EventPipeError, StorageError
 
 __all__ = ["NameLock"]
 
 
 class NameLock:
-    """One process per consumer name: a flock on ``<name>.lock`` plus a note of who holds it."""
+    """One process per consumer name: a flock on ``<name>.lock`` plus a note of who holds it.
 
-    def __init__(self, folder: str, name: str, mode: int) -> None:
-        self.path = os.path.join(folder, f"{name}.lock")
+    ``folder`` is the checkpoint folder, open (the caller keeps it open while this lives and
+    closes it).
+    """
+
+    def __init__(self, folder: Folder, name: str, mode: int) -> None:
         self.folder = folder
         self.filename = f"{name}.lock"
-        self._owner = os.path.join(folder, f"{name}.owner")
+        self.path = folder.path_of(self.filename)  # for messages (never opened by it)
+        self._owner = f"{name}.owner"
         self._mode = mode
         self._fd: int | None = None
         self._held = False
 
     def _descriptor(self) -> int:
         if self._fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._mode)
-            except OSError as exc:
-                raise StorageError.from_os_error(exc, "open consumer name lock",
-                                                 path=self.path) from exc
-            # The umask may have stripped group bits; a lock file of another user stays as is.
-            with contextlib.suppress(PermissionError):
-                os.fchmod(fd, self._mode)
-            self._fd = fd
+            # Read-write, created with exactly our mode if missing, never truncated (only the
+            # flock matters). UnsafePathError for a link, or for a file with other hard links:
+            # it would be a file elsewhere, opened for writing by whoever takes the name.
+            with storage_context("open consumer name lock"):
+                self._fd = self.folder.open_shared(self.filename, self._mode)
         return self._fd
 
     def try_acquire(self) -> bool:
@@ -70,21 +75,27 @@ class NameLock:
             raise StorageError.from_os_error(exc, "lock consumer name", path=self.path) from exc
         self._held = True
         try:
-            remove_stale_temps(self._owner)  # left by holders killed while writing it
+            # Left by holders killed while writing it (a link of a temp name is removed).
+            remove_stale_temps(self.folder, self._owner)
             note = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            atomic_write(self._owner, note, self._mode, durable=False)
+            with storage_context("write consumer owner note"):
+                self.folder.write_atomic(self._owner, note, self._mode, durable=False)
         except BaseException:
             self.release()
             raise
         return True
 
     def holder(self) -> str:
+        """Who holds the name, from ``<name>.owner`` ("an unknown process" when that cannot
+        be read, or is a link: it is never followed)."""
         try:
-            with open(self._owner, "rb") as f:
-                info = orjson.loads(f.read())
+            raw = read_entry(self.folder, self._owner)
+            if raw is None:
+                return "an unknown process"
+            info = orjson.loads(raw)
             return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, EventPipeError, ValueError, KeyError, TypeError):
             return "an unknown process"
 
     @property

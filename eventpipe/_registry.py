@@ -24,10 +24,17 @@ What retention makes of each known consumer (:func:`consumer_positions`):
   checkpoint of another log, a registration that is not valid, a folder that cannot be
   listed): held back from offset 0, with the reason and the path. Never silently skipped:
   a skipped consumer is one whose events retention would remove.
+
+Inside the log, ``consumers/``, ``external/`` and every file in them are reached relative to
+open :class:`~eventpipe._layout.Folder` objects, never through a link: a link there is an
+error naming it (an unknown position, for retention). A registered checkpoint lives outside
+the log, in a folder its operator named: that folder is opened by its path (links in the path
+are followed), the checkpoint file in it is not followed if it is a link.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -36,9 +43,9 @@ from typing import NamedTuple
 
 import orjson
 
-from ._fsutil import atomic_write, fsync_dir, make_dirs, os_errors
-from .checkpoint import Checkpoint, load_checkpoint, validate_name
-from .errors import ConfigError, EventPipeError, StorageError
+from ._layout import CONSUMERS_DIR, EXTERNAL_DIR, Folder, folder_of
+from .checkpoint import Checkpoint, load_checkpoint, read_entry, storage_context, validate_name
+from .errors import ConfigError, EventPipeError, StorageError, UnsafePathError
 
 __all__ = [
     "ConsumerPosition",
@@ -51,8 +58,7 @@ __all__ = [
     "unregister_external",
 ]
 
-CONSUMERS_DIR = "consumers"
-EXTERNAL_DIR = "external"  # inside CONSUMERS_DIR: a checkpoint is never named "external.json"
+# EXTERNAL_DIR is inside CONSUMERS_DIR: a checkpoint is never named "external.json".
 FORMAT_NAME = "eventpipe-external-consumer"
 FORMAT_VERSION = 1
 _HASH = re.compile(r"[0-9a-f]{12}")
@@ -96,19 +102,46 @@ class ConsumerPosition(NamedTuple):
         return self.consumer.external and self.checkpoint is None and self.error is None
 
 
-def _external_dir(log_path: str) -> str:
-    return os.path.join(log_path, CONSUMERS_DIR, EXTERNAL_DIR)
+LogFolder = Folder | str | os.PathLike[str]
+"""A log, as its open folder (``EventLog.folder``) or its path (opened for the call)."""
+
+
+def _sub(folder: Folder, name: str) -> Folder | None:
+    """Subfolder ``name`` (never through a link: UnsafePathError), None if missing."""
+    try:
+        return folder.sub(name)
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _reason(exc: EventPipeError) -> str:
+    """What went wrong, without the path (the caller adds it)."""
+    if isinstance(exc, StorageError) and not isinstance(exc, UnsafePathError) \
+            and exc.errno is not None:
+        return str(exc.strerror)
+    return exc.message
+
+
+def _external_dir(log: LogFolder) -> str:
+    root = log.path if isinstance(log, Folder) else os.path.abspath(os.fspath(log))
+    return os.path.join(root, CONSUMERS_DIR, EXTERNAL_DIR)
 
 
 def _digest(checkpoint_file: str) -> str:
     return hashlib.sha256(os.fsencode(checkpoint_file)).hexdigest()[:12]
 
 
-def registration_path(log_path: str, name: str, checkpoint_file: str) -> str:
+def _registration_name(name: str, checkpoint_file: str) -> str:
+    return f"{validate_name(name)}@{_digest(checkpoint_file)}.json"
+
+
+def registration_path(log: LogFolder, name: str, checkpoint_file: str) -> str:
     """Where the registration of ``name`` with ``checkpoint_file`` lives (raises ConfigError
-    for an invalid name)."""
+    for an invalid name). For messages: the file is only ever opened relative to its folder."""
     cp = os.path.abspath(checkpoint_file)
-    return os.path.join(_external_dir(log_path), f"{validate_name(name)}@{_digest(cp)}.json")
+    return os.path.join(_external_dir(log), _registration_name(name, cp))
 
 
 def _encode(name: str, checkpoint_file: str, registered_at: float) -> bytes:
@@ -146,7 +179,7 @@ def _parse(path: str, raw: bytes) -> tuple[str, str, float]:
     return name, cp, float(at)
 
 
-def register_external(log_path: str, name: str, checkpoint_file: str, file_mode: int,
+def register_external(log: LogFolder, name: str, checkpoint_file: str, file_mode: int,
                       dir_mode: int) -> None:
     """Make the consumer ``name`` checkpointing in ``checkpoint_file`` (outside
     ``<log>/consumers``) known to retention and status. Idempotent.
@@ -154,28 +187,33 @@ def register_external(log_path: str, name: str, checkpoint_file: str, file_mode:
     Writes only when the registration is missing or differs (one read otherwise); atomically
     and durably (temp file, fsync, rename, fsync of the folder, and of its parents when they
     were created). Raises ConfigError for an invalid name, StorageError when the log's folder
-    cannot be written (the consumer must not run unregistered: retention would not wait for it).
+    cannot be written (the consumer must not run unregistered: retention would not wait for it),
+    UnsafePathError when ``consumers/``, ``external/`` or the registration is a link.
     """
     cp = os.path.abspath(checkpoint_file)
-    path = registration_path(log_path, name, cp)
-    try:
-        with open(path, "rb") as f:
-            current = _parse(path, f.read())
-        if current[:2] == (name, cp):
-            return
-    except (OSError, ValueError):
-        pass  # missing, unreadable or invalid: write it afresh
-    folder = os.path.dirname(path)
-    created = not os.path.isdir(folder)
-    if created:
-        make_dirs(folder, dir_mode)
-    atomic_write(path, _encode(name, cp, time.time()), file_mode)
-    if created:  # the new folders' entries in their parents
-        fsync_dir(os.path.dirname(folder))
-        fsync_dir(log_path)
+    filename = _registration_name(name, cp)
+    with folder_of(log) as root:
+        created_consumers = root.mkdir(CONSUMERS_DIR, dir_mode)
+        with root.sub(CONSUMERS_DIR) as consumers:
+            created = consumers.mkdir(EXTERNAL_DIR, dir_mode)
+            with consumers.sub(EXTERNAL_DIR) as external:
+                path = external.path_of(filename)
+                try:
+                    raw = read_entry(external, filename)
+                    if raw is not None and _parse(path, raw)[:2] == (name, cp):
+                        return
+                except UnsafePathError:
+                    raise  # a link planted there: refused, not replaced quietly
+                except (StorageError, ValueError):
+                    pass  # unreadable or invalid: write it afresh
+                with storage_context("register external consumer"):
+                    external.write_atomic(filename, _encode(name, cp, time.time()), file_mode)
+            if created or created_consumers:  # the new folders' entries in their parents
+                consumers.fsync()
+                root.fsync()
 
 
-def unregister_external(log_path: str, name: str, checkpoint_file: str | None = None
+def unregister_external(log: LogFolder, name: str, checkpoint_file: str | None = None
                         ) -> list[str]:
     """Forget the external consumer ``name``: remove its registrations (only the one for
     ``checkpoint_file`` if given) so retention no longer waits for it. Returns the files
@@ -187,36 +225,37 @@ def unregister_external(log_path: str, name: str, checkpoint_file: str | None = 
     Raises ConfigError for an invalid name, StorageError when a file cannot be removed.
     """
     validate_name(name)
-    folder = _external_dir(log_path)
-    if checkpoint_file is not None:
-        targets = [registration_path(log_path, name, checkpoint_file)]
-    else:
-        try:
-            entries = os.listdir(folder)
-        except FileNotFoundError:
+    with folder_of(log) as root:
+        consumers = _sub(root, CONSUMERS_DIR)
+        if consumers is None:
             return []
-        except OSError as exc:
-            raise StorageError.from_os_error(exc, "list consumer registrations",
-                                             path=folder) from exc
-        targets = []
-        for entry in sorted(entries):
-            stem, at, digest = entry.removesuffix(".json").rpartition("@")
-            if entry.endswith(".json") and at and stem == name and _HASH.fullmatch(digest):
-                targets.append(os.path.join(folder, entry))
-    removed = []
-    for path in targets:
-        with os_errors("remove consumer registration", path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-        removed.append(path)
-    if removed:
-        fsync_dir(folder)
+        with consumers:
+            external = _sub(consumers, EXTERNAL_DIR)
+        if external is None:
+            return []
+        with external:
+            if checkpoint_file is not None:
+                targets = [_registration_name(name, os.path.abspath(checkpoint_file))]
+            else:
+                with storage_context("list consumer registrations"):
+                    entries = external.names()
+                targets = []
+                for entry in sorted(entries):
+                    stem, at, digest = entry.removesuffix(".json").rpartition("@")
+                    if entry.endswith(".json") and at and stem == name and _HASH.fullmatch(
+                            digest):
+                        targets.append(entry)
+            removed = []
+            for entry in targets:
+                with storage_context("remove consumer registration"):
+                    if external.unlink(entry):  # a link is removed, not its target
+                        removed.append(external.path_of(entry))
+            if removed:
+                external.fsync()
     return removed
 
 
-def known_checkpoints(log_path: str) -> list[KnownConsumer]:
+def known_checkpoints(log: LogFolder) -> list[KnownConsumer]:
     """Every consumer retention must wait for: those checkpointing in ``<log>/consumers/``
     (sorted by name), then the registered external ones (sorted by name and checkpoint).
 
@@ -225,71 +264,137 @@ def known_checkpoints(log_path: str) -> list[KnownConsumer]:
     consumer at offset 0. A registration naming a checkpoint in ``<log>/consumers/`` is left
     to the listing of that folder.
     """
-    out: list[KnownConsumer] = []
-    folder = os.path.join(log_path, CONSUMERS_DIR)
+    with folder_of(log) as root:
+        where = root.path_of(CONSUMERS_DIR)
+        try:
+            consumers = _sub(root, CONSUMERS_DIR)
+            if consumers is None:
+                return []
+        except EventPipeError as exc:  # a link, or no permission
+            return [KnownConsumer("?", None, False, where,
+                                  f"cannot list consumer checkpoints: {_reason(exc)} "
+                                  f"[path={where}]")]
+        with consumers:
+            return _known_in(consumers)
+
+
+def _known_in(consumers: Folder) -> list[KnownConsumer]:
+    """known_checkpoints() of the open ``consumers`` folder."""
+    folder = consumers.path
     try:
-        names = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json"))
-    except FileNotFoundError:
-        return out
-    except OSError as exc:
+        names = sorted(n[:-5] for n in consumers.names() if n.endswith(".json"))
+    except StorageError as exc:
         return [KnownConsumer("?", None, False, folder,
-                              f"cannot list consumer checkpoints: {exc.strerror} [path={folder}]")]
-    out.extend(KnownConsumer(n, os.path.join(folder, f"{n}.json"), False) for n in names)
-    external = _external_dir(log_path)
+                              f"cannot list consumer checkpoints: {_reason(exc)} "
+                              f"[path={folder}]")]
+    out = [KnownConsumer(n, consumers.path_of(f"{n}.json"), False) for n in names]
+    where = consumers.path_of(EXTERNAL_DIR)
     try:
-        entries = sorted(n for n in os.listdir(external) if n.endswith(".json"))
-    except FileNotFoundError:
-        return out
-    except OSError as exc:
-        return [*out, KnownConsumer("?", None, True, external,
-                                    f"cannot list consumer registrations: {exc.strerror} "
-                                    f"[path={external}]")]
-    in_log = os.path.realpath(folder)
-    registered = []
-    for entry in entries:
-        path = os.path.join(external, entry)
-        guess = entry[:-5].rpartition("@")[0] or entry[:-5]  # for the report only
+        external = _sub(consumers, EXTERNAL_DIR)
+        if external is None:
+            return out
+    except EventPipeError as exc:
+        return [*out, KnownConsumer("?", None, True, where,
+                                    f"cannot list consumer registrations: {_reason(exc)} "
+                                    f"[path={where}]")]
+    with external:
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            registered.append(KnownConsumer(guess, None, True, path,
-                                            f"cannot read consumer registration: {exc.strerror} "
-                                            f"[path={path}]"))
-            continue
-        try:
-            name, cp, _ = _parse(path, raw)
-        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError too
-            registered.append(KnownConsumer(guess, None, True, path,
-                                            f"invalid consumer registration: {exc} [path={path}]"))
-            continue
-        if os.path.realpath(os.path.dirname(cp)) == in_log:
-            continue
-        registered.append(KnownConsumer(name, cp, True, path))
+            entries = sorted(n for n in external.names() if n.endswith(".json"))
+        except StorageError as exc:
+            return [*out, KnownConsumer("?", None, True, where,
+                                        f"cannot list consumer registrations: {_reason(exc)} "
+                                        f"[path={where}]")]
+        here = consumers.stat()
+        registered = []
+        for entry in entries:
+            path = external.path_of(entry)
+            guess = entry[:-5].rpartition("@")[0] or entry[:-5]  # for the report only
+            try:
+                raw = read_entry(external, entry)
+            except EventPipeError as exc:  # a link (never followed), or no permission
+                registered.append(KnownConsumer(guess, None, True, path,
+                                                "cannot read consumer registration: "
+                                                f"{_reason(exc)} [path={path}]"))
+                continue
+            if raw is None:
+                continue  # removed since the listing (forgotten)
+            try:
+                name, cp, _ = _parse(path, raw)
+            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError too
+                registered.append(KnownConsumer(
+                    guess, None, True, path, f"invalid consumer registration: {exc} "
+                    f"[path={path}]"))
+                continue
+            if _same_folder(os.path.dirname(cp), here):
+                continue  # the log's own consumers folder, by another path: listed above
+            registered.append(KnownConsumer(name, cp, True, path))
     out.extend(sorted(registered, key=lambda k: (k.name, k.checkpoint or "")))
     return out
 
 
-def consumer_positions(log_path: str, log_id: str) -> list[ConsumerPosition]:
+def _same_folder(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)  # only compared: nothing in it is opened
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def consumer_positions(log: LogFolder, log_id: str) -> list[ConsumerPosition]:
     """Each known consumer with its loaded checkpoint, or why it has none (never raises for
     one consumer's files; see the module docstring for what retention makes of each)."""
     out = []
-    for known in known_checkpoints(log_path):
-        if known.error is not None or known.checkpoint is None:
-            out.append(ConsumerPosition(known, None, known.error or "no checkpoint path"))
-            continue
+    with folder_of(log) as root:
+        known_ones = known_checkpoints(root)
+        consumers = None
         try:
-            cp = load_checkpoint(known.checkpoint)
-        except EventPipeError as exc:  # corrupt, or unreadable (StoragePermissionError)
-            out.append(ConsumerPosition(known, None, str(exc)))
-            continue
-        if cp is not None and cp.log_id != log_id:
-            out.append(ConsumerPosition(known, None, (
-                f"checkpoint belongs to another log (log id {cp.log_id}, this log is "
-                f"{log_id}) [path={known.checkpoint}]")))
-            continue
-        out.append(ConsumerPosition(known, cp, None))
+            for known in known_ones:
+                if known.error is not None or known.checkpoint is None:
+                    out.append(ConsumerPosition(known, None, known.error or "no checkpoint path"))
+                    continue
+                try:
+                    if not known.external and consumers is None:
+                        consumers = _sub(root, CONSUMERS_DIR)
+                    cp = _load_known(known, consumers)
+                except EventPipeError as exc:  # corrupt, a link, unreadable (permission)
+                    out.append(ConsumerPosition(known, None, str(exc)))
+                    continue
+                out.append(_checked(known, cp, log_id))
+        finally:
+            if consumers is not None:
+                consumers.close()
     return out
+
+
+def _load_known(known: KnownConsumer, consumers: Folder | None) -> Checkpoint | None:
+    """The checkpoint of ``known``: in the log's consumers folder, or (external) in the folder
+    its registration names, opened by that path; the file itself is never followed."""
+    assert known.checkpoint is not None
+    filename = os.path.basename(known.checkpoint)
+    if not known.external:
+        return load_checkpoint(consumers, filename) if consumers is not None else None
+    folder = _sub_at(os.path.dirname(known.checkpoint))
+    if folder is None:
+        return None  # not checkpointed yet: its folder does not even exist
+    with folder:
+        return load_checkpoint(folder, filename)
+
+
+def _sub_at(path: str) -> Folder | None:
+    try:
+        return Folder.open(path)
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _checked(known: KnownConsumer, cp: Checkpoint | None, log_id: str) -> ConsumerPosition:
+    if cp is not None and cp.log_id != log_id:
+        return ConsumerPosition(known, None, (
+            f"checkpoint belongs to another log (log id {cp.log_id}, this log is "
+            f"{log_id}) [path={known.checkpoint}]"))
+    return ConsumerPosition(known, cp, None)
 
 
 def describe(known: KnownConsumer) -> str:

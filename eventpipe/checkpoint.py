@@ -5,6 +5,10 @@ rename, fsync of the folder), so a crash at any instant leaves the old checkpoin
 never a mix of one's state with the other's offset. The previous checkpoint is kept beside it
 as ``<name>.json.prev``.
 
+Every file is reached relative to an open :class:`~eventpipe._layout.Folder`, never by path and
+never through a link: the folder is shared (``<log>/consumers/``), and a link planted there
+would otherwise make a privileged consumer read or write a file elsewhere (issue 15).
+
 Besides ``state`` and ``offset`` (the next offset to process) a checkpoint records where the
 last consumed event lies (segment and byte position), so resuming needs no scan, and a CRC of
 that event's stored bytes: on resume the event is read back and compared, which catches a log
@@ -19,26 +23,37 @@ itself (see :func:`encode_state`): JSON types with string keys, 64-bit integers,
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import math
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ._fsutil import atomic_write, os_errors, remove_stale_temps
-from .errors import CheckpointError, ConfigError, StateNotStorableError, StorageError
+from ._layout import Folder
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    StateNotStorableError,
+    StorageError,
+    UnsafePathError,
+)
 
 __all__ = [
     "Checkpoint",
-    "checkpoint_path",
+    "checkpoint_file",
     "encode_state",
     "load_checkpoint",
+    "read_entry",
+    "remove_stale_temps",
     "remove_temp_files",
     "save_checkpoint",
+    "storage_context",
     "validate_name",
 ]
 
@@ -69,8 +84,64 @@ def validate_name(name: str) -> str:
     return name
 
 
-def checkpoint_path(folder: str, name: str) -> str:
-    return os.path.join(folder, f"{validate_name(name)}.json")
+def checkpoint_file(name: str) -> str:
+    """The checkpoint's file name for consumer ``name`` (raises ConfigError if invalid)."""
+    return f"{validate_name(name)}.json"
+
+
+@contextlib.contextmanager
+def storage_context(what: str) -> Iterator[None]:
+    """Prefix the message of a StorageError raised in the block with ``what`` failed (a
+    Folder names only the system call and the path). An UnsafePathError passes unchanged:
+    its message says all."""
+    try:
+        yield
+    except UnsafePathError:
+        raise
+    except StorageError as exc:
+        exc.message = f"{what}: {exc.message}"
+        raise
+
+
+def read_entry(folder: Folder, name: str) -> bytes | None:
+    """The content of file ``name`` in ``folder`` (None if missing), like Folder.read_bytes,
+    but opened with ``O_NONBLOCK``: a FIFO planted under that name is refused at once
+    (UnsafePathError, "not a regular file") instead of blocking the open until someone
+    writes to it, which would hang a consumer, ``status``, or retention in a writer's
+    compressor thread. (Reads of a regular file ignore the flag.)"""
+    try:
+        fd = folder.open_file(name, os.O_RDONLY | os.O_NONBLOCK)
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, "read", path=folder.path_of(name)) from exc
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: Folder, name: str) -> int:
+    """Remove the ``<name>.tmp.<pid>`` files that writes of ``name`` (Folder.write_atomic)
+    left in ``folder`` when their process was killed; a link of that name is removed, not
+    followed.
+
+    Only for a file that one process at a time writes, called by that process (the holder of
+    a lock): then none of them is in use. Returns how many were removed.
+    """
+    prefix = f"{name}.tmp."
+    try:
+        names = folder.names()
+    except StorageError:
+        return 0
+    removed = 0
+    for entry in names:
+        if entry.startswith(prefix) and entry[len(prefix):].isdigit() and folder.unlink(entry):
+            removed += 1
+    return removed
 
 
 def encode_state(state: Any) -> bytes:
@@ -131,13 +202,14 @@ def _first_change(value: Any, where: str = "state") -> str:
     return ""
 
 
-def remove_temp_files(path: str) -> int:
-    """Remove temp files that writes of the checkpoint at ``path`` left behind when killed.
+def remove_temp_files(folder: Folder, filename: str) -> int:
+    """Remove temp files that writes of the checkpoint ``filename`` in ``folder`` left behind
+    when killed.
 
     Call only while holding the consumer's name: then no other process writes them. Returns
     how many were removed.
     """
-    return remove_stale_temps(path) + remove_stale_temps(path + ".prev")
+    return remove_stale_temps(folder, filename) + remove_stale_temps(folder, filename + ".prev")
 
 
 @dataclass(frozen=True)
@@ -177,57 +249,66 @@ class Checkpoint:
         return b"%s%s%d}" % (body, _CHECKSUM_KEY, zlib.crc32(body + b"}"))
 
 
-def save_checkpoint(path: str, checkpoint: Checkpoint, mode: int) -> None:
-    """Atomically replace the checkpoint at ``path``, keeping the old one as ``.prev``.
+def save_checkpoint(folder: Folder, filename: str, checkpoint: Checkpoint, mode: int) -> None:
+    """Atomically replace the checkpoint ``filename`` in ``folder``, keeping the old one as
+    ``.prev``.
 
     Raises StateNotStorableError if the state cannot be stored unchanged (see :func:`encode_state`),
-    StorageError (disk full, permission) with the old checkpoint intact.
+    StorageError (disk full, permission) with the old checkpoint intact, UnsafePathError for a
+    link where a temp file is created. A link at ``filename`` or its ``.prev`` is replaced,
+    never written through.
     """
+    path = folder.path_of(filename)
     try:
         data = checkpoint.to_bytes()
     except ValueError as exc:
         raise StateNotStorableError(f"consumer state cannot be stored as JSON: {exc}",
                                     path=path) from None
-    prev = path + ".prev"
-    with os_errors("keep previous checkpoint", path):
-        # A hard link costs no copy; rename over .prev keeps the swap atomic.
+    prev = filename + ".prev"
+    with storage_context("keep previous checkpoint"):
+        # A hard link costs no copy; rename over .prev keeps the swap atomic. The link is of
+        # the entry itself (a planted symbolic link is copied as a link, not followed).
         tmp_prev = f"{prev}.tmp.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_prev)  # left by a process of the same pid killed right here
+        folder.unlink(tmp_prev)  # left by a process of the same pid killed right here
         try:
-            os.link(path, tmp_prev)
-        except FileNotFoundError:
-            pass  # no checkpoint yet
+            folder.link(filename, tmp_prev)
+        except StorageError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # no checkpoint yet
         else:
-            os.rename(tmp_prev, prev)
+            folder.rename(tmp_prev, prev)
             # rename() does nothing when both names are already one file (a writer killed
             # between this step and the next left .prev == current): drop the temp name.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_prev)
-    atomic_write(path, data, mode)
+            folder.unlink(tmp_prev)
+    with storage_context("write checkpoint"):
+        folder.write_atomic(filename, data, mode)
 
 
-def load_checkpoint(path: str, name: str | None = None) -> Checkpoint | None:
-    """Read the checkpoint at ``path``; None if there is none.
+def load_checkpoint(folder: Folder, filename: str, name: str | None = None
+                    ) -> Checkpoint | None:
+    """Read the checkpoint ``filename`` in ``folder``; None if there is none.
 
     Raises CheckpointError naming the file when it is not a valid checkpoint (a bad checksum,
     a field of the wrong type, another consumer's when ``name`` is given), and says whether a
-    previous one is kept beside it.
+    previous one is kept beside it; UnsafePathError (nothing read) when the file is a link or
+    not a regular file; StorageError when it cannot be read.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    path = folder.path_of(filename)
+    with storage_context("read checkpoint"):
+        raw = read_entry(folder, filename)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise StorageError.from_os_error(exc, "read checkpoint", path=path) from exc
     try:
         cp = _parse(raw)
         if name is not None and cp.name != name:
             raise ValueError(f"it is consumer {cp.name!r}'s checkpoint, not {name!r}'s")
     except (ValueError, KeyError, TypeError) as exc:
-        hint = (" (the previous checkpoint is kept as " + os.path.basename(path) + ".prev)"
-                if os.path.exists(path + ".prev") else "")
+        try:
+            kept = folder.exists(filename + ".prev")
+        except StorageError:
+            kept = False
+        hint = f" (the previous checkpoint is kept as {filename}.prev)" if kept else ""
         raise CheckpointError(f"checkpoint is corrupt: {exc}{hint}", path=path) from None
     return cp
 

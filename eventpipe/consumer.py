@@ -27,16 +27,18 @@ from typing import Any, NamedTuple, NoReturn, Self
 
 import orjson
 
-from ._fsutil import atomic_write, make_dirs, os_errors
+from ._fsutil import make_dirs
+from ._layout import CONSUMERS_DIR, Folder
 from ._namelock import NameLock
 from ._registry import register_external
 from .checkpoint import (
     Checkpoint,
-    checkpoint_path,
+    checkpoint_file,
     encode_state,
     load_checkpoint,
     remove_temp_files,
     save_checkpoint,
+    storage_context,
     validate_name,
 )
 from .config import CONSUMER_OPTIONS, resolve
@@ -81,7 +83,6 @@ _MAIN_THREAD_SLICE = 0.1
 # is reported just before the kernel drops the flock. Past them, it waits for the next hint or
 # its poll interval.
 _TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
-CONSUMERS_DIR = "consumers"
 # Retry delays double up to this (seconds), whatever retry_backoff and max_retries say.
 _MAX_BACKOFF = 3600.0
 # A dead-letter entry quotes at most this much of the error and of its traceback (characters):
@@ -193,13 +194,43 @@ class Consumer:
         except ValueError as exc:
             raise ConfigError(f"initial_state cannot be stored as JSON: {exc}",
                               option="initial_state") from None
-        folder = os.fspath(opts["checkpoint_dir"] or os.path.join(self.log.path, CONSUMERS_DIR))
-        make_dirs(folder, self.log.config.dir_mode)
-        self.checkpoint_path = checkpoint_path(folder, name)
-        if os.path.realpath(folder) != os.path.realpath(
-                os.path.join(self.log.path, CONSUMERS_DIR)):
+        # Every checkpoint, lock and owner file is reached relative to this folder, open for
+        # the consumer's life, never through a link (see _layout): <log>/consumers/ is shared.
+        self._folder = self._open_folder(opts["checkpoint_dir"])
+        try:
+            self._setup_in(self._folder, name, initial)
+        except BaseException:
+            self._folder.close()
+            raise
+
+    def _open_folder(self, checkpoint_dir: str | os.PathLike[str] | None) -> Folder:
+        """The checkpoint folder: ``<log>/consumers`` (created if missing; a link there is
+        refused), or ``checkpoint_dir``, the operator's choice (a link there is followed;
+        links inside it are not)."""
+        dir_mode = self.log.config.dir_mode
+        if checkpoint_dir is None or os.path.abspath(checkpoint_dir) == os.path.join(
+                self.log.path, CONSUMERS_DIR):
+            return self.log.folder.sub(CONSUMERS_DIR, create_mode=dir_mode)
+        make_dirs(checkpoint_dir, dir_mode)
+        return Folder.open(checkpoint_dir)
+
+    def _in_log(self, folder: Folder) -> bool:
+        """Whether ``folder`` is the log's own consumers folder (also when a checkpoint_dir
+        names it by another path)."""
+        if folder.path == os.path.join(self.log.path, CONSUMERS_DIR):
+            return True
+        inside = self.log.folder.lstat(CONSUMERS_DIR)  # a link there is not the folder
+        here = folder.stat()
+        return inside is not None and (inside.st_dev, inside.st_ino) == (here.st_dev,
+                                                                         here.st_ino)
+
+    def _setup_in(self, folder: Folder, name: str, initial: Any) -> None:
+        opts = self.options
+        self.checkpoint_file = checkpoint_file(name)
+        self.checkpoint_path = folder.path_of(self.checkpoint_file)  # for messages
+        if not self._in_log(folder):
             # Retention must know what this consumer still needs (see _registry).
-            register_external(self.log.path, name, self.checkpoint_path,
+            register_external(self.log.folder, name, self.checkpoint_path,
                               self.log.config.file_mode, self.log.config.dir_mode)
         self._name_lock = NameLock(folder, name, self.log.config.file_mode)
         self.state: Any = initial
@@ -264,7 +295,8 @@ class Consumer:
             self._load()
             return True
         sd = self.systemd
-        notifier = ChangeNotifier(lock.folder, lock.filename,
+        # The watch only reads events (it opens no file), so it may name the folder by path.
+        notifier = ChangeNotifier(lock.folder.path, lock.filename,
                                   use_watchdog=self.options["notifications"],
                                   poll_interval=self.options["poll_interval"])
         notifier.start()  # before the next attempt: a release after it leaves a hint
@@ -304,12 +336,12 @@ class Consumer:
         belong together: resuming from it handles the events since again, which gives the same
         state. The damaged file is kept aside as ``<name>.json.corrupt`` for inspection.
         """
-        path = self.checkpoint_path
+        folder, file, path = self._folder, self.checkpoint_file, self.checkpoint_path
         try:
-            return load_checkpoint(path, self.name)
+            return load_checkpoint(folder, file, self.name)
         except CheckpointError as damaged:
             try:
-                prev = load_checkpoint(path + ".prev", self.name)
+                prev = load_checkpoint(folder, file + ".prev", self.name)
             except CheckpointError as also:
                 raise CheckpointError(f"{damaged.message}, which is damaged too: {also.message}",
                                       path=path) from None
@@ -319,16 +351,17 @@ class Consumer:
                         "events after it are handled again; the damaged file is kept as "
                         "%s.corrupt", damaged, os.path.basename(path), prev.offset,
                         os.path.basename(path))
-            with os_errors("set aside a damaged checkpoint", path):
-                os.replace(path, path + ".corrupt")
+            with storage_context("set aside a damaged checkpoint"):
+                folder.rename(file, file + ".corrupt")  # a link named .corrupt is replaced
                 # Put the previous checkpoint back in place: rebuilds after a handler error
                 # replay from this file.
-                atomic_write(path, prev.to_bytes(), self.log.config.file_mode)
+                folder.write_atomic(file, prev.to_bytes(), self.log.config.file_mode)
             self._scan_all_dead_letters = True
             return prev
 
     def _load(self) -> None:
-        remove_temp_files(self.checkpoint_path)  # we hold the name: left by killed writes
+        # We hold the name: these were left by killed writes.
+        remove_temp_files(self._folder, self.checkpoint_file)
         self._pending_dead_letter = self._skip_offset = None
         cp = self._read_checkpoint()
         if cp is None:
@@ -431,7 +464,7 @@ class Consumer:
         stamp = time.time()
         try:
             save_checkpoint(
-                self.checkpoint_path,
+                self._folder, self.checkpoint_file,
                 Checkpoint(self.name, self.log.log_id, self.offset, self.state, seg, pos, crc,
                            stamp, dead_letter_from),
                 self.log.config.file_mode,
@@ -453,7 +486,7 @@ class Consumer:
         checkpoint: a bisection, with one encode per step. The state goes back to the last
         checkpoint, as a restart would; nothing is written.
         """
-        cp = load_checkpoint(self.checkpoint_path, self.name)
+        cp = load_checkpoint(self._folder, self.checkpoint_file, self.name)
         start = cp.offset if cp is not None else 0
         end = self.offset
         reason = exc.message.removeprefix("consumer state cannot be stored as JSON: ")
@@ -670,7 +703,7 @@ class Consumer:
         HandlerError naming the offset if the handler fails during the replay: a partial
         replay is never used. With ``yields``, hands the loop back as _process does.
         """
-        cp = load_checkpoint(self.checkpoint_path, self.name)
+        cp = load_checkpoint(self._folder, self.checkpoint_file, self.name)
         state, start = (cp.state, cp.offset) if cp is not None else (
             _loads(self._initial_json), 0)
         handler = self.handler
@@ -1061,6 +1094,7 @@ class Consumer:
             return
         self._closed = True
         self._name_lock.release()
+        self._folder.close()
         self.systemd.close()
         if self._dead_letter_log is not None:
             self._dead_letter_log.close()

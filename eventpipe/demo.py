@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import orjson
-
+from ._layout import CONSUMERS_DIR, Folder
+from .checkpoint import Checkpoint, checkpoint_file, load_checkpoint
 from .consumer import Consumer
+from .errors import EventPipeError
 from .log import EventLog
 
 __all__ = ["DemoResult", "balances", "run_demo", "type_counts"]
@@ -100,13 +101,18 @@ class DemoResult:
     problems: list[str]
 
 
-def _checkpoint(path: str, name: str) -> dict[str, Any] | None:
+def _checkpoint(path: str, name: str) -> Checkpoint | None:
+    """Consumer ``name``'s last checkpoint (None until it has one)."""
     try:
-        with open(os.path.join(path, "consumers", f"{name}.json"), "rb") as f:
-            doc: dict[str, Any] = orjson.loads(f.read())
-            return doc
-    except (OSError, orjson.JSONDecodeError):
+        with Folder.open(path) as root, root.sub(CONSUMERS_DIR) as folder:
+            return load_checkpoint(folder, checkpoint_file(name), name)
+    except EventPipeError:
         return None
+
+
+def _offset(path: str, name: str) -> int | None:
+    cp = _checkpoint(path, name)
+    return cp.offset if cp is not None else None
 
 
 def run_demo(
@@ -147,8 +153,7 @@ def run_demo(
                 head, now = log.head, time.monotonic()
                 # Lag as any other process sees it: from each consumer's last checkpoint
                 # (taken every 0.2 s here), so it reads a little high while they keep up.
-                lags = {n: head - ((_checkpoint(path, n) or {}).get("offset", 0))
-                        for n in PROJECTIONS}
+                lags = {n: head - (_offset(path, n) or 0) for n in PROJECTIONS}
                 line = (f"  {now - started:4.1f}s  head {head:>9,}  "
                         f"{(head - last_head) / (now - last_t):>9,.0f} events/s  " + "  ".join(
                             f"{n} lag {lag:,}" for n, lag in lags.items()))
@@ -167,7 +172,7 @@ def run_demo(
                   file=out)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(
-                (_checkpoint(path, n) or {}).get("offset") != head for n in PROJECTIONS
+                _offset(path, n) != head for n in PROJECTIONS
             ):
                 time.sleep(0.05)
             for p in procs[: len(PROJECTIONS)]:
@@ -188,9 +193,9 @@ def run_demo(
                         bad.append(rec.offset)
         for name in PROJECTIONS:
             cp = _checkpoint(path, name)
-            if cp is None or cp["offset"] != head:
-                problems.append(f"consumer {name} stopped at {cp and cp['offset']}, head {head}")
-            elif cp["state"] != expected[name]:
+            if cp is None or cp.offset != head:
+                problems.append(f"consumer {name} stopped at {cp and cp.offset}, head {head}")
+            elif cp.state != expected[name]:
                 problems.append(f"consumer {name}'s state differs from a fold of the log")
         with EventLog(dlq) as dead:
             lettered = sorted(r.event["offset"] for r in dead.read())

@@ -78,7 +78,7 @@ def _holds(log: EventLog) -> list[tuple[int, str]]:
     :mod:`eventpipe._registry`): one whose position is unknown (not checkpointed yet,
     unreadable, invalid) holds from offset 0, and the reason says so."""
     holds = []
-    for pos in consumer_positions(log.path, log.log_id):
+    for pos in consumer_positions(log.folder, log.log_id):
         offset = pos.hold
         if offset is None:
             continue

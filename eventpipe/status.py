@@ -57,7 +57,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             sizes.append(0 if st is None else st.st_size)  # 0: compressed or pruned meanwhile
         # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
         consumers = [_consumer_entry(pos, head, now)
-                     for pos in consumer_positions(log.path, log.log_id)]
+                     for pos in consumer_positions(log.folder, log.log_id)]
         try:
             with log.folder.sub(QUARANTINE_DIR) as quarantine:
                 quarantined = len(quarantine.names())

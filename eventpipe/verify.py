@@ -30,11 +30,12 @@ from typing import Any, NamedTuple
 import orjson
 
 from ._header import HEADER_SIZE, Header, decode_header
+from ._layout import CONSUMERS_DIR, Folder
 from ._ownership import group_name, user_name
 from .checkpoint import load_checkpoint
 from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from .config import LOG_OPTIONS, resolve
-from .errors import EventPipeError, UnsafePathError
+from .errors import EventPipeError, StorageError, UnsafePathError
 from .segment import SegmentFile, list_segments, segment_path
 
 __all__ = ["Problem", "check_layout", "verify_log"]
@@ -512,17 +513,34 @@ def _removed(folder: str, base: int) -> bool:
 
 def _check_checkpoints(root: str, meta: dict[str, Any], head: int, segs: list[SegmentFile],
                        problems: list[Problem], summary: dict[str, Any]) -> None:
-    folder = os.path.join(root, "consumers")
+    # consumers/ and its files are opened relative to the log folder, never through a link
+    # (see _layout): a link there is a problem naming it.
+    where = os.path.join(root, CONSUMERS_DIR)
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
-    except FileNotFoundError:
+        with Folder.open(root) as log_folder:
+            folder = log_folder.sub(CONSUMERS_DIR)
+    except EventPipeError as exc:
+        if not (isinstance(exc, StorageError) and exc.errno == errno.ENOENT):
+            problems.append(Problem(exc.path or where, None, exc.message))
         return
+    with folder:
+        try:
+            names = sorted(n for n in folder.names() if n.endswith(".json"))
+        except StorageError as exc:
+            problems.append(Problem(where, None, exc.message))
+            return
+        _check_checkpoint_files(root, folder, names, meta, head, segs, problems, summary)
+
+
+def _check_checkpoint_files(root: str, folder: Folder, names: list[str], meta: dict[str, Any],
+                            head: int, segs: list[SegmentFile], problems: list[Problem],
+                            summary: dict[str, Any]) -> None:
     first = segs[0].base if segs else head
     for name in names:
-        cp_path = os.path.join(folder, name)
+        cp_path = folder.path_of(name)
         summary["checkpoints"] += 1
         try:
-            cp = load_checkpoint(cp_path)
+            cp = load_checkpoint(folder, name)
         except EventPipeError as exc:
             problems.append(Problem(cp_path, None, exc.message))
             continue

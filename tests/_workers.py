@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from eventpipe import Consumer, EventLog
+from eventpipe._layout import Folder
 from eventpipe.checkpoint import load_checkpoint
 
 
@@ -23,7 +24,8 @@ def rewrite_checkpoint(path: str | os.PathLike[str], **changes: Any) -> None:
     """Rewrite a checkpoint file with some fields changed and a valid checksum: a checkpoint
     as eventpipe itself could have written it (e.g. before the log was restored from an older
     copy). Editing the JSON by hand now only tests the checksum."""
-    cp = load_checkpoint(os.fspath(path))
+    with Folder.open(os.path.dirname(os.path.abspath(path))) as folder:
+        cp = load_checkpoint(folder, os.path.basename(path))
     assert cp is not None
     with open(path, "wb") as f:
         f.write(dataclasses.replace(cp, **changes).to_bytes())

@@ -108,14 +108,13 @@ def test_version_1_checkpoints_are_still_read(log_path: Path) -> None:
 _KILLED_IN_CHECKPOINT = """
 import os, signal, sys
 from eventpipe import Consumer
-from eventpipe import _fsutil
-real_write_all = _fsutil.write_all
-def write_all(fd, data, position):
+real_write = os.write
+def write(fd, data):
     if len(data) < 50_000:  # not a checkpoint
-        return real_write_all(fd, data, position)
-    real_write_all(fd, data[: len(data) // 2], position)
+        return real_write(fd, data)
+    real_write(fd, data[: len(data) // 2])
     os.kill(os.getpid(), signal.SIGKILL)
-_fsutil.write_all = write_all
+os.write = write  # what Folder.write_atomic writes checkpoints with
 def handler(state, event, offset):
     return {"blob": "z" * 100_000, "n": state["n"] + 1}
 with Consumer(sys.argv[1], "c", handler, {"blob": "", "n": 0}) as c:
