@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from eventpipe.compress import BLOCK_BYTES
 from eventpipe.segment import list_segments
 from eventpipe.status import log_status
 
+from ._wait import wait_until
 from ._workers import rewrite_checkpoint
 from .conftest import ROOT, Children
 
@@ -109,14 +109,6 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bytes:
     line = proc.stdout.readline()
     assert line, f"child exited (rc={proc.wait()})"
     return line
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0,
-               what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def fill(path: Path, count: int, first: int = 0, **options: Any) -> None:

@@ -28,6 +28,7 @@ from eventpipe._header import HEADER_SIZE, Header, decode_header
 from eventpipe.compress import clean_stale, read_sum, sum_blocks
 from eventpipe.status import flock_holders
 
+from ._wait import wait_until
 from .conftest import ROOT, Children
 
 STATE_FILE = "compress.state"  # the compressor's watermark, damaged segments, recent errors
@@ -87,14 +88,6 @@ def unfinished(log: Path, *, compressed: bool = True) -> list[int]:
                                                and f"{base:020d}.jsonl" in names):
             left.append(base)
     return left
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def state(log: Path) -> dict[str, Any]:
@@ -216,7 +209,7 @@ def test_a_finish_that_finds_the_lock_held_leaves_its_work_to_the_holder(
         holder = children.popen([sys.executable, "-c", READ_ONLY_FINISH, str(log_path), "600"],
                                 env=env())
         assert holder.stdout is not None and holder.stdout.readline() == b"go\n"
-        wait_for(_holds_lock(holder, log_path), "A to take the compress lock")
+        wait_until(_holds_lock(holder, log_path), "A to take the compress lock")
         b = subprocess.run([sys.executable, "-c", SEAL_AND_FINISH, str(log_path)],
                            capture_output=True, timeout=120, env=env(), check=False)
         assert b.returncode == 0, b.stderr
@@ -248,7 +241,7 @@ def test_a_reader_that_kicks_does_the_sealing_work_writers_left(log_path: Path) 
     writer_lock = (log_path / "writer.lock").stat().st_mtime_ns
     with EventLog(log_path) as reader:  # reads only: a consumer's log
         reader._compression().kick()
-        wait_for(lambda: unfinished(log_path) == [], "the reader's compressor")
+        wait_until(lambda: unfinished(log_path) == [], "the reader's compressor")
         assert reader._compression()._thread is not None
     assert (log_path / "writer.lock").stat().st_mtime_ns == writer_lock
 
@@ -274,8 +267,8 @@ def test_a_running_consumer_does_the_sealing_work_of_killed_writers(
                                  str(k)], capture_output=True, timeout=60, env=env(),
                                 check=False)
         assert killed.returncode == 0, killed.stderr
-    wait_for(lambda: unfinished(log_path) == [] and header(log_path).head == 1 + 8 * 23,
-             "the consumer's compressor")
+    wait_until(lambda: unfinished(log_path) == [] and header(log_path).head == 1 + 8 * 23,
+               "the consumer's compressor")
     assert consumer.poll() is None
 
 
@@ -296,7 +289,7 @@ def test_a_gzip_segment_without_checksum_gets_one_from_its_content(log_path: Pat
     (log_path / STATE_FILE).unlink(missing_ok=True)  # as a log written by an earlier version
     with EventLog(log_path) as log:
         log.append({"i": 45})  # opens the writer, which starts a pass
-        wait_for((seg / f"{10:020d}.sum").exists, "the missing .sum")
+        wait_until((seg / f"{10:020d}.sum").exists, "the missing .sum")
     got = read_sum(str(seg), 10)
     content = gzip.decompress((seg / f"{10:020d}.jsonl.gz").read_bytes())
     assert got is not None and got.events == 10
@@ -380,7 +373,7 @@ def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path
         for i in range(60):
             sealing = header(log_path).segment_base
             log.append({"roll": i})  # each append seals a segment and kicks the compressor
-            wait_for((seg / f"{sealing:020d}.sum").exists, "the pass")
+            wait_until((seg / f"{sealing:020d}.sum").exists, "the pass")
         assert unfinished(log_path, compressed=False) == [10]
         errors = log._compression().errors
         assert 1 <= len(errors) <= ERRORS_KEPT, f"{len(errors)} errors kept"
@@ -394,7 +387,7 @@ def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path
     (log_path / STATE_FILE).unlink()  # forgets the damage: the next pass finds it again
     with EventLog(log_path, sync="none", compression=None) as log:
         log.append({"x": 1})  # opens the writer: a pass, which finds the damage; no roll
-        wait_for((log_path / STATE_FILE).exists, "the pass")
+        wait_until((log_path / STATE_FILE).exists, "the pass")
         errors = json.loads(cli("status", log_path, "--json").stdout)["sealing"]["errors"]
         assert [e["pid"] for e in errors] == [os.getpid()]
         assert "holds 9 complete lines, expected 10" in errors[0]["error"]
@@ -403,8 +396,8 @@ def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path
                          r"holds 9 complete lines, expected 10", text), text
     with EventLog(log_path, sync="none", compression=None, segment_max_events=1) as log:
         log.append({"x": 2})  # seals a segment: a clean pass
-        wait_for(lambda: not json.loads(cli("status", log_path, "--json").stdout)
-                 ["sealing"]["errors"], "a clean pass to clear the errors")
+        wait_until(lambda: not json.loads(cli("status", log_path, "--json").stdout)
+                   ["sealing"]["errors"], "a clean pass to clear the errors")
         assert [d["segment"] for d in state(log_path)["damaged"]] == [10]
 
 

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,8 @@ from eventpipe import EventLog
 from eventpipe.notify import ChangeNotifier, _explain, inotify_usage
 
 from .conftest import ROOT, Children
+from .test_notify import HINT_TIMEOUT, new_threads, pwrite, until
 
-HINT_TIMEOUT = 5.0  # only a broken notifier ever waits this long
 INOTIFY_LINK = "anon_inode:inotify"
 
 
@@ -55,27 +54,6 @@ def own_inotify_fds() -> int:
         with contextlib.suppress(OSError):  # the fd listdir itself used
             count += os.readlink(f"/proc/self/fd/{fd}") == INOTIFY_LINK
     return count
-
-
-def until(predicate: Callable[[], object], timeout: float = HINT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not reached within {timeout}s")
-        time.sleep(0.001)
-
-
-def pwrite(path: Path | str) -> None:
-    """Rewrite ``path`` in place, as a committing append rewrites ``head``."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, b"\x01" * 8, 0)
-    finally:
-        os.close(fd)
-
-
-def new_threads(before: set[threading.Thread]) -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t not in before and t.is_alive()}
 
 
 # --------------------------------------------------------------------------------------------

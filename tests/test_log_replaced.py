@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,10 @@ import pytest
 
 from eventpipe import CheckpointMismatchError, Consumer, EventLog, LogReplacedError
 
+from ._wait import wait_until
 from ._workers import INITIAL, fold
 
 DEADLINE = 20.0
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.005)
 
 
 class Running:

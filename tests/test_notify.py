@@ -23,18 +23,16 @@ import pytest
 
 from eventpipe.notify import ChangeNotifier
 
+from ._wait import wait_until
+
 HINT_TIMEOUT = 5.0  # only a broken notifier ever waits this long
 PROMPT = 2.0  # a delivered hint must release a waiter well within this (generous for CI)
 QUIET = 0.3  # how long "no hint" is watched for
 
 
 def until(predicate: Callable[[], object], timeout: float = HINT_TIMEOUT) -> None:
-    """Return once ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not reached within {timeout}s")
-        time.sleep(0.001)
+    """Return once ``predicate()`` is truthy (polled every 1 ms); fail after ``timeout`` s."""
+    wait_until(predicate, timeout=timeout, interval=0.001)
 
 
 async def until_async(predicate: Callable[[], object]) -> None:
@@ -44,7 +42,7 @@ async def until_async(predicate: Callable[[], object]) -> None:
             await asyncio.sleep(0)
 
 
-def pwrite(path: Path, data: bytes = b"\x01" * 8) -> None:
+def pwrite(path: Path | str, data: bytes = b"\x01" * 8) -> None:
     """Rewrite ``path`` in place, as a committing append rewrites ``head``."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ import pytest
 
 from eventpipe import EventLog
 
+from ._wait import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 CONSUMER_TEMPLATE = "eventpipe-consumer@.service"
@@ -41,6 +43,7 @@ UNIT_SUFFIXES = (".service", ".path", ".socket", ".timer", ".target", ".mount")
 # The overall exposure ``systemd-analyze security`` may report (0 best, 10 worst). The units
 # score 0.5 today; anything above this means hardening was lost.
 MAX_EXPOSURE = 1.5
+PROBE = 0.1  # seconds between polls of a container (each runs systemctl or journalctl in it)
 
 PATH_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
@@ -202,17 +205,6 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float,
-             interval: float = 0.1) -> Any:
-    """Call ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 def under(path: Path, *parents: str) -> bool:
@@ -556,9 +548,9 @@ def check_consumer_unit(box: Container, log: Path) -> None:
     checkpoint = read_checkpoint(log)
     assert checkpoint is not None and checkpoint["offset"] == 1000
     assert checkpoint["state"] == {"count": 1000, "sum": sum(map(value, range(1000)))}
-    wait_for("STATUS= with the caught-up offset",
-             lambda: box.show(UNIT, "StatusText")["StatusText"]
-             == "consumer counter: offset 1000, lag 0", 10)
+    wait_until(lambda: box.show(UNIT, "StatusText")["StatusText"]
+               == "consumer counter: offset 1000, lag 0",
+               "STATUS= with the caught-up offset", 10, PROBE)
 
     # The sandbox really applies to the process, and it was given the watchdog settings.
     main_pid = props["MainPID"]
@@ -580,7 +572,7 @@ def check_consumer_unit(box: Container, log: Path) -> None:
         cp = read_checkpoint(log)
         return cp if cp is not None and cp["offset"] == head else None
 
-    checkpoint = wait_for("the checkpoint to reach the head", at_head, 30)
+    checkpoint = wait_until(at_head, "the checkpoint to reach the head", 30, PROBE)
     # Exactly once: a replayed or skipped event would have made the handler raise (and the
     # unit restart once more); a lost or doubled one would show in the count and the sum.
     assert checkpoint["state"] == {"count": head, "sum": sum(map(value, range(head)))}
@@ -602,8 +594,8 @@ def check_consumer_unit(box: Container, log: Path) -> None:
                 and "stop-post: result=success" in text)
         return text if done else None
 
-    journal: str = wait_for("the consumer's stop message in the journal",
-                            journal_complete, 10)
+    journal: str = wait_until(journal_complete, "the consumer's stop message in the journal",
+                              10, PROBE)
     outcomes = re.findall(r"^stop-post: (.*)$", journal, re.MULTILINE)
     assert outcomes == [*["result=signal code=killed status=KILL"] * 2,
                         "result=success code=exited status=0"], journal
@@ -620,7 +612,7 @@ def kill_and_wait_for_restart(box: Container, log: Path, writer: subprocess.Pope
         cp = read_checkpoint(log)
         return cp is not None and before is not None and cp["offset"] > before["offset"] + 200
 
-    wait_for("the consumer to handle events appended from outside", progressed, 20)
+    wait_until(progressed, "the consumer to handle events appended from outside", 20, PROBE)
     assert writer.poll() is None, "the writer stopped before the kill"
     old_pid = box.show(UNIT, "MainPID")["MainPID"]
     box.run("systemctl", "kill", "--signal=SIGKILL", "--kill-whom=main", UNIT)
@@ -630,7 +622,7 @@ def kill_and_wait_for_restart(box: Container, log: Path, writer: subprocess.Pope
         return (p["NRestarts"] == str(kill) and p["ActiveState"] == "active"
                 and p["SubState"] == "running" and p["MainPID"] not in ("0", old_pid))
 
-    wait_for(f"restart number {kill} after kill -9", restarted, 30)
+    wait_until(restarted, f"restart number {kill} after kill -9", 30, PROBE)
     assert writer.poll() is None, "the writer stopped before the restart"
 
 
@@ -691,25 +683,26 @@ def taken_over_by(box: Container, unit: str) -> tuple[str, str] | None:
 
 def check_standby_pool(box: Container, log: Path, gid: int) -> None:
     box.run("systemctl", "start", *POOL, timeout=90)  # both READY: the standby at once
-    active, standby = wait_for("one unit consuming, the other standing by",
-                               lambda: pool_roles(box), 60)
+    active, standby = wait_until(lambda: pool_roles(box),
+                                 "one unit consuming, the other standing by", 60, PROBE)
     with background_writer(log, gid) as (writer, appended):
         for _ in range(2):
             before = read_checkpoint(log)
             assert before is not None
-            wait_for("progress before the kill", functools.partial(progressed_past, log, before),
-                     30)
+            wait_until(functools.partial(progressed_past, log, before),
+                       "progress before the kill", 30, PROBE)
             box.run("systemctl", "kill", "--signal=SIGKILL", "--kill-whom=main", active)
             # The standby takes the name over; systemd restarts the killed unit, which now
             # finds the name held and stands by in its turn.
-            roles = wait_for("the standby to take over after kill -9",
-                             functools.partial(taken_over_by, box, standby), 60)
+            roles = wait_until(functools.partial(taken_over_by, box, standby),
+                               "the standby to take over after kill -9", 60, PROBE)
             active, standby = roles
             assert writer.poll() is None, "the writer stopped before the takeover"
     head = log_head(log)
     assert head == 1000 + appended[0]
-    checkpoint = wait_for("the checkpoint to reach the head", lambda: (
-        (cp := read_checkpoint(log)) is not None and cp["offset"] == head and cp), 60)
+    checkpoint = wait_until(lambda: (
+        (cp := read_checkpoint(log)) is not None and cp["offset"] == head and cp),
+        "the checkpoint to reach the head", 60, PROBE)
     assert checkpoint["state"] == {"count": head, "sum": sum(map(value, range(head)))}
     box.run("systemctl", "stop", *POOL, timeout=60)
 
@@ -735,7 +728,7 @@ def test_writer_example_under_systemd(container: tuple[Container, Path]) -> None
         return left if left == "incoming/* rejected/b.jsonl" else None
 
     try:
-        wait_for("the writer to empty the spool", spool_done, 30)
+        wait_until(spool_done, "the writer to empty the spool", 30, PROBE)
         with EventLog(data / "orders", file_mode=0o660, trust_owner=True) as log:
             events = [r.event for r in log.read()]
         assert sorted(e["order"] for e in events) == list(range(7)), events
@@ -747,7 +740,7 @@ def test_writer_example_under_systemd(container: tuple[Container, Path]) -> None
             return ('"written":5,' in text and '"written":2,' in text
                     and "line 2: not JSON" in text)
 
-        wait_for("the writer's reports in the journal", journal_complete, 10)
+        wait_until(journal_complete, "the writer's reports in the journal", 10, PROBE)
     except BaseException:
         print(box.run("journalctl", "--unit", "eventpipe-writer-example.service",
                       "--unit", "eventpipe-writer-example.path", "--no-pager", "-n", "60",
