@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +60,22 @@ class Children:
             for stream in (proc.stdout, proc.stderr, proc.stdin):
                 if stream is not None:
                     stream.close()
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary folder an unprivileged user can reach (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="eventpipe-shared-"))
+    path.chmod(0o755)
+    if os.geteuid() == 0:  # the child will run as another user
+        assert all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents]), \
+            f"{path} is not reachable by other users"
+    try:
+        yield path
+    finally:
+        for dirpath, _dirs, _files in os.walk(path):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(path)
 
 
 @pytest.fixture

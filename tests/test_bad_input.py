@@ -14,16 +14,11 @@ from __future__ import annotations
 import errno
 import gzip
 import json
-import multiprocessing
 import os
 import pickle
-import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +39,10 @@ from eventpipe import (
 )
 from eventpipe._header import decode_header
 
+from ._unprivileged import NOBODY, run_unprivileged
 from .conftest import Children
 
 Snapshot = dict[str, bytes | None]  # relative name -> bytes (None for a directory)
-
-NOBODY = 65534
 
 
 def snapshot(root: Path) -> Snapshot:
@@ -623,58 +617,6 @@ def test_file_size_limit_mid_write_leaves_log_unchanged_and_retry_succeeds(
 
 
 # ------------------------------------------------------------------------------ permissions
-
-def _world_reachable(path: Path) -> bool:
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [path, *path.parents])
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A temporary folder an unprivileged user can reach (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="eventpipe-perm-"))
-    path.chmod(0o755)
-    if os.geteuid() == 0:  # the child will run as another user
-        assert _world_reachable(path), f"{path} is not reachable by other users"
-    try:
-        yield path
-    finally:
-        for dirpath, _dirs, _files in os.walk(path):
-            os.chmod(dirpath, 0o755)
-        shutil.rmtree(path)
-
-
-def _as_unprivileged(conn: Connection, fn: Callable[[], dict[str, Any]]) -> None:
-    try:
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-        conn.send(fn())
-    except BaseException as exc:
-        conn.send({"crashed": f"{type(exc).__name__}: {exc}"})
-    finally:
-        conn.close()
-
-
-def run_unprivileged(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``fn`` in a forked child that has no privileges (uid 65534 when we are root).
-
-    Fork rather than exec: the interpreter may live where the unprivileged user cannot reach.
-    """
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_as_unprivileged, args=(child, fn))
-    proc.start()
-    child.close()
-    try:
-        result: dict[str, Any] = parent.recv()
-    finally:
-        proc.join()
-        parent.close()
-    assert proc.exitcode == 0
-    assert "crashed" not in result, result.get("crashed", "")
-    return result
-
 
 def describe(exc: BaseException) -> dict[str, Any]:
     return {

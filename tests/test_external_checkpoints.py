@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +32,10 @@ from eventpipe._registry import (
 from eventpipe.cli import main
 from eventpipe.status import log_status
 
+from ._unprivileged import NOBODY, run_unprivileged
 from .conftest import ROOT, Children
 
 COUNTER = str(ROOT / "examples" / "counter_consumer.py") + ":handle"
-NOBODY = 65534
 SEG = 10  # events per segment: bases are multiples of 10
 
 
@@ -275,49 +271,6 @@ def test_an_invalid_registration_is_reported_with_its_path_and_holds_everything(
         assert not planted.exists()
         assert cli("prune", log_path, "--before", "90").code == 0
         assert bases(log_path)[0] == 90
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A temporary folder an unprivileged user can reach (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="eventpipe-ext-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        for dirpath, _dirs, _files in os.walk(path):
-            os.chmod(dirpath, 0o755)
-        shutil.rmtree(path)
-
-
-def _unprivileged(conn: Connection, fn: Callable[[], dict[str, Any]]) -> None:
-    try:
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-        conn.send(fn())
-    except BaseException as exc:
-        conn.send({"crashed": f"{type(exc).__name__}: {exc}"})
-    finally:
-        conn.close()
-
-
-def run_unprivileged(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``fn`` in a forked child without privileges (uid 65534 when we are root)."""
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_unprivileged, args=(child, fn))
-    proc.start()
-    child.close()
-    try:
-        result: dict[str, Any] = parent.recv()
-    finally:
-        proc.join()
-        parent.close()
-    assert proc.exitcode == 0
-    assert "crashed" not in result, result["crashed"]
-    return result
 
 
 def test_an_unreadable_external_checkpoint_holds_everything(shared_tmp: Path) -> None:
