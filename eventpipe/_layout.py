@@ -129,7 +129,10 @@ class Folder:
         this call creates with ``O_EXCL`` gets exactly ``mode`` (see :meth:`open_shared`).
         """
         try:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+            # O_NONBLOCK: a FIFO planted where a file should be would block open() until a
+            # writer came; it is refused below instead (regular files ignore the flag).
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
+                         dir_fd=self.fd)
         except OSError as exc:
             raise self._error(exc, "open", name) from exc
         try:
