@@ -282,3 +282,37 @@ def test_cli_prune_removes_a_planted_link_not_its_target(
     r = cli("prune", str(log_path), "--before", "20", "--force")
     assert r.returncode == 0, r.stderr
     assert not link.is_symlink() and victims.file.exists()
+
+
+def test_compressed_segment_link(log_path: Path, victims: Victims) -> None:
+    with library(log_path) as log:
+        assert log.compress() == 2  # segments 0 and 10 are gzip now
+    link = Path(segment_path(str(log_path / "segments"), 0, compressed=True))
+    plant(link, victims.file)
+    expect_refused(link, using(log_path, lambda log: list(log.read(0, 5))))
+
+
+def test_dead_letter_log_link(log_path: Path, victims: Victims,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dead-letter log in the shared folder, owned by nobody, whose active segment is a link.
+    from eventpipe import Consumer
+
+    dlq = log_path.parent / "dlq"
+    with EventLog(dlq, trust_owner=True) as log:
+        log.append({"consumer": "earlier"})
+    for dirpath, dirnames, filenames in os.walk(dlq):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, NOBODY, NOBODY)
+    link = Path(segment_path(str(dlq / "segments"), 0))
+    plant(link, victims.file)
+    monkeypatch.setenv("EVENTPIPE_TRUST_OWNER", "1")
+
+    def failing(state: int, event: Any, offset: int) -> int:
+        raise ValueError("always")
+
+    def consume() -> None:
+        with Consumer(log_path, "c", failing, 0, on_error="dead_letter",
+                      dead_letter=str(dlq), max_retries=0) as c:
+            c.catch_up()
+
+    expect_refused(link, consume)
