@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import select
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from eventpipe import (
     HandlerError,
 )
 
+from ._sdnotify import fake_systemd
 from ._workers import INITIAL, fold, rewrite_checkpoint
 from .conftest import Children
 
@@ -298,12 +297,7 @@ def test_sd_notify_messages_under_a_fake_systemd(
 ) -> None:
     with EventLog(log_path) as log:
         log.append_many([{"seq": i} for i in range(5)])
-    sock_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(sock_path)
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="200000",
-                   PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with fake_systemd(tmp_path, 200000) as (sock, env):
         c = children.worker("consumer", str(log_path), "sd", env=env)
         messages = [sock.recv(4096).decode()]
         while "READY=1" not in messages[-1]:

@@ -29,6 +29,7 @@ import pytest
 from eventpipe import Consumer, CorruptLogError, EventLog, HandlerError
 
 from ._loop import loop_gaps
+from ._sdnotify import fake_systemd
 from ._workers import INITIAL, fold
 from .conftest import ROOT, Children
 from .test_consumer import expected_state, fold_until, read_line
@@ -366,12 +367,7 @@ def test_watchdog_pings_keep_time_with_a_slow_handler_and_during_a_backoff(
 ) -> None:
     with EventLog(log_path) as log:
         log.append_many([{"seq": i} for i in range(400)])
-    sock_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(sock_path)
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000",
-                   PYTHONPATH=str(ROOT))
+    with fake_systemd(tmp_path, 1000000) as (sock, env):
         # 5 ms per event (2 s of backlog) and a 1.5 s retry backoff at offset 200.
         child = children.popen([sys.executable, "-m", MODULE, "slow", str(log_path), "0.005",
                                 "200", "1.5", "0"], env=env)
@@ -417,12 +413,7 @@ def test_a_hung_handler_aborted_by_the_watchdog_shows_where_it_hung(
 ) -> None:
     with EventLog(log_path) as log:
         log.append_many([{"seq": i} for i in range(10)])
-    sock_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(sock_path)
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000",
-                   PYTHONPATH=str(ROOT))
+    with fake_systemd(tmp_path, 1000000) as (_sock, env):  # bound while the child sends
         child = children.popen([sys.executable, "-m", MODULE, "hang", str(log_path)], env=env,
                                stderr=subprocess.PIPE, preexec_fn=no_core_dumps)
         assert read_line(child) == "hanging"

@@ -13,7 +13,6 @@ import os
 import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ import pytest
 from eventpipe import Consumer, EventLog
 
 from ._loop import loop_gaps
+from ._sdnotify import fake_systemd
 from ._workers import INITIAL, fold
-from .conftest import ROOT, Children
+from .conftest import Children
 from .test_consumer import expected_state, fold_until, read_final, read_line, wait_for
 
 POLL = 30.0  # standbys' poll interval: a takeover well within it was notified, not polled
@@ -220,12 +220,7 @@ def test_a_waiting_standby_reports_ready_and_whom_it_waits_for_under_systemd(
         log.append_many([{"seq": i} for i in range(5)])
     holder = children.worker("consumer", str(log_path), "sd")
     wait_for("caught-up", holder)
-    sock_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(sock_path)
-        sock.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="400000",
-                   PYTHONPATH=str(ROOT))
+    with fake_systemd(tmp_path, 400000) as (sock, env):
         standby = children.worker("consumer", str(log_path), "sd", "--standby", "--poll",
                                   str(POLL), env=env)
         messages: list[str] = []
