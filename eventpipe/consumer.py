@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-import traceback
 import zlib
 from collections.abc import Callable, Generator
 from itertools import count
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple, NoReturn, Self
 
 import orjson
 
+from ._deadletter import DeadLetters
 from ._fsutil import make_dirs
 from ._layout import CONSUMERS_DIR, Folder
 from ._namelock import NameLock
@@ -51,7 +51,6 @@ from .errors import (
     EventPipeError,
     HandlerError,
     LogClosedError,
-    NotAnEventLogError,
     StateNotStorableError,
 )
 from .log import EventLog
@@ -85,12 +84,6 @@ _MAIN_THREAD_SLICE = 0.1
 _TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 # Retry delays double up to this (seconds), whatever retry_backoff and max_retries say.
 _MAX_BACKOFF = 3600.0
-# A dead-letter entry quotes at most this much of the error and of its traceback (characters):
-# the entry must fit the dead-letter log's max_event_bytes whatever the failure.
-_QUOTE_CHARS = 4000
-# The smallest max_event_bytes a dead-letter log may have: an entry naming the event by its
-# offset alone (no copy of it, no error text) must still fit.
-_MIN_DEAD_LETTER_BYTES = 1024
 
 log = logging.getLogger("eventpipe.consumer")
 
@@ -143,43 +136,17 @@ class Consumer:
         self._owns_log = not isinstance(log_or_path, EventLog)
         self.log = EventLog(log_or_path) if not isinstance(log_or_path, EventLog) \
             else log_or_path
-        self._dead_letter_log: EventLog | None = None
+        self._dead_letters: DeadLetters | None = None
         try:
             if opts["on_error"] == "dead_letter":
-                self._dead_letter_log = self._open_dead_letter(opts["dead_letter"])
+                self._dead_letters = DeadLetters(opts["dead_letter"], self.log, name)
             self._setup(name, handler, initial_state, on_caught_up, on_idle)
         except BaseException:
-            if self._dead_letter_log is not None:
-                self._dead_letter_log.close()
+            if self._dead_letters is not None:
+                self._dead_letters.close()
             if self._owns_log:
                 self.log.close()
             raise
-
-    def _open_dead_letter(self, where: str | os.PathLike[str]) -> EventLog:
-        """Open (or create) the dead-letter log now, so a bad one fails here and not at the
-        first failing event: not a log, the consumed log itself (it would feed itself), or one
-        whose max_event_bytes cannot hold an entry."""
-        path = os.path.abspath(os.fspath(where))
-        same = ConfigError(
-            f"dead_letter {path!r} is the consumed log: its entries would be consumed again",
-            option="dead_letter")
-        if os.path.realpath(path) == os.path.realpath(self.log.path):
-            raise same
-        try:
-            dlq = EventLog(path)
-        except NotAnEventLogError as exc:
-            raise ConfigError(f"dead_letter {path!r} is not an eventpipe log: {exc.message}",
-                              option="dead_letter") from None
-        if dlq.log_id == self.log.log_id:
-            dlq.close()
-            raise same
-        if dlq.config.max_event_bytes < _MIN_DEAD_LETTER_BYTES:
-            dlq.close()
-            raise ConfigError(
-                f"dead_letter log {path!r} has max_event_bytes {dlq.config.max_event_bytes}; "
-                f"a dead-letter entry needs at least {_MIN_DEAD_LETTER_BYTES}",
-                option="dead_letter")
-        return dlq
 
     def _setup(self, name: str, handler: Handler, initial_state: Any,
                on_caught_up: Hook | None, on_idle: Hook | None) -> None:
@@ -734,70 +701,24 @@ class Consumer:
         head: a run killed after the append then finds its entry by reading from there (and
         passes over the event, see _load), however many entries others appended meanwhile.
         """
-        dlq = self._dead_letter_log
-        assert dlq is not None
+        dead = self._dead_letters
+        assert dead is not None
         if self._dead_lettered(offset):
             return
-        self._save(dead_letter_from=dlq.head)
-        dlq.append(self._dead_letter_entry(dlq, offset, event, exc))
+        self._save(dead_letter_from=dead.head)
+        dead.append(offset, event, exc)
 
     def _dead_lettered(self, offset: int) -> bool:
         """Whether the dead-letter log already holds our entry for ``offset``."""
-        dlq = self._dead_letter_log
+        dead = self._dead_letters
         pending = self._pending_dead_letter
-        if dlq is None:
+        if dead is None:
             return False
         if pending is not None and pending[0] == offset:
-            start = pending[1]
-        elif self._scan_all_dead_letters:
-            start = 0
-        else:
-            return False  # no mark: no append can have happened since the last checkpoint
-        log_id, name = self.log.log_id, self.name
-        for record in dlq.read(max(start, dlq.first_offset)):
-            e = record.event
-            if (isinstance(e, dict) and e.get("offset") == offset
-                    and e.get("consumer") == name and e.get("log_id") == log_id):
-                return True
-        return False
-
-    def _dead_letter_entry(self, dlq: EventLog, offset: int, event: Any,
-                           exc: BaseException) -> dict[str, Any]:
-        """The entry for a failed event, made to fit the dead-letter log's max_event_bytes.
-
-        Quoted text is cut to _QUOTE_CHARS; if the entry is still too large, the event itself
-        is left out (``event_omitted``: re-read it at ``offset`` of ``log_id``), then the
-        traceback and the error text.
-        """
-        error = _clip(f"{type(exc).__name__}: {exc}")
-        trace = "".join(traceback.format_exception(exc))
-        if len(trace) > _QUOTE_CHARS:
-            trace = "...(cut)\n" + trace[-_QUOTE_CHARS:]  # the innermost frames matter most
-        entry: dict[str, Any] = {
-            "consumer": self.name,
-            "log": self.log.path,
-            "log_id": self.log.log_id,
-            "offset": offset,
-            "event": event,
-            "error": error,
-            "traceback": trace,
-            "at": time.time(),
-        }
-        limit = dlq.config.max_event_bytes
-        for drop in ("event", "traceback", "error", "log"):
-            try:
-                if len(dlq.encode(entry)) <= limit:
-                    break
-            except EventPipeError:
-                pass  # too large (or not encodable, which only the event can be): cut more
-            if drop == "event":
-                entry["event"] = None
-                entry["event_omitted"] = "too large to quote; read it at this offset"
-            elif drop == "log":
-                del entry["log"]  # a very long path: log_id names the log too
-            else:
-                entry[drop] = entry[drop][:200] + "...(cut)"
-        return entry
+            return dead.holds(offset, pending[1])
+        if self._scan_all_dead_letters:
+            return dead.holds(offset, 0)
+        return False  # no mark: no append can have happened since the last checkpoint
 
     # ------------------------------------------------------------------------------ running
 
@@ -1096,8 +1017,8 @@ class Consumer:
         self._name_lock.release()
         self._folder.close()
         self.systemd.close()
-        if self._dead_letter_log is not None:
-            self._dead_letter_log.close()
+        if self._dead_letters is not None:
+            self._dead_letters.close()
         if self._owns_log:
             self.log.close()
 
@@ -1109,10 +1030,6 @@ class Consumer:
 
     def __repr__(self) -> str:
         return f"Consumer({self.log.path!r}, {self.name!r}, offset={self.offset})"
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "...(cut)"
 
 
 def _raised_here(exc: BaseException) -> bool:
