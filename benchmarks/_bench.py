@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: options, timing, percentiles, environment, tables.
+"""Shared helpers for the benchmark scripts: options, logs to measure, timing, tables, reports.
 
 Not a benchmark itself (no ``bench_`` prefix, so ``dev.py bench`` skips it).
 """
@@ -25,13 +25,18 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
+from eventpipe import EventLog
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 __all__ = [
+    "BATCH",
     "Options",
     "Row",
     "at_least",
+    "bench_main",
+    "build_logs",
     "environment",
     "environment_line",
     "fmt_rate",
@@ -47,11 +52,15 @@ __all__ = [
     "render_table",
     "rows_to_json",
     "run_and_report",
+    "scale_row",
+    "segment_files",
     "short_count",
     "timed",
 ]
 
 TS_BASE = 1_700_000_000_000  # a millisecond timestamp, so "ts" has a realistic width
+BATCH = 100_000  # append_many batch when building logs
+SCALE_TARGET = 1.5  # a cost on the big input may be at most this many times that on the small
 
 S = TypeVar("S", bound="DataclassInstance")  # a script's frozen ``Sizes``, with a ``big`` field
 
@@ -76,6 +85,48 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 def make_events(start: int, count: int) -> list[dict[str, Any]]:
     """The benchmark events ``{"ts": <int>, "name": "event<i>"}`` for i in start..start+count."""
     return [{"ts": TS_BASE + i, "name": f"event{i}"} for i in range(start, start + count)]
+
+
+def build_logs(total: int, targets: Sequence[tuple[str, dict[str, Any]]],
+               plain: str | None = None, label: str = "") -> float:
+    """Append ``total`` events with append_many (batches of 100k) to each log in ``targets``
+    (``(path, log options)``) and, if given, to the plain JSON-lines file ``plain``.
+
+    Returns the seconds spent appending to the first log.
+    """
+    logs = [EventLog(path, **options) for path, options in targets]
+    spent = 0.0
+    try:
+        with open(plain, "wb") if plain is not None else contextlib.nullcontext() as f:
+            for first in range(0, total, BATCH):
+                events = make_events(first, min(BATCH, total - first))
+                start = time.perf_counter()
+                logs[0].append_many(events)
+                spent += time.perf_counter() - start
+                for log in logs[1:]:
+                    log.append_many(events)
+                if f is not None:
+                    # A slice at a time: 100k small bytes from orjson.dumps alive at once take
+                    # ~450 MB of peak RSS (freed, but it inflates this process's high-water).
+                    for i in range(0, len(events), 1000):
+                        f.write(b"\n".join(map(orjson.dumps, events[i : i + 1000])) + b"\n")
+                if label and first and first % 1_000_000 == 0:
+                    progress(f"{label}: {first:,}/{total:,}")
+        for log in logs:
+            assert log.head == total, (log.path, log.head, total)
+    finally:
+        for log in logs:
+            log.close()
+    return spent
+
+
+def segment_files(log_path: str) -> tuple[int, int, int]:
+    """(segments, gzip'd segments, bytes on disk) of a log: its ``.jsonl`` and ``.jsonl.gz``
+    files, not the checksum sidecars."""
+    names = [e for e in os.scandir(os.path.join(log_path, "segments"))
+             if e.name.endswith((".jsonl", ".jsonl.gz"))]
+    return (len(names), sum(e.name.endswith(".gz") for e in names),
+            sum(e.stat().st_size for e in names))
 
 
 def peak_rss_mb() -> tuple[float | None, float]:
@@ -218,6 +269,17 @@ class Row:
         return {None: "info", True: "PASS", False: "FAIL"}[self.passed]
 
 
+def scale_row(name: str, big: list[float], baseline: str, small: list[float], *,
+              note: str = "", extra: dict[str, float] | None = None) -> Row:
+    """A row for a cost that must not grow with size: the same measurement on a big input
+    (``big``, one sample per run) and on a small one, their medians, and the ratio big/small
+    against the target (at most SCALE_TARGET)."""
+    t, base = median(big), median(small)
+    return Row(name, 0, t, big, baseline, base, small, ratio=t / base,
+               target=f"<= {SCALE_TARGET:g}x (time big/small)",
+               passed=t / base <= SCALE_TARGET, note=note, extra=extra or {})
+
+
 _COLUMNS = ("#", "benchmark", "median", "events/s", "baseline", "base median", "base ev/s",
             "ratio", "target", "")
 
@@ -320,17 +382,18 @@ def label_rows(out: dict[int, list[Row]], only: set[int]) -> list[tuple[str, Row
 
 
 def run_and_report(opts: Options[S], only: set[int], as_json: bool,
-                   run: Callable[[Options[S], set[int]], list[tuple[str, Row]]],
+                   run: Callable[[Options[S], set[int]], dict[int, list[Row]]],
                    title: str, ratios: str) -> int:
     """Run the rows and print the report: JSON with --json, else the header and the table.
 
-    The header reads ``<title> (<mode>; median of N runs; <ratios>; total N s)``.
+    ``run`` returns the rows of each selected row number. The header reads
+    ``<title> (<mode>; median of N runs; <ratios>; total N s)``.
     """
     env = environment(opts.dir)
     env["eventpipe_env"] = {k: v for k, v in os.environ.items() if k.startswith("EVENTPIPE_")}
     progress(environment_line(env))
     started = time.perf_counter()
-    rows = run(opts, only)
+    rows = label_rows(run(opts, only), only)
     elapsed = time.perf_counter() - started
     progress(f"done in {elapsed:.0f} s")
     settings = {"runs": opts.runs, "quick": opts.quick, "sizes": asdict(opts.sizes),
@@ -349,3 +412,13 @@ def run_and_report(opts: Options[S], only: set[int], as_json: bool,
     print()
     print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
     return 0
+
+
+def bench_main(argv: Sequence[str] | None, doc: str | None, full: S, quick: S, *, rows: int,
+               quick_runs: int, big_help: str,
+               run: Callable[[Options[S], set[int]], dict[int, list[Row]]], title: str,
+               ratios: str) -> int:
+    """A benchmark script's ``main``: :func:`parse_args`, then :func:`run_and_report`."""
+    opts, only, as_json = parse_args(argv, doc, full, quick, rows=rows, quick_runs=quick_runs,
+                                     big_help=big_help)
+    return run_and_report(opts, only, as_json, run, title, ratios)

@@ -64,17 +64,17 @@ from _bench import (
     Options,
     Row,
     at_least,
+    bench_main,
+    build_logs,
     fmt_rate,
     fmt_seconds,
     fresh_dir,
-    label_rows,
-    make_events,
     median,
-    parse_args,
     peak_rss_mb,
     percentile,
     progress,
-    run_and_report,
+    scale_row,
+    segment_files,
     short_count,
     timed,
 )
@@ -82,7 +82,6 @@ from _bench import (
 from eventpipe import Consumer, EventLog
 from eventpipe.consumer import CONSUMER_OPTIONS
 
-BATCH = 100_000  # append_many batch when building logs
 RSS_TARGET_MB = 40.0
 
 
@@ -109,47 +108,6 @@ CONSUMER_DEFAULT_EVERY: int = next(o.default for o in CONSUMER_OPTIONS
 def count_handler(state: int, event: Any, offset: int) -> int:
     """The trivial fold of every row: count events."""
     return state + 1
-
-
-def build_logs(total: int, targets: Sequence[tuple[str, dict[str, Any]]],
-               plain: str | None = None, label: str = "") -> float:
-    """Append ``total`` events with append_many (batches of 100k) to each log in ``targets``
-    (``(path, log options)``) and, if given, to the plain JSON-lines file ``plain``.
-
-    Returns the seconds spent appending to the first log.
-    """
-    logs = [EventLog(path, **options) for path, options in targets]
-    spent = 0.0
-    try:
-        with open(plain, "wb") if plain is not None else contextlib.nullcontext() as f:
-            for first in range(0, total, BATCH):
-                events = make_events(first, min(BATCH, total - first))
-                start = time.perf_counter()
-                logs[0].append_many(events)
-                spent += time.perf_counter() - start
-                for log in logs[1:]:
-                    log.append_many(events)
-                if f is not None:
-                    # A slice at a time: 100k small bytes from orjson.dumps alive at once take
-                    # ~450 MB of peak RSS (freed, but it inflates this process's high-water).
-                    for i in range(0, len(events), 1000):
-                        f.write(b"\n".join(map(orjson.dumps, events[i : i + 1000])) + b"\n")
-                if label and first and first % 1_000_000 == 0:
-                    progress(f"{label}: {first:,}/{total:,}")
-        for log in logs:
-            assert log.head == total, (log.path, log.head, total)
-    finally:
-        for log in logs:
-            log.close()
-    return spent
-
-
-def segment_files(log_path: str) -> tuple[int, int, int]:
-    """(segments, gzip'd segments, bytes on disk) of a log."""
-    names = [e for e in os.scandir(os.path.join(log_path, "segments"))
-             if e.name.endswith((".jsonl", ".jsonl.gz"))]
-    return (len(names), sum(e.name.endswith(".gz") for e in names),
-            sum(e.stat().st_size for e in names))
 
 
 def gzip_options(quick: bool) -> dict[str, Any]:
@@ -609,12 +567,11 @@ def bench_resume(opts: Options[Sizes]) -> tuple[list[Row], list[Row]]:
                 s.append(resume_once(small_path, name, small))
             big_s.append(median(b))
             small_s.append(median(s))
-    t, base = median(big_s), median(small_s)
     checkpoints = big // CONSUMER_DEFAULT_EVERY
     rows3 = [
-        Row(f"resume at head, {short_count(big)}-event log", 0, t, big_s,
-            f"same, {short_count(small)}-event log", base, small_s, ratio=t / base,
-            target="<= 1.5x (time big/small)", passed=t / base <= 1.5,
+        scale_row(
+            f"resume at head, {short_count(big)}-event log", big_s,
+            f"same, {short_count(small)}-event log", small_s,
             note=f"Consumer(path, name, h, 0) + catch_up() with nothing new: open the log, take "
                  f"the name lock, load the checkpoint, read back and verify its last event; "
                  f"median of {reps} repeats per run; big log: {segs} segments, "
@@ -648,8 +605,8 @@ def bench_resume(opts: Options[Sizes]) -> tuple[list[Row], list[Row]]:
 # ---------------------------------------------------------------------------------- main
 
 
-def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
-    """Run the selected rows; returns (label, row) pairs in table order."""
+def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
+    """Run the selected rows; returns the rows of each row number."""
     out: dict[int, list[Row]] = {}
     if 1 in only:
         out[1] = bench_catchup(opts)
@@ -657,16 +614,16 @@ def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
         out[2] = bench_follow(opts)
     if only & {3, 4}:
         out[3], out[4] = bench_resume(opts)
-    return label_rows(out, only)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, only, as_json = parse_args(
-        argv, __doc__, FULL, QUICK, rows=4, quick_runs=1,
-        big_help="events in the big log of rows 3-4 (default 10_000_000, quick 1_000_000)")
-    return run_and_report(opts, only, as_json, run, "eventpipe consumer benchmarks",
-                          "ratio = throughput ours/baseline in row 1, latency ours/redis in "
-                          "row 2, time big/small in row 3")
+    return bench_main(argv, __doc__, FULL, QUICK, rows=4, quick_runs=1,
+                      big_help="events in the big log of rows 3-4 (default 10_000_000, quick "
+                               "1_000_000)",
+                      run=run, title="eventpipe consumer benchmarks",
+                      ratios="ratio = throughput ours/baseline in row 1, latency ours/redis "
+                             "in row 2, time big/small in row 3")
 
 
 if __name__ == "__main__":

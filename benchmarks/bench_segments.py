@@ -42,15 +42,15 @@ import orjson
 from _bench import (
     Options,
     Row,
+    bench_main,
     fmt_seconds,
     fresh_dir,
-    label_rows,
     make_events,
     median,
-    parse_args,
     percentile,
     progress,
-    run_and_report,
+    scale_row,
+    segment_files,
     short_count,
 )
 
@@ -104,11 +104,6 @@ def build(path: str, sealed: int) -> float:
     return time.perf_counter() - start
 
 
-def log_bytes(path: str) -> int:
-    return sum(e.stat().st_size for e in os.scandir(os.path.join(path, "segments"))
-               if ".jsonl" in e.name)
-
-
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -129,7 +124,7 @@ class RollRun:
             return lambda: os.path.exists(os.path.join(folder, f"{base:020d}.jsonl.gz"))
 
         log = EventLog(path, segment_max_events=1, sync="none",
-                       retention_max_bytes=log_bytes(path))
+                       retention_max_bytes=segment_files(path)[2])
         try:
             log.append({"warm": first})  # opens the writer (its compressor starts a pass)
             compressor = log._compression()
@@ -152,7 +147,7 @@ class RollRun:
             log.close()
 
 
-def bench(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
+def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
     sizes = opts.sizes
     cpu: dict[str, list[float]] = {"big": [], "small": []}
     sealed: dict[str, list[float]] = {"big": [], "small": []}
@@ -172,15 +167,12 @@ def bench(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
                 sealed[key].append(median(r.sealed_after))
                 p50[key].append(percentile(sorted(r.roll_latency), 50))
             first += sizes.rolls + 1
-        left = len([n for n in os.listdir(os.path.join(paths["big"], "segments"))
-                    if ".jsonl" in n])
+        left = segment_files(paths["big"])[0]
     big, small = short_count(sizes.big), short_count(sizes.small)
     out: dict[int, list[Row]] = {}
-    c_big, c_small = median(cpu["big"]), median(cpu["small"])
-    out[1] = [Row(
-        f"compressor CPU per roll, {big} segments", 0, c_big, cpu["big"],
-        f"same at {small} segments", c_small, cpu["small"], ratio=c_big / c_small,
-        target="<= 1.5x (big/small)", passed=c_big / c_small <= 1.5,
+    out[1] = [scale_row(
+        f"compressor CPU per roll, {big} segments", cpu["big"],
+        f"same at {small} segments", cpu["small"],
         extra={"sealed_after_big_s": median(sealed["big"]),
                "sealed_after_small_s": median(sealed["small"])},
         note=f"the compressor thread's CPU per roll (checksum, gzip, watermark, retention "
@@ -188,25 +180,18 @@ def bench(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
              f"{fmt_seconds(median(sealed['big']))} at {big}, "
              f"{fmt_seconds(median(sealed['small']))} at {small}; the big log (built in "
              f"{built:.1f} s) still had {left:,} segments at the end")]
-    r_big, r_small = median(p50["big"]), median(p50["small"])
-    out[2] = [Row(
-        f"roll latency p50, {big} segments", 0, r_big, p50["big"],
-        f"same at {small} segments", r_small, p50["small"], ratio=r_big / r_small,
-        target="<= 1.5x (big/small)", passed=r_big / r_small <= 1.5,
+    out[2] = [scale_row(
+        f"roll latency p50, {big} segments", p50["big"], f"same at {small} segments",
+        p50["small"],
         note="an append that seals a segment, sync=\"none\": the appender's side of a roll")]
     return {k: v for k, v in out.items() if k in only}
 
 
-def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
-    return label_rows(bench(opts, only), only)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, only, as_json = parse_args(
-        argv, __doc__, FULL, QUICK, rows=2, quick_runs=3,
-        big_help="sealed segments of the big log (default 10_000, quick 1_000)")
-    return run_and_report(opts, only, as_json, run, "eventpipe segment-count benchmarks",
-                          "ratio = big/small time (lower is better)")
+    return bench_main(argv, __doc__, FULL, QUICK, rows=2, quick_runs=3,
+                      big_help="sealed segments of the big log (default 10_000, quick 1_000)",
+                      run=run, title="eventpipe segment-count benchmarks",
+                      ratios="ratio = big/small time (lower is better)")
 
 
 if __name__ == "__main__":

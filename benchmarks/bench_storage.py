@@ -53,16 +53,17 @@ from _bench import (
     Options,
     Row,
     at_least,
+    bench_main,
+    build_logs,
     fmt_rate,
     fmt_seconds,
     fresh_dir,
-    label_rows,
     make_events,
     median,
-    parse_args,
     percentile,
     progress,
-    run_and_report,
+    scale_row,
+    segment_files,
     short_count,
     timed,
 )
@@ -514,17 +515,6 @@ def bench_latency(opts: Options[Sizes]) -> list[Row]:
 # ------------------------------------------------------------------ row 9: open + read last
 
 
-def build_log(path: str, total: int, label: str) -> float:
-    start = time.perf_counter()
-    with EventLog(path, compression=None) as log:
-        for first in range(0, total, 100_000):
-            log.append_many(make_events(first, min(100_000, total - first)))
-            if first and first % 1_000_000 == 0:
-                progress(f"row 9: building {label} log: {first:,}/{total:,}")
-        assert log.head == total
-    return time.perf_counter() - start
-
-
 def open_and_read_last(path: str, total: int) -> float:
     start = time.perf_counter()
     log = EventLog(path, compression=None)
@@ -544,10 +534,11 @@ def bench_open(opts: Options[Sizes]) -> list[Row]:
     with fresh_dir(opts.dir) as tmp:
         big_path, small_path = os.path.join(tmp, "big"), os.path.join(tmp, "small")
         progress(f"row 9: building a {big:,}-event log (append_many, batches of 100k)")
-        build = build_log(big_path, big, "big")
-        build_log(small_path, small, "small")
-        segments = len(os.listdir(os.path.join(big_path, "segments")))
-        size = sum(e.stat().st_size for e in os.scandir(os.path.join(big_path, "segments")))
+        build = build_logs(big, [(big_path, {"compression": None})],
+                           label="row 9: building big log")
+        build_logs(small, [(small_path, {"compression": None})],
+                   label="row 9: building small log")
+        segments, _, size = segment_files(big_path)
         for run in range(opts.runs):
             progress(f"row 9: open + read last, {reps} repeats each, run {run + 1}/{opts.runs}")
             b: list[float] = []
@@ -557,14 +548,12 @@ def bench_open(opts: Options[Sizes]) -> list[Row]:
                 s.append(open_and_read_last(small_path, small))
             big_s.append(median(b))
             small_s.append(median(s))
-    t, base = median(big_s), median(small_s)
-    return [Row(f"open+read last, {short_count(big)}-event log", 0, t, big_s,
-                f"same on a {short_count(small)}-event log", base, small_s, ratio=t / base,
-                target="<= 1.5x (time big/small)", passed=t / base <= 1.5,
-                note=f"fresh EventLog each time, median of {reps} repeats per run; the big log "
-                     f"({segments} segments, {size / 2**20:.0f} MiB, built once in "
-                     f"{build:.1f} s = {fmt_rate(big / build)} via append_many) is read from "
-                     "the page cache")]
+    return [scale_row(f"open+read last, {short_count(big)}-event log", big_s,
+                      f"same on a {short_count(small)}-event log", small_s,
+                      note=f"fresh EventLog each time, median of {reps} repeats per run; the "
+                           f"big log ({segments} segments, {size / 2**20:.0f} MiB, built once "
+                           f"in {build:.1f} s = {fmt_rate(big / build)} via append_many) is "
+                           "read from the page cache")]
 
 
 # ---------------------------------------------------------------------------------- main
@@ -609,8 +598,8 @@ def bench_lock(opts: Options[Sizes]) -> list[Row]:
                      "they exclude each other; the appender uses the raw one")]
 
 
-def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
-    """Run the selected rows; returns (label, row) pairs in table order."""
+def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
+    """Run the selected rows; returns the rows of each row number."""
     out: dict[int, list[Row]] = {}
     if only & {1, 4}:
         out[1], out[4] = bench_batch(opts)
@@ -621,15 +610,14 @@ def run(opts: Options[Sizes], only: set[int]) -> list[tuple[str, Row]]:
     for number, fn in single:
         if number in only:
             out[number] = fn(opts)
-    return label_rows(out, only)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, only, as_json = parse_args(
-        argv, __doc__, FULL, QUICK, rows=10, quick_runs=3,
-        big_help="events in row 9's big log (default 10_000_000, quick 1_000_000)")
-    return run_and_report(opts, only, as_json, run, "eventpipe storage benchmarks",
-                          "ratio = ours/baseline throughput unless noted")
+    return bench_main(argv, __doc__, FULL, QUICK, rows=10, quick_runs=3,
+                      big_help="events in row 9's big log (default 10_000_000, quick 1_000_000)",
+                      run=run, title="eventpipe storage benchmarks",
+                      ratios="ratio = ours/baseline throughput unless noted")
 
 
 if __name__ == "__main__":
