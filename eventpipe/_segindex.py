@@ -26,8 +26,8 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from ._checksum import BLOCK_BYTES, read_sum, sum_path
 from ._layout import Folder
-from .compress import BLOCK_BYTES, read_sum, sum_path
 from .errors import CorruptLogError
 from .segment import CountKey, Seal, list_segments, segment_exists
 

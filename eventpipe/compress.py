@@ -42,32 +42,44 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
+from ._checksum import (
+    BLOCK_BYTES,
+    SUM_SUFFIX,
+    TMP_SUFFIX,
+    SegmentSum,
+    check_count,
+    first_damaged_block,
+    read_sum,
+    replace_file,
+    sum_blocks,
+    sum_name,
+    sum_path,
+    summarize,
+    write_sum_file,
+)
 from ._fsutil import os_errors, write_all
 from ._layout import COMPRESS_LOCK, COMPRESS_STATE, FlockFile, Folder, folder_of
 from .errors import CorruptLogError
 from .segment import (
     CHUNK_BYTES,
     GZIP_SUFFIX,
+    SegmentDamage,
+    gzip_blocks,
     list_segments,
     parse_name,
     segment_name,
     segment_path,
 )
 
-__all__ = ["BLOCK_BYTES", "FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState",
-           "SegmentSum", "clean_stale", "compress_segment", "load_state", "read_sum",
-           "save_state", "sum_blocks", "sum_path"]
+__all__ = ["FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState", "clean_stale",
+           "compress_segment", "load_state", "save_state", "visible_size"]
 
-TMP_SUFFIX = ".tmp"
-SUM_SUFFIX = ".sum"
-SUM_FORMAT = "eventpipe-segment-sum"
-BLOCK_BYTES = 64 * 1024
 STATE_FILE = COMPRESS_STATE
 STATE_FORMAT = "eventpipe-compress-state"
 FINISH_TIMEOUT = 10.0  # what a closing writer gives the sealing work it leaves (see finish())
@@ -92,170 +104,6 @@ class _Damaged(Exception):
         super().__init__(str(error))
         self.error = error
         self.next = next_base
-
-
-class SegmentSum(NamedTuple):
-    """What a sealed segment held when sealed: events, bytes, CRC-32 per 64 KiB block."""
-
-    base: int
-    events: int
-    size: int
-    block_crcs: list[int]
-
-
-def sum_name(base: int) -> str:
-    return f"{base:020d}{SUM_SUFFIX}"
-
-
-def sum_path(folder: Folder | str, base: int) -> str:
-    """Where segment ``base``'s checksum file lies, for messages."""
-    where = folder.path if isinstance(folder, Folder) else os.fspath(folder)
-    return os.path.join(where, sum_name(base))
-
-
-def read_sum(folder: Folder | str, base: int) -> SegmentSum | None:
-    """The segment's checksum file, None if it has none yet; CorruptLogError if unreadable."""
-    path = sum_path(folder, base)
-    try:
-        with folder_of(folder) as f:
-            raw = f.read_bytes(sum_name(base))
-        if raw is None:
-            return None
-        doc = orjson.loads(raw)
-        return SegmentSum(int(doc["base"]), int(doc["events"]), int(doc["bytes"]),
-                          [int(c) for c in doc["block_crc32"]])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptLogError(f"segment checksum file is unreadable: {exc}", path=path) from None
-
-
-def sum_blocks(blocks: Iterable[bytes]) -> tuple[int, int, list[int]]:
-    """(newlines, bytes, per-64 KiB-block CRC-32s) of content given as consecutive blocks."""
-    crcs: list[int] = []
-    lines = size = 0
-    crc = 0
-    filled = 0
-    for block in blocks:
-        lines += block.count(b"\n")
-        size += len(block)
-        view = memoryview(block)
-        while view:
-            take = min(BLOCK_BYTES - filled, len(view))
-            crc = zlib.crc32(view[:take], crc)
-            filled += take
-            view = view[take:]
-            if filled == BLOCK_BYTES:
-                crcs.append(crc)
-                crc = filled = 0
-    if filled:
-        crcs.append(crc)
-    return lines, size, crcs
-
-
-def _plain_blocks(fd: int) -> Iterator[bytes]:
-    position = 0
-    while block := os.pread(fd, CHUNK_BYTES, position):
-        position += len(block)
-        yield block
-
-
-def _gzip_blocks(fd: int, path: str) -> Iterator[bytes]:
-    inflater = zlib.decompressobj(wbits=31)
-    position = 0
-    pending = b""
-    try:
-        while not inflater.eof:
-            if not pending:
-                pending = os.pread(fd, CHUNK_BYTES // 8, position)
-                position += len(pending)
-                if not pending:
-                    raise CorruptLogError("gzip segment is truncated", path=path)
-            data = inflater.decompress(pending, CHUNK_BYTES)
-            pending = inflater.unconsumed_tail
-            if data:
-                yield data
-    except zlib.error as exc:
-        raise CorruptLogError(f"gzip segment is damaged: {exc}", path=path) from None
-
-
-def summarize(folder: Folder, name: str, *,
-              compressed: bool) -> tuple[int, int, list[int], bool]:
-    """(complete lines, bytes, block CRCs, ends with a newline) of segment file ``name``.
-
-    Raises CorruptLogError when gzip data is damaged, StorageError when unreadable.
-    """
-    path = folder.path_of(name)
-    last = b"\n"
-
-    def tracked(blocks: Iterator[bytes]) -> Iterator[bytes]:
-        nonlocal last
-        for block in blocks:
-            last = block[-1:]
-            yield block
-
-    fd = folder.open_file(name, os.O_RDONLY)
-    with os_errors("checksum segment", path):
-        try:
-            blocks = _gzip_blocks(fd, path) if compressed else _plain_blocks(fd)
-            lines, size, crcs = sum_blocks(tracked(blocks))
-        finally:
-            os.close(fd)
-    return lines, size, crcs, last == b"\n"
-
-
-def _replace(folder: Folder, name: str, data: bytes, mode: int) -> None:
-    """Atomically replace ``name``: ``<name>.tmp``, fsync, rename, fsync of the folder.
-
-    The temp name is fixed, not per process: only the compress lock's holder writes these
-    files, and a temp file a killed holder left is removed and created anew (exclusively).
-    """
-    tmp = name + TMP_SUFFIX
-    folder.unlink(tmp)
-    fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os_errors("atomic write", folder.path_of(name)):
-        try:
-            write_all(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    folder.rename(tmp, name)
-    folder.fsync()
-
-
-def checksum_segment(folder: Folder, base: int, *, compressed: bool, expected_events: int,
-                     mode: int) -> SegmentSum:
-    """Checksum sealed segment ``base`` (plain or gzip) into its ``.sum`` file.
-
-    Raises CorruptLogError (and writes nothing) if the segment does not hold exactly
-    ``expected_events`` complete lines: a checksum must never bless damaged content.
-    """
-    path = segment_path(folder, base, compressed)
-    lines, size, crcs, whole = summarize(folder, segment_name(base, compressed),
-                                         compressed=compressed)
-    _check_count(path, base, lines, whole, expected_events)
-    return _write_sum(folder, base, lines, size, crcs, mode)
-
-
-def _check_count(path: str, base: int, lines: int, whole: bool, expected: int) -> None:
-    if lines != expected or not whole:
-        torn = "" if whole else " and an unterminated one"
-        raise CorruptLogError(
-            f"sealed segment holds {lines} complete lines{torn}, expected {expected}",
-            path=path, offset=base)
-
-
-def _write_sum(folder: Folder, base: int, lines: int, size: int, crcs: list[int],
-               mode: int) -> SegmentSum:
-    doc = {"format": SUM_FORMAT, "version": 1, "base": base, "events": lines, "bytes": size,
-           "block_bytes": BLOCK_BYTES, "block_crc32": crcs}
-    _replace(folder, sum_name(base), orjson.dumps(doc), mode)
-    return SegmentSum(base, lines, size, crcs)
-
-
-def write_sum(folder: Folder | str, base: int, expected_events: int, mode: int) -> SegmentSum:
-    """Checksum sealed plain segment ``base``; see :func:`checksum_segment`."""
-    with folder_of(folder) as f:
-        return checksum_segment(f, base, compressed=False, expected_events=expected_events,
-                                mode=mode)
 
 
 def compress_segment(
@@ -342,32 +190,17 @@ def _deflate(src: int, dst: int, level: int, should_stop: Callable[[], bool],
                 path=path)
 
 
-def first_damaged_block(crcs: list[int], size: int, expected: SegmentSum) -> int | None:
-    """Index of the first 64 KiB block that differs from ``expected``, None if all match."""
-    for i, (got, want) in enumerate(zip(crcs, expected.block_crcs, strict=False)):
-        if got != want:
-            return i
-    if size != expected.size or len(crcs) != len(expected.block_crcs):
-        return min(len(crcs), len(expected.block_crcs))
-    return None
-
-
 def _verify_copy(src: int, dst: int, tmp: str) -> None:
-    inflater = zlib.decompressobj(wbits=31)
-    read_at = position = 0
+    """The gzip copy ``dst`` must decompress to exactly the original ``src``."""
+    position = 0
     try:
-        while not inflater.eof:
-            raw = os.pread(dst, CHUNK_BYTES, read_at)
-            if not raw:
-                raise CorruptLogError("gzip copy is truncated", path=tmp)
-            read_at += len(raw)
-            data = inflater.decompress(raw)
+        for data in gzip_blocks(dst, 0, None):
             if data != os.pread(src, len(data), position):
                 raise CorruptLogError("gzip copy differs from the original", path=tmp,
                                       offset=position)
             position += len(data)
-    except zlib.error as exc:
-        raise CorruptLogError(f"gzip copy does not decompress: {exc}", path=tmp) from None
+    except SegmentDamage as damage:
+        raise CorruptLogError(f"gzip copy does not decompress: {damage}", path=tmp) from None
     if position != os.fstat(src).st_size:
         raise CorruptLogError("gzip copy is shorter than the original", path=tmp)
 
@@ -451,7 +284,7 @@ def save_state(root: Folder, state: SealState, mode: int) -> None:
     """Replace ``compress.state``; the caller holds the compress lock."""
     if len(state.damaged) > MAX_DAMAGED:
         state.damaged = dict(sorted(state.damaged.items())[-MAX_DAMAGED:])
-    _replace(root, STATE_FILE, state.to_json(), mode)
+    replace_file(root, STATE_FILE, state.to_json(), mode)
 
 
 def visible_size(folder: Folder, base: int) -> int:
@@ -810,10 +643,10 @@ class Compressor:
             else:
                 expected = self._next_listed(base, limit) - base
         try:
-            _check_count(path, base, lines, whole, expected)
+            check_count(path, base, lines, whole, expected)
         except CorruptLogError as exc:
             raise _Damaged(exc, base + expected) from None
-        return _write_sum(self._folder, base, lines, size, crcs, self._mode)
+        return write_sum_file(self._folder, base, lines, size, crcs, self._mode)
 
     def _next_listed(self, base: int, limit: int) -> int:
         """The next segment's base after ``base`` from a listing (only when something is off)."""

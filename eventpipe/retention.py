@@ -27,17 +27,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
+from ._checksum import TMP_SUFFIX, read_sum, sum_name
 from ._layout import COMPRESS_LOCK, FlockFile
 from ._registry import consumer_positions, describe
-from .compress import (
-    TMP_SUFFIX,
-    SealState,
-    load_state,
-    read_sum,
-    save_state,
-    sum_name,
-    visible_size,
-)
+from .compress import SealState, load_state, save_state, visible_size
 from .errors import CorruptLogError
 from .segment import list_segments, segment_name
 

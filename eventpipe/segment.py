@@ -43,8 +43,11 @@ __all__ = [
     "PLAIN_SUFFIX",
     "LineChunk",
     "Seal",
+    "SegmentDamage",
     "SegmentFile",
+    "gzip_blocks",
     "list_segments",
+    "plain_blocks",
     "read_chunks",
     "segment_name",
     "segment_path",
@@ -236,7 +239,7 @@ def _blocks_match(data: bytes, first_block: int, seal: Seal, expected_len: int) 
 # ------------------------------------------------------------------------- block sources
 
 
-class _Damage(Exception):
+class SegmentDamage(Exception):
     """Raised by a block source: content from here on cannot be trusted (``what`` says why)."""
 
     def __init__(self, what: str) -> None:
@@ -244,7 +247,7 @@ class _Damage(Exception):
         self.what = what
 
 
-def _plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
+def plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
     while position < limit:
         block = os.pread(fd, min(CHUNK_BYTES, limit - position), position)
         if not block:
@@ -253,7 +256,7 @@ def _plain_blocks(fd: int, position: int, limit: int) -> Iterator[bytes]:
         yield block
 
 
-def _gzip_blocks(fd: int, skip: int, limit: int | None) -> Iterator[bytes]:
+def gzip_blocks(fd: int, skip: int, limit: int | None) -> Iterator[bytes]:
     """Decompressed content of a gzip segment from byte ``skip`` up to ``limit`` (if any).
 
     Inflates at most CHUNK_BYTES at a time (JSON compresses ~8x, so one compressed read would
@@ -271,7 +274,7 @@ def _gzip_blocks(fd: int, skip: int, limit: int | None) -> Iterator[bytes]:
                 pending = os.pread(fd, CHUNK_BYTES // 8, read_at)
                 read_at += len(pending)
                 if not pending:
-                    raise _Damage("gzip segment is truncated")
+                    raise SegmentDamage("gzip segment is truncated")
             data = inflater.decompress(pending, CHUNK_BYTES)
             pending = inflater.unconsumed_tail
             start = produced
@@ -284,14 +287,14 @@ def _gzip_blocks(fd: int, skip: int, limit: int | None) -> Iterator[bytes]:
             if data:
                 yield data
     except zlib.error as exc:
-        raise _Damage(f"gzip segment is damaged: {exc}") from None
+        raise SegmentDamage(f"gzip segment is damaged: {exc}") from None
 
 
 def _checked(source: Iterator[bytes], first_block: int, seal: Seal, skip: int) -> Iterator[bytes]:
     """``source`` (content from block ``first_block`` on) minus its first ``skip`` bytes,
     handed out only once each 64 KiB block of it matched its CRC-32.
 
-    Raises _Damage, after yielding every byte before the bad block, for a block that does not
+    Raises SegmentDamage, after yielding every byte before the bad block, for a block that does not
     match or is incomplete, and for content past the size the segment was sealed with.
     """
     bb, crcs, size = seal.block_bytes, seal.crcs, seal.size
@@ -328,10 +331,10 @@ def _checked(source: Iterator[bytes], first_block: int, seal: Seal, skip: int) -
         if out:
             yield out
         if bad:
-            raise _Damage(bad)
+            raise SegmentDamage(bad)
     if held or at < size:
-        raise _Damage(f"bytes {at}..{size - 1} are missing or incomplete (its content ends at "
-                      f"byte {at + len(held)}, it was sealed with {size})")
+        raise SegmentDamage(f"bytes {at}..{size - 1} are missing or incomplete (its content "
+                            f"ends at byte {at + len(held)}, it was sealed with {size})")
 
 
 # ------------------------------------------------------------------------ backward search
@@ -502,17 +505,17 @@ def _read_open(
     if seal is not None:
         bb = seal.block_bytes
         if compressed:
-            blocks = _checked(_gzip_blocks(fd, 0, None), 0, seal, position)
+            blocks = _checked(gzip_blocks(fd, 0, None), 0, seal, position)
         else:
             assert limit is not None
             aligned = position - position % bb
-            blocks = _checked(_plain_blocks(fd, aligned, limit), aligned // bb, seal,
+            blocks = _checked(plain_blocks(fd, aligned, limit), aligned // bb, seal,
                               position - aligned)
     elif compressed:
-        blocks = _gzip_blocks(fd, position, byte_limit)
+        blocks = gzip_blocks(fd, position, byte_limit)
     else:
         assert limit is not None
-        blocks = _plain_blocks(fd, position, limit)
+        blocks = plain_blocks(fd, position, limit)
     yield from _lines(blocks, path, base, start, stop, end_offset, position, to_skip, active)
 
 
@@ -521,7 +524,7 @@ def _check_end(blocks: Iterator[bytes], more: bool, path: str, base: int, end_of
     """After the segment's last event: nothing may follow (for gzip, its trailer must check)."""
     try:
         more = more or any(blocks)
-    except _Damage as damage:
+    except SegmentDamage as damage:
         raise CorruptLogError(f"segment {base}: {damage.what}, after its last event "
                               f"{end_offset - 1}", path=path, offset=end_offset) from None
     if more:
@@ -582,8 +585,8 @@ def _lines(blocks: Iterator[bytes], path: str, base: int, start: int, stop: int,
             offset += len(lines)
             position += len(complete) + 1
             if nul >= 0:
-                raise _Damage("a NUL byte inside its events")
-    except _Damage as damage:
+                raise SegmentDamage("a NUL byte inside its events")
+    except SegmentDamage as damage:
         first = start - to_skip if to_skip else offset
         raise CorruptLogError(
             f"segment {base}: {damage.what}; events from offset {first} on are not returned",

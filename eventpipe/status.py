@@ -7,9 +7,10 @@ import os
 import time
 from typing import Any
 
+from ._checksum import sum_name
 from ._layout import COMPRESS_LOCK, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._registry import ConsumerPosition, consumer_positions
-from .compress import load_state, sum_name
+from .compress import load_state
 from .errors import StorageError
 from .log import EventLog
 from .notify import inotify_usage

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ._checksum import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from ._header import HEADER_SIZE, Header, decode_header
 from ._layout import CONSUMERS_DIR, Folder
 from ._ownership import group_name, user_name
 from .checkpoint import load_checkpoint
-from .compress import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from .config import LOG_OPTIONS, resolve
 from .errors import EventPipeError, StorageError, UnsafePathError
 from .segment import SegmentFile, list_segments, segment_path

@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from eventpipe import Consumer, EventLog, HandlerError
+from eventpipe._checksum import BLOCK_BYTES
 from eventpipe.cli import main
-from eventpipe.compress import BLOCK_BYTES
 from eventpipe.segment import list_segments
 from eventpipe.status import log_status
 

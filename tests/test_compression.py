@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from eventpipe import EventLog
-from eventpipe.compress import TMP_SUFFIX, clean_stale
+from eventpipe._checksum import TMP_SUFFIX
+from eventpipe.compress import clean_stale
 
 from .conftest import Children
 

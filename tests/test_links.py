@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from eventpipe import EventLog, EventPipeError, UnsafePathError
-from eventpipe.compress import sum_path
+from eventpipe._checksum import sum_path
 from eventpipe.segment import segment_path
 
 from .conftest import ROOT

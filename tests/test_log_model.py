@@ -32,8 +32,8 @@ from hypothesis.stateful import (
 )
 
 from eventpipe import EventLog, OffsetOutOfRangeError
+from eventpipe._checksum import SUM_SUFFIX, read_sum, sum_blocks
 from eventpipe._header import decode_header
-from eventpipe.compress import SUM_SUFFIX, read_sum, sum_blocks
 from eventpipe.segment import list_segments, parse_name
 
 from .conftest import Children

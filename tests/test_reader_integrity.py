@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from eventpipe import CorruptLogError, EventLog, OffsetOutOfRangeError
-from eventpipe.compress import compress_segment, write_sum
+from eventpipe._checksum import write_sum
+from eventpipe.compress import compress_segment
 from eventpipe.segment import list_segments
 
 ROOT = Path(__file__).resolve().parent.parent
