@@ -8,12 +8,12 @@ import time
 from typing import Any
 
 from ._checksum import sum_name
+from ._inotify import inotify_usage
 from ._layout import COMPRESS_LOCK, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._registry import ConsumerPosition, consumer_positions
 from .compress import load_state
 from .errors import StorageError
 from .log import EventLog
-from .notify import inotify_usage
 from .segment import SegmentFile, list_segments
 
 __all__ = ["flock_holders", "format_status", "log_status"]

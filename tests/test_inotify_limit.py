@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 
 from eventpipe import EventLog
-from eventpipe.notify import ChangeNotifier, _explain, inotify_usage
+from eventpipe._inotify import explain_failure, inotify_usage
+from eventpipe.notify import ChangeNotifier
 
 from .conftest import ROOT, Children
 from .test_notify import HINT_TIMEOUT, new_threads, pwrite, until
@@ -128,7 +129,8 @@ log, other, mode, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit + 64), hard))
 
-from eventpipe.notify import ChangeNotifier, inotify_usage
+from eventpipe._inotify import inotify_usage
+from eventpipe.notify import ChangeNotifier
 
 warnings = []
 
@@ -426,7 +428,8 @@ def test_watch_limit_is_explained_with_the_current_value() -> None:
     # Reaching max_user_watches for real takes about that many inodes (192k here), so the
     # explanation of ENOSPC is checked on the error inotify_add_watch gives.
     current = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
-    reason, remedy = _explain(OSError(errno.ENOSPC, "inotify_add_watch: No space left"), "/d")
+    reason, remedy = explain_failure(
+        OSError(errno.ENOSPC, "inotify_add_watch: No space left"), "/d")
     assert f"fs.inotify.max_user_watches = {current}" in reason
     assert remedy is not None
     assert f"sysctl -w fs.inotify.max_user_watches={max(524288, 2 * current)}" in remedy
