@@ -350,6 +350,7 @@ class LogMachine(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow  # 12-45 s on a busy 2-cpu VM: 80 programs of up to 30 steps, real files
 def test_log_state_machine() -> None:
     run_state_machine_as_test(
         LogMachine,
@@ -439,6 +440,7 @@ def test_second_instance_sees_what_the_writer_wrote_after_each_append(
                 assert [r.event for r in reader.read()] == model
 
 
+@pytest.mark.slow  # 5-15 s on a busy 2-cpu VM: 8 races over 119 sealed segments
 def test_explicit_compress_while_background_compression_runs() -> None:
     """``log.compress()`` racing the log's own background compressor must neither fail nor
     disturb readers: both take ``compress.lock``, which must exclude them (it does between
@@ -466,6 +468,7 @@ def test_compress_with_nothing_sealed_does_nothing(tmp_path: Path) -> None:
 COMPRESS_CHILD = "import sys; from eventpipe import EventLog; EventLog(sys.argv[1]).compress()"
 
 
+@pytest.mark.slow  # 15-25 s on a busy 2-cpu VM: readers open while 2000 segments compress
 def test_readers_opened_while_another_process_compresses_read_everything(
     tmp_path: Path, children: Children,
 ) -> None:

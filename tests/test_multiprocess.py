@@ -13,6 +13,7 @@ from pathlib import Path
 from subprocess import PIPE, Popen
 
 import orjson
+import pytest
 
 from eventpipe import EventLog
 
@@ -69,6 +70,7 @@ def test_four_writers_mixing_append_paths_with_rolls(log_path: Path, children: C
     assert len(segments) > 20, "small segments must have rolled many times mid-run"
 
 
+@pytest.mark.slow  # 8-13 s on a busy 2-cpu VM: 25 rounds of two writers killed mid-append
 def test_writers_killed_at_random_moments(log_path: Path, children: Children) -> None:
     rng = random.Random(1234)
     EventLog(log_path, segment_max_bytes=4096).close()

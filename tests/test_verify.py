@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from eventpipe import EventLog
 from eventpipe.verify import verify_log
 
@@ -28,6 +30,7 @@ with EventLog(sys.argv[1], segment_max_bytes=1200, sync="none", compression_leve
 """
 
 
+@pytest.mark.slow  # a 15 s soak
 def test_verify_gives_no_false_alarm_while_segments_roll_compress_and_go(
         log_path: Path, children: Children) -> None:
     with EventLog(log_path) as log:
