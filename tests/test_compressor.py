@@ -241,7 +241,7 @@ def test_a_reader_that_kicks_does_the_sealing_work_writers_left(log_path: Path) 
     assert unfinished(log_path), "the killed writer finished its work: nothing to show"
     writer_lock = (log_path / "writer.lock").stat().st_mtime_ns
     with EventLog(log_path) as reader:  # reads only: a consumer's log
-        reader._compression().kick()
+        reader.seal_soon()
         wait_until(lambda: unfinished(log_path) == [], "the reader's compressor")
         assert reader._compression()._thread is not None
     assert (log_path / "writer.lock").stat().st_mtime_ns == writer_lock

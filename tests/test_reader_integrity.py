@@ -267,7 +267,7 @@ def test_a_listing_that_raced_with_an_invalidation_is_not_kept(
     build(log_path, 450, segment_max_events=100)  # 0..300 sealed, 400 active
     with EventLog(log_path) as log:
         assert log.first_offset == 0
-        log._bases_stale()  # the next reader lists
+        log.segment_index.invalidate()  # the next reader lists
         listed, go = threading.Event(), threading.Event()
         once = threading.Lock()
         real = list_segments
