@@ -259,7 +259,14 @@ class Folder:
     def names(self) -> list[str]:
         """The entries of this folder (what is there now, read through the descriptor)."""
         try:
-            return os.listdir(self.fd)
+            # A fresh open file description for each listing: os.listdir(fd) reads through a
+            # dup() of the descriptor, which shares the directory offset with every other
+            # listing of it, so two threads listing at once would each miss entries.
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+            try:
+                return os.listdir(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StorageError.from_os_error(exc, "list folder", path=self.path) from exc
 
