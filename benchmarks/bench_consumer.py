@@ -80,7 +80,7 @@ from _bench import (
 )
 
 from eventpipe import Consumer, EventLog
-from eventpipe.consumer import CONSUMER_OPTIONS
+from eventpipe._consumer import CONSUMER_OPTIONS
 
 RSS_TARGET_MB = 40.0
 

@@ -56,8 +56,8 @@ from _bench import (
 
 from eventpipe import EventLog
 from eventpipe._checksum import BLOCK_BYTES, SUM_FORMAT, sum_blocks
+from eventpipe._compress import load_state
 from eventpipe._header import HEADER_SIZE, decode_header
-from eventpipe.compress import load_state
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,16 @@ Writers in any number of processes append JSON events to a segmented log in a di
 readers and consumers in other processes follow it, each from its own position.
 """
 
-from .buffered import BufferedWriter
-from .checkpoint import Checkpoint
-from .config import LogConfig
-from .consumer import Consumer
+from ._buffered import BufferedWriter
+from ._checkpoint import Checkpoint
+from ._config import LogConfig
+from ._consumer import Consumer
+from ._follow import Follower
+from ._log import EventLog
+from ._record import Record
+from ._retention import PruneReport
+from ._status import log_status
+from ._verify import verify_log
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -30,10 +36,6 @@ from .errors import (
     UnserializableEventError,
     UnsupportedFormatError,
 )
-from .follow import Follower
-from .log import EventLog
-from .record import Record
-from .retention import PruneReport
 
 __version__ = "0.1.0"
 
@@ -67,4 +69,6 @@ __all__ = [
     "UnserializableEventError",
     "UnsupportedFormatError",
     "__version__",
+    "log_status",
+    "verify_log",
 ]

@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import _header, _meta, _recovery
+from ._config import LogConfig
 from ._fsutil import os_errors, write_all
 from ._header import ROLLING, Header, boot_id, encode_header
 from ._layout import HEAD_FILE, SEGMENTS_DIR, WRITER_LOCK, Folder
-from .config import LogConfig
+from ._segment import list_segments, segment_name, segment_path
 from .errors import (
     CorruptLogError,
     DurabilityError,
@@ -37,7 +38,6 @@ from .errors import (
     LogClosedError,
     StorageError,
 )
-from .segment import list_segments, segment_name, segment_path
 
 __all__ = ["Appender"]
 

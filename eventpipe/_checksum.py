@@ -2,7 +2,7 @@
 
 A sealed segment's checksum file records its event count, its size and a CRC-32 per 64 KiB
 block of its (uncompressed) content. Readers check every block they hand out against it
-(:mod:`eventpipe.segment`), compression re-checks the content before compressing, and
+(:mod:`eventpipe._segment`), compression re-checks the content before compressing, and
 ``eventpipe verify`` uses it to say which block holds a flipped byte, even where the damage
 leaves valid JSON. A checksum is only ever written for content that holds exactly the events
 its name and the next segment's name imply: it must never bless damaged content.
@@ -19,8 +19,8 @@ import orjson
 
 from ._fsutil import os_errors, write_all
 from ._layout import Folder, folder_of
+from ._segment import SegmentDamage, gzip_blocks, plain_blocks, segment_name, segment_path
 from .errors import CorruptLogError
-from .segment import SegmentDamage, gzip_blocks, plain_blocks, segment_name, segment_path
 
 __all__ = [
     "BLOCK_BYTES",

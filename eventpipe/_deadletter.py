@@ -14,8 +14,8 @@ import time
 import traceback
 from typing import Any
 
+from ._log import EventLog
 from .errors import ConfigError, EventPipeError, NotAnEventLogError
-from .log import EventLog
 
 __all__ = ["DeadLetters"]
 

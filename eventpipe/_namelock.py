@@ -30,8 +30,8 @@ import time
 
 import orjson
 
+from ._checkpoint import read_entry, remove_stale_temps, storage_context
 from ._layout import Folder
-from .checkpoint import read_entry, remove_stale_temps, storage_context
 from .errors import EventPipeError, StorageError
 
 __all__ = ["NameLock"]

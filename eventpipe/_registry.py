@@ -43,8 +43,8 @@ from typing import NamedTuple
 
 import orjson
 
+from ._checkpoint import Checkpoint, load_checkpoint, read_entry, storage_context, validate_name
 from ._layout import CONSUMERS_DIR, EXTERNAL_DIR, Folder, folder_of
-from .checkpoint import Checkpoint, load_checkpoint, read_entry, storage_context, validate_name
 from .errors import ConfigError, EventPipeError, StorageError, UnsafePathError
 
 __all__ = [

@@ -13,7 +13,7 @@ predate the change it was invalidated for). Another process's retention is not a
 list again before concluding anything from a segment that is gone.
 
 The index also keeps what never changes once known: each sealed segment's checksum
-(:class:`~eventpipe.segment.Seal`, read from its ``.sum`` file) and which sealed plain
+(:class:`~eventpipe._segment.Seal`, read from its ``.sum`` file) and which sealed plain
 segments were already counted whole and how many lines they hold, each in a small
 bounded cache.
 """
@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 from ._checksum import BLOCK_BYTES, read_sum, sum_path
 from ._layout import Folder
+from ._segment import CountKey, Seal, list_segments, segment_exists
 from .errors import CorruptLogError
-from .segment import CountKey, Seal, list_segments, segment_exists
 
 __all__ = ["SegmentIndex"]
 

@@ -18,9 +18,24 @@ import tempfile
 import time
 from typing import Any
 
-from eventpipe import Consumer, EventLog
-from eventpipe.demo import balances, type_counts
-from eventpipe.status import log_status
+from eventpipe import Consumer, EventLog, log_status
+
+
+def balances(state: dict[str, int], event: dict[str, Any], offset: int) -> dict[str, int]:
+    """Projection: balance per account. Rejects events whose amount is not an integer."""
+    amount = event["amount"]
+    if not isinstance(amount, int):
+        raise ValueError(f"amount must be an integer, got {amount!r}")
+    sign = 1 if event["type"] == "deposit" else -1
+    state[event["account"]] = state.get(event["account"], 0) + sign * amount
+    return state
+
+
+def type_counts(state: dict[str, int], event: dict[str, Any], offset: int) -> dict[str, int]:
+    """Projection: number of events per type."""
+    state[event["type"]] = state.get(event["type"], 0) + 1
+    return state
+
 
 WRITERS = 3
 EVENTS_PER_WRITER = 2000

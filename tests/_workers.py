@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from eventpipe import Consumer, EventLog
+from eventpipe._checkpoint import load_checkpoint
 from eventpipe._layout import Folder
-from eventpipe.checkpoint import load_checkpoint
 
 
 def rewrite_checkpoint(path: str | os.PathLike[str], **changes: Any) -> None:
@@ -155,7 +155,7 @@ def consumer(path: str, name: str, *flags: str) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--standby", action="store_true")
     parser.add_argument("--poll", type=float, default=1.0)
-    parser.add_argument("--no-notify", action="store_true")
+    parser.add_argument("--no-notifications", action="store_true")
     parser.add_argument("--echo", action="store_true")
     parser.add_argument("--every", type=int, default=100)
     args = parser.parse_args(flags)
@@ -167,7 +167,7 @@ def consumer(path: str, name: str, *flags: str) -> None:
         return state
 
     with Consumer(path, name, handler, INITIAL, standby=args.standby,
-                  poll_interval=args.poll, notifications=not args.no_notify,
+                  poll_interval=args.poll, notifications=not args.no_notifications,
                   checkpoint_every=args.every,
                   on_caught_up=lambda c: print("caught-up", flush=True)) as c:
         c.run()

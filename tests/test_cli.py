@@ -27,9 +27,9 @@ import pytest
 
 from eventpipe import Consumer, EventLog, HandlerError
 from eventpipe._checksum import BLOCK_BYTES
-from eventpipe.cli import main
-from eventpipe.segment import list_segments
-from eventpipe.status import log_status
+from eventpipe._cli import main
+from eventpipe._segment import list_segments
+from eventpipe._status import log_status
 
 from ._wait import wait_until
 from ._workers import rewrite_checkpoint
@@ -591,13 +591,13 @@ def test_verify_a_live_log_whose_segments_are_compressed_or_pruned_meanwhile(
             return segs
         return listing
 
-    monkeypatch.setattr("eventpipe.verify.list_segments", then("compress"))
+    monkeypatch.setattr("eventpipe._verify.list_segments", then("compress"))
     r = cli("verify", copy)
     assert (r.code, r.out) == (0, b""), r.err
     assert "verified 3 segments, 9000 events" in r.err
     assert [p.name.endswith(".gz") for p in segment_files(copy)] == [True, True, False]
     seen.clear()
-    monkeypatch.setattr("eventpipe.verify.list_segments", then("prune"))
+    monkeypatch.setattr("eventpipe._verify.list_segments", then("prune"))
     r = cli("verify", copy)
     assert (r.code, r.out) == (0, b""), r.err
     assert "verified 2 segments" in r.err

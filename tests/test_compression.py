@@ -13,7 +13,7 @@ from pathlib import Path
 
 from eventpipe import EventLog
 from eventpipe._checksum import TMP_SUFFIX
-from eventpipe.compress import clean_stale
+from eventpipe._compress import clean_stale
 
 from .conftest import Children
 

@@ -25,9 +25,9 @@ import pytest
 
 from eventpipe import Consumer, EventLog
 from eventpipe._checksum import read_sum, sum_blocks
+from eventpipe._compress import clean_stale
 from eventpipe._header import HEADER_SIZE, Header, decode_header
-from eventpipe.compress import clean_stale
-from eventpipe.status import flock_holders
+from eventpipe._status import flock_holders
 
 from ._wait import wait_until
 from .conftest import ROOT, Children

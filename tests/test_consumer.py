@@ -122,7 +122,7 @@ def test_follow_latency_from_another_process(
 ) -> None:
     poll = 5.0 if notifications else 0.5
     EventLog(log_path).close()
-    flags = ["--echo", "--poll", str(poll)] + ([] if notifications else ["--no-notify"])
+    flags = ["--echo", "--poll", str(poll)] + ([] if notifications else ["--no-notifications"])
     c = children.worker("consumer", str(log_path), "echo", *flags)
     wait_for("caught-up", c)
     latencies = []

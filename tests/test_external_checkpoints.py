@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 
 from eventpipe import Consumer, EventLog
+from eventpipe._cli import main
 from eventpipe._registry import (
     KnownConsumer,
     known_checkpoints,
     register_external,
     registration_path,
 )
-from eventpipe.cli import main
-from eventpipe.status import log_status
+from eventpipe._status import log_status
 
 from ._unprivileged import NOBODY, run_unprivileged
 from .conftest import ROOT, Children

@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from eventpipe import EventLog
+from eventpipe._changes import ChangeNotifier
 from eventpipe._inotify import explain_failure, inotify_usage
-from eventpipe.notify import ChangeNotifier
 
 from .conftest import ROOT, Children
 from .test_notify import HINT_TIMEOUT, new_threads, pwrite, until
@@ -130,7 +130,7 @@ soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit + 64), hard))
 
 from eventpipe._inotify import inotify_usage
-from eventpipe.notify import ChangeNotifier
+from eventpipe._changes import ChangeNotifier
 
 warnings = []
 
@@ -333,7 +333,7 @@ def test_notifiers_share_one_instance_and_one_thread(tmp_path: Path) -> None:
 # its own on another folder. Prints what both saw.
 FORK = r"""
 import json, os, sys, time
-from eventpipe.notify import ChangeNotifier
+from eventpipe._changes import ChangeNotifier
 
 mine, theirs = sys.argv[1], sys.argv[2]
 
@@ -407,8 +407,8 @@ def test_a_forked_child_neither_uses_nor_disturbs_the_parents_instance(
 def test_other_fallbacks_warn_once_with_a_readable_reason(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="eventpipe")
-    with ChangeNotifier(tmp_path, use_watchdog=False) as chosen:
-        assert chosen.fallback_reason == "use_watchdog=False"
+    with ChangeNotifier(tmp_path, notifications=False) as chosen:
+        assert chosen.fallback_reason == "notifications=False"
     assert caplog.records == []  # polling on purpose is nothing to warn about
 
     missing = tmp_path / "missing"

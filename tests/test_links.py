@@ -23,7 +23,7 @@ import pytest
 
 from eventpipe import EventLog, EventPipeError, UnsafePathError
 from eventpipe._checksum import sum_path
-from eventpipe.segment import segment_path
+from eventpipe._segment import segment_path
 
 from .conftest import ROOT
 

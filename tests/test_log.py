@@ -307,7 +307,7 @@ def test_reading_a_once_active_segment_after_it_was_sealed_and_compressed(
     # A reader's header said "segment 0 is active, head 3"; before it opened the file, writers
     # filled the segment, sealed it and compressed it. It must read its 3 events, no more,
     # and not mistake the later events for corruption.
-    from eventpipe.segment import read_chunks
+    from eventpipe._segment import read_chunks
 
     with EventLog(log_path, segment_max_events=10, compression=None) as log:
         log.append_many(events(15))

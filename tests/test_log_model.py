@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 from eventpipe import EventLog, OffsetOutOfRangeError
 from eventpipe._checksum import SUM_SUFFIX, read_sum, sum_blocks
 from eventpipe._header import decode_header
-from eventpipe.segment import list_segments, parse_name
+from eventpipe._segment import list_segments, parse_name
 
 from .conftest import Children
 

@@ -21,7 +21,7 @@ from types import FrameType
 
 import pytest
 
-from eventpipe.notify import ChangeNotifier
+from eventpipe._changes import ChangeNotifier
 
 from ._wait import wait_until
 
@@ -74,14 +74,14 @@ def log_dir(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_watchdog", [True, False], ids=["watchdog", "polling"])
+@pytest.mark.parametrize("notifications", [True, False], ids=["watchdog", "polling"])
 class TestContract:
     @pytest.fixture
-    def notifier(self, log_dir: Path, use_watchdog: bool) -> Iterator[ChangeNotifier]:
-        n = ChangeNotifier(log_dir, use_watchdog=use_watchdog)
+    def notifier(self, log_dir: Path, notifications: bool) -> Iterator[ChangeNotifier]:
+        n = ChangeNotifier(log_dir, notifications=notifications)
         n.start()
         # inotify is part of every Linux kernel this targets: a fallback here is a bug.
-        assert n.watching is use_watchdog, n.fallback_reason
+        assert n.watching is notifications, n.fallback_reason
         try:
             yield n
         finally:
@@ -89,10 +89,10 @@ class TestContract:
 
     @pytest.fixture
     def poke(
-        self, notifier: ChangeNotifier, log_dir: Path, use_watchdog: bool
+        self, notifier: ChangeNotifier, log_dir: Path, notifications: bool
     ) -> Callable[[], None]:
         """The way a writer signals in this mode: a real head rewrite, or wake()."""
-        if use_watchdog:
+        if notifications:
             return lambda: pwrite(log_dir / "head")
         return notifier.wake
 
@@ -320,10 +320,10 @@ class TestContract:
         asyncio.run(scenario())
         assert notifier.wait(0) is True
 
-    def test_context_manager_starts_and_closes(self, log_dir: Path, use_watchdog: bool) -> None:
+    def test_context_manager_starts_and_closes(self, log_dir: Path, notifications: bool) -> None:
         before = set(threading.enumerate())
-        with ChangeNotifier(log_dir, use_watchdog=use_watchdog) as n:
-            assert n.watching is use_watchdog
+        with ChangeNotifier(log_dir, notifications=notifications) as n:
+            assert n.watching is notifications
         assert n.watching is False
         assert new_threads(before) == set()
 
@@ -481,7 +481,7 @@ def test_falls_back_when_directory_cannot_be_watched(tmp_path: Path) -> None:
 
 def test_watchdog_disabled_means_no_thread(log_dir: Path) -> None:
     before = set(threading.enumerate())
-    n = ChangeNotifier(log_dir, use_watchdog=False)
+    n = ChangeNotifier(log_dir, notifications=False)
     n.start()
     try:
         assert n.watching is False

@@ -35,11 +35,6 @@ OWNER = 61234  # owns the log in most tests
 ALICE, BOB, SHARED_GID = 61235, 61236, 61300  # two users of one group
 STRANGER = 61299  # neither owner nor in the group
 
-# EventLog.__init__ calls check_owner once the log.py side of issue 15 lands.
-CHECK_WIRED = "check_owner" in (ROOT / "eventpipe" / "log.py").read_text()
-needs_wiring = pytest.mark.skipif(
-    not CHECK_WIRED, reason="EventLog.__init__ does not call _ownership.check_owner yet")
-
 HANDLER = """\
 import os
 
@@ -269,7 +264,6 @@ def test_check_owner_refuses_root_on_a_foreign_folder(owned_log: Path) -> None:
     assert proc.stdout == b"fine\n", proc.stderr
 
 
-@needs_wiring
 def test_eventlog_as_root_refuses_a_log_another_user_owns(
         owned_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = snapshot(owned_log)

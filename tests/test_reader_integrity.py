@@ -24,8 +24,8 @@ import pytest
 
 from eventpipe import CorruptLogError, EventLog, OffsetOutOfRangeError
 from eventpipe._checksum import write_sum
-from eventpipe.compress import compress_segment
-from eventpipe.segment import list_segments
+from eventpipe._compress import compress_segment
+from eventpipe._segment import list_segments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,7 +279,7 @@ def test_a_listing_that_raced_with_an_invalidation_is_not_kept(
                 assert go.wait(60)
             return found
 
-        for name in ("eventpipe.log", "eventpipe._segindex"):
+        for name in ("eventpipe._log", "eventpipe._segindex"):
             module = sys.modules.get(name)
             if module is not None and hasattr(module, "list_segments"):
                 monkeypatch.setattr(module, "list_segments", slow_listing)

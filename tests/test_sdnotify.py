@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import eventpipe.sdnotify
-from eventpipe.sdnotify import MAX_MESSAGE_BYTES, SystemdNotifier
+import eventpipe._systemd
+from eventpipe._systemd import MAX_MESSAGE_BYTES, SystemdNotifier
 
 RECV_TIMEOUT = 5.0  # generous: only a broken implementation ever waits this long
 
@@ -338,7 +338,7 @@ def test_child_process_reports_ready(receiver: Receiver) -> None:
     receiver.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
     env["NOTIFY_SOCKET"] = receiver.notify_socket
-    module_file = eventpipe.sdnotify.__file__
+    module_file = eventpipe._systemd.__file__
     assert module_file is not None
     with subprocess.Popen([sys.executable, "-c", CHILD, module_file], env=env) as proc:
         assert proc.wait(timeout=60) == 0

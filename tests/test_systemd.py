@@ -180,8 +180,8 @@ def _env_file_keys(text: str) -> dict[str, str]:
 
 def test_example_env_names_only_real_options() -> None:
     """eventpipe ignores unknown EVENTPIPE_* variables, so a typo would pass silently."""
-    from eventpipe.config import LOG_OPTIONS
-    from eventpipe.consumer import CONSUMER_OPTIONS
+    from eventpipe._config import LOG_OPTIONS
+    from eventpipe._consumer import CONSUMER_OPTIONS
 
     known = {o.env_name for o in (*LOG_OPTIONS, *CONSUMER_OPTIONS)}
     known |= {"EVENTPIPE_LOG_PATH", "EVENTPIPE_HANDLER", "EVENTPIPE_INITIAL_STATE",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eventpipe import EventLog
-from eventpipe.verify import verify_log
+from eventpipe._verify import verify_log
 
 from .conftest import Children
 

@@ -8,13 +8,13 @@ import time
 from typing import Any
 
 from ._checksum import sum_name
+from ._compress import load_state
 from ._inotify import inotify_usage
 from ._layout import COMPRESS_LOCK, QUARANTINE_DIR, WRITER_LOCK, Folder
+from ._log import EventLog
 from ._registry import ConsumerPosition, consumer_positions
-from .compress import load_state
+from ._segment import SegmentFile, list_segments
 from .errors import StorageError
-from .log import EventLog
-from .segment import SegmentFile, list_segments
 
 __all__ = ["flock_holders", "format_status", "log_status"]
 
@@ -87,7 +87,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _inotify() -> dict[str, Any]:
     """inotify capacity of the user running status: past the limit, new consumers and
-    followers poll instead of being woken (see :func:`eventpipe.notify.inotify_usage`)."""
+    followers poll instead of being woken (see :func:`eventpipe._changes.inotify_usage`)."""
     usage = inotify_usage()
     return {**dataclasses.asdict(usage), "warning": usage.warning}
 

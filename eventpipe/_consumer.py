@@ -2,7 +2,7 @@
 
 A consumer reads the log from its own position, calls ``handler(state, event, offset)`` for
 each event, and persists the returned state together with the next offset in one atomic
-checkpoint (see :mod:`eventpipe.checkpoint`). Killed at any instant and restarted, it resumes
+checkpoint (see :mod:`eventpipe._checkpoint`). Killed at any instant and restarted, it resumes
 from the last checkpoint and replays the events after it, so the state it ends in is exactly
 that of an uninterrupted run, provided the handler is a pure function of (state, event,
 offset). One process holds a consumer name at a time.
@@ -26,12 +26,8 @@ from typing import Any, NamedTuple, NoReturn, Self
 
 import orjson
 
-from ._deadletter import DeadLetters
-from ._fsutil import make_dirs
-from ._layout import CONSUMERS_DIR, Folder
-from ._namelock import NameLock
-from ._registry import register_external
-from .checkpoint import (
+from ._changes import ChangeNotifier
+from ._checkpoint import (
     Checkpoint,
     checkpoint_file,
     encode_state,
@@ -41,7 +37,15 @@ from .checkpoint import (
     storage_context,
     validate_name,
 )
-from .config import CONSUMER_OPTIONS, resolve
+from ._config import CONSUMER_OPTIONS, resolve
+from ._deadletter import DeadLetters
+from ._fsutil import make_dirs
+from ._layout import CONSUMERS_DIR, Folder
+from ._log import EventLog
+from ._namelock import NameLock
+from ._registry import register_external
+from ._segment import LineChunk
+from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -53,10 +57,6 @@ from .errors import (
     LogClosedError,
     StateNotStorableError,
 )
-from .log import EventLog
-from .notify import ChangeNotifier
-from .sdnotify import SystemdNotifier
-from .segment import LineChunk
 
 __all__ = ["CONSUMER_OPTIONS", "Consumer", "Handler"]
 
@@ -85,7 +85,7 @@ _TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.
 # Retry delays double up to this (seconds), whatever retry_backoff and max_retries say.
 _MAX_BACKOFF = 3600.0
 
-log = logging.getLogger("eventpipe.consumer")
+log = logging.getLogger("eventpipe.consumer")  # a name users configure
 
 
 class _Sleep(NamedTuple):
@@ -264,7 +264,7 @@ class Consumer:
         sd = self.systemd
         # The watch only reads events (it opens no file), so it may name the folder by path.
         notifier = ChangeNotifier(lock.folder.path, lock.filename,
-                                  use_watchdog=self.options["notifications"],
+                                  notifications=self.options["notifications"],
                                   poll_interval=self.options["poll_interval"])
         notifier.start()  # before the next attempt: a release after it leaves a hint
         self._notifier = notifier
@@ -874,7 +874,7 @@ class Consumer:
             sd.stopping()
             return
         notifier = ChangeNotifier(self.log.path, "head",
-                                  use_watchdog=self.options["notifications"],
+                                  notifications=self.options["notifications"],
                                   poll_interval=self.options["poll_interval"])
         notifier.start()  # before the catch-up read, so nothing appended meanwhile is missed
         self._notifier = notifier

@@ -28,14 +28,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from ._checksum import TMP_SUFFIX, read_sum, sum_name
+from ._compress import SealState, load_state, save_state, visible_size
 from ._layout import COMPRESS_LOCK, FlockFile
 from ._registry import consumer_positions, describe
-from .compress import SealState, load_state, save_state, visible_size
+from ._segment import list_segments, segment_name
 from .errors import CorruptLogError
-from .segment import list_segments, segment_name
 
 if TYPE_CHECKING:
-    from .log import EventLog
+    from ._log import EventLog
 
 __all__ = ["PruneReport", "prune"]
 

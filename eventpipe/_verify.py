@@ -29,14 +29,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ._checkpoint import load_checkpoint
 from ._checksum import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
+from ._config import LOG_OPTIONS, resolve
 from ._header import HEADER_SIZE, Header, decode_header
 from ._layout import CONSUMERS_DIR, Folder
 from ._ownership import group_name, user_name
-from .checkpoint import load_checkpoint
-from .config import LOG_OPTIONS, resolve
+from ._segment import SegmentFile, list_segments, segment_path
 from .errors import EventPipeError, StorageError, UnsafePathError
-from .segment import SegmentFile, list_segments, segment_path
 
 __all__ = ["Problem", "check_layout", "verify_log"]
 
@@ -567,7 +567,7 @@ def _fresh_head(root: str, head: int) -> int:
 
 
 def _event_bytes(root: str, offset: int) -> bytes | None:
-    from .log import EventLog
+    from ._log import EventLog
 
     try:
         with EventLog(root) as log:

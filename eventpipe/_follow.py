@@ -8,12 +8,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+from ._changes import ChangeNotifier
 from ._layout import HEAD_FILE
-from .notify import ChangeNotifier
 
 if TYPE_CHECKING:
-    from .log import EventLog
-    from .record import Record
+    from ._log import EventLog
+    from ._record import Record
 
 __all__ = ["Follower"]
 
@@ -57,7 +57,7 @@ class Follower:
             notifier.wake()
 
     def _begin(self) -> tuple[ChangeNotifier, int]:
-        notifier = ChangeNotifier(self._log.path, HEAD_FILE, use_watchdog=self._notifications,
+        notifier = ChangeNotifier(self._log.path, HEAD_FILE, notifications=self._notifications,
                                   poll_interval=self._poll)
         # Watch first, read second: an append racing with the first read leaves a hint.
         notifier.start()

@@ -4,7 +4,7 @@ A :class:`ChangeNotifier` turns filesystem events (inotify through watchdog on L
 level-triggered "something changed, read to the end" flag. It is only ever a hint: consumers
 still poll with a bounded timeout, so a missed, late or spurious hint costs latency, never
 correctness. When watchdog cannot watch (no inotify instances or watches left, directory
-missing, ``use_watchdog=False``) the notifier degrades to a plain timed wait that
+missing, ``notifications=False``) the notifier degrades to a plain timed wait that
 :meth:`~ChangeNotifier.wake` can still cut short, and (unless asked to poll) logs one warning
 saying so and how to fix it. All notifiers of a process share one inotify instance and one
 reader thread (see :mod:`eventpipe._inotify`, which also counts a user's instances).
@@ -49,7 +49,7 @@ from ._inotify import Subscription, explain_failure, subscribe
 
 __all__ = ["ChangeNotifier"]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("eventpipe.notify")  # a name users configure: kept across moves
 
 # Event types that can mean "the file now holds new data": in-place writes (modified, and
 # closed-after-write for writers that open per append), creation, and an atomic rename into
@@ -145,7 +145,7 @@ class ChangeNotifier:
     * Every waiter blocked when a hint arrives is released and returns True.
     * :meth:`wake` is safe from any thread, from coroutines and from signal handlers.
     * Watch failures never raise: the notifier falls back to timed waits, ``watching`` is
-      False, ``fallback_reason`` says why and one warning on the ``eventpipe.notify`` logger
+      False, ``fallback_reason`` says why and one warning on the ``eventpipe._changes`` logger
       says so with the fix (e.g. raising ``fs.inotify.max_user_instances``).
     * :meth:`close` stops and joins every thread :meth:`start` created, except the process's
       shared inotify reader while other notifiers still use it.
@@ -162,7 +162,7 @@ class ChangeNotifier:
         directory: str | os.PathLike[str],
         filename: str = "head",
         *,
-        use_watchdog: bool = True,
+        notifications: bool = True,
         poll_interval: float | None = None,
     ) -> None:
         """Prepare to watch ``directory/filename``; nothing is watched until :meth:`start`.
@@ -180,11 +180,11 @@ class ChangeNotifier:
             raise ValueError(f"filename must be a plain file name, got {filename!r}")
         self._directory = os.fspath(directory)
         self._filename = filename
-        self._use_watchdog = use_watchdog
+        self._use_watchdog = notifications
         self._poll_interval = poll_interval
         #: Why no watch is in use (one readable line), or None while one is (or before
         #: :meth:`start`).
-        self.fallback_reason: str | None = None if use_watchdog else "use_watchdog=False"
+        self.fallback_reason: str | None = None if notifications else "notifications=False"
 
         # Waiter state. Reentrant so that wake() from a signal handler interrupting this
         # thread inside wait()'s critical section does not deadlock.

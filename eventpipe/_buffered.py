@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 from .errors import LogClosedError
 
 if TYPE_CHECKING:
-    from .log import EventLog
+    from ._log import EventLog
 
 __all__ = ["BufferedWriter"]
 

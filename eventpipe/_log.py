@@ -28,15 +28,19 @@ import orjson
 
 from . import _header
 from ._appender import Appender
+from ._buffered import BufferedWriter
+from ._compress import FINISH_TIMEOUT, Compressor
+from ._config import LogConfig
+from ._follow import Follower
 from ._fsutil import make_dirs, os_errors
 from ._header import Header
 from ._layout import HEAD_FILE, META_FILE, SEGMENTS_DIR, Folder
 from ._meta import FORMAT_NAME, FORMAT_VERSION, new_meta, read_meta
 from ._ownership import check_owner
+from ._record import Record
+from ._retention import PruneReport, prune
 from ._segindex import SegmentIndex
-from .buffered import BufferedWriter
-from .compress import FINISH_TIMEOUT, Compressor
-from .config import LogConfig
+from ._segment import LineChunk, read_chunks, segment_path
 from .errors import (
     CorruptLogError,
     EventPipeError,
@@ -48,10 +52,6 @@ from .errors import (
     StorageError,
     UnserializableEventError,
 )
-from .follow import Follower
-from .record import Record
-from .retention import PruneReport, prune
-from .segment import LineChunk, read_chunks, segment_path
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "EventLog"]
 
@@ -68,7 +68,7 @@ class EventLog:
 
     Opens the log, creating it if ``path`` is missing or an empty directory (unless ``create``
     is False: then NotAnEventLogError). ``options`` are
-    those of :data:`eventpipe.config.LOG_OPTIONS` (``segment_max_bytes``, ``sync``, ...), layered
+    those of :data:`eventpipe._config.LOG_OPTIONS` (``segment_max_bytes``, ``sync``, ...), layered
     over ``EVENTPIPE_*`` environment variables and built-in defaults.
 
     Safe to share between threads; each process opens its own. Raises ConfigError for a bad
@@ -339,7 +339,7 @@ class EventLog:
         """Remove the oldest sealed segments by age, total size or offset.
 
         Never removes what a known consumer has not processed, unless ``force``; the report
-        says what was held back. See :mod:`eventpipe.retention`.
+        says what was held back. See :mod:`eventpipe._retention`.
         """
         self._check_open()
         return prune(self, max_age=max_age, max_bytes=max_bytes, before=before, force=force,
@@ -609,7 +609,7 @@ class EventLog:
                notifications: bool = True) -> Follower:
         """Every event from ``start`` (default: the head now) on, waiting for new ones.
 
-        Returns a :class:`~eventpipe.follow.Follower`: iterate it in a thread or ``async for``
+        Returns a :class:`~eventpipe._follow.Follower`: iterate it in a thread or ``async for``
         it in an event loop; it ends on its ``stop()`` or when the async task is cancelled.
         """
         self._check_open()

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from ._checkpoint import Checkpoint, checkpoint_file, load_checkpoint
+from ._consumer import Consumer
 from ._layout import CONSUMERS_DIR, Folder
-from .checkpoint import Checkpoint, checkpoint_file, load_checkpoint
-from .consumer import Consumer
+from ._log import EventLog
 from .errors import EventPipeError
-from .log import EventLog
 
 __all__ = ["DemoResult", "balances", "run_demo", "type_counts"]
 

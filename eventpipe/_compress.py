@@ -23,7 +23,7 @@ with the number of segments. A segment whose line count does not lead to the nex
 damaged: it is recorded (shown by ``eventpipe status``), left as it is for ``verify`` to report,
 and never retried by the background passes (an explicit ``compress()`` re-checks everything).
 The state also keeps the base of the first segment and the bytes the segments below the
-watermark take, for cheap retention (:mod:`eventpipe.retention`), and the last few errors.
+watermark take, for cheap retention (:mod:`eventpipe._retention`), and the last few errors.
 The file is a cache: missing or unreadable, it is rebuilt from a listing.
 
 At most one process does this at a time (``compress.lock``, taken with filelock, never waited
@@ -65,8 +65,7 @@ from ._checksum import (
 )
 from ._fsutil import os_errors, write_all
 from ._layout import COMPRESS_LOCK, COMPRESS_STATE, FlockFile, Folder, folder_of
-from .errors import CorruptLogError
-from .segment import (
+from ._segment import (
     CHUNK_BYTES,
     GZIP_SUFFIX,
     SegmentDamage,
@@ -76,6 +75,7 @@ from .segment import (
     segment_name,
     segment_path,
 )
+from .errors import CorruptLogError
 
 __all__ = ["FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState", "clean_stale",
            "compress_segment", "load_state", "save_state", "visible_size"]

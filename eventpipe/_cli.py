@@ -112,7 +112,7 @@ def _check_line(text: bytes, limit: int) -> tuple[bytes | None, str | None]:
 
 
 def cmd_append(args: argparse.Namespace) -> int:
-    from .log import EventLog
+    from ._log import EventLog
 
     out = _stdout()
     rejected = written = lineno = 0
@@ -235,10 +235,10 @@ def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
     While idle it also watches stdout, so that a follower whose reader went away ends at
     once instead of at its next write.
     """
-    from .notify import ChangeNotifier
+    from ._changes import ChangeNotifier
 
     out_fd = sys.stdout.fileno()
-    with ChangeNotifier(log.path, "head", use_watchdog=notifications,
+    with ChangeNotifier(log.path, "head", notifications=notifications,
                         poll_interval=poll) as notifier:
         offset = start
         while stop is None or offset < stop:
@@ -257,7 +257,7 @@ def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from .log import EventLog
+    from ._log import EventLog
 
     out = _stdout()
     with EventLog(args.path, create=False) as log:
@@ -266,7 +266,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         else:
             start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
         if args.follow:
-            source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notify)
+            source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notifications)
         else:
             source = ((c.first_offset, c.lines) for c in log.chunks(start, args.to))
         for first, stored in source:
@@ -334,7 +334,7 @@ def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from .consumer import Consumer
+    from ._consumer import Consumer
 
     handler = load_handler(args.handler)
     try:
@@ -349,7 +349,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
             options[key] = value
     if args.standby:
         options["standby"] = True
-    if args.no_notify:
+    if args.no_notifications:
         options["notifications"] = False
     with Consumer(args.path, args.name, handler, initial, **options) as consumer:
         state = consumer.catch_up() if args.catch_up else consumer.run()
@@ -363,7 +363,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import format_status, log_status
+    from ._status import format_status, log_status
 
     report = log_status(args.path)
     if args.json:
@@ -374,7 +374,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_log
+    from ._verify import verify_log
 
     progress = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
     problems, summary = verify_log(args.path, progress=progress)
@@ -424,7 +424,7 @@ def _progress_printer(stream: TextIO) -> Callable[[int, int], None]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .log import EventLog
+    from ._log import EventLog
 
     if args.max_age is None and args.max_bytes is None and args.before is None:
         raise ConfigError("prune needs --max-age, --max-bytes or --before", option="prune")
@@ -443,9 +443,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_consumers_forget(args: argparse.Namespace) -> int:
+    from ._log import EventLog
     from ._registry import known_checkpoints, unregister_external
-    from .log import EventLog
-    from .status import flock_holders
+    from ._status import flock_holders
 
     with EventLog(args.path, create=False) as log:
         root = log.path
@@ -475,7 +475,7 @@ def cmd_consumers_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .log import EventLog
+    from ._log import EventLog
 
     with EventLog(args.path, create=False) as log:
         done = log.compress()
@@ -484,7 +484,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ._demo import run_demo
 
     result = run_demo(args.dir, seconds=args.seconds, writers=args.writers, rate=args.rate)
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-offsets", action="store_true",
                    help='print {"offset": N, "event": ...} objects')
     p.add_argument("--poll-interval", type=float, default=1.0)
-    p.add_argument("--no-notify", action="store_true", help="poll only (network filesystems)")
+    p.add_argument("--no-notifications", action="store_true",
+                   help="poll only (network filesystems)")
     p.set_defaults(func=cmd_read)
 
     env = os.environ
@@ -549,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--checkpoint-interval", type=float)
     p.add_argument("--poll-interval", type=float)
-    p.add_argument("--no-notify", action="store_true")
+    p.add_argument("--no-notifications", action="store_true")
     p.add_argument("--on-error", choices=("stop", "retry", "dead_letter"))
     p.add_argument("--max-retries", type=int)
     p.add_argument("--dead-letter", help="log path for events the handler fails on")
@@ -629,7 +630,7 @@ def _preload() -> None:
     installed in /root, pyenv's default as root) can no longer be imported: a command would
     fail half-way. The handler of ``consume`` is loaded after the drop, as the owner.
     """
-    from . import _registry, consumer, log, notify, status, verify  # noqa: F401
+    from . import _changes, _consumer, _log, _registry, _status, _verify  # noqa: F401
 
     # notify imports this lazily; off Linux it is missing and notify uses watchdog's Observer.
     with contextlib.suppress(ImportError):
