@@ -49,8 +49,6 @@ __all__ = [
     "checkpoint_file",
     "encode_state",
     "load_checkpoint",
-    "read_entry",
-    "remove_stale_temps",
     "remove_temp_files",
     "save_checkpoint",
     "storage_context",
@@ -101,47 +99,6 @@ def storage_context(what: str) -> Iterator[None]:
     except StorageError as exc:
         exc.message = f"{what}: {exc.message}"
         raise
-
-
-def read_entry(folder: Folder, name: str) -> bytes | None:
-    """The content of file ``name`` in ``folder`` (None if missing), like Folder.read_bytes,
-    but opened with ``O_NONBLOCK``: a FIFO planted under that name is refused at once
-    (UnsafePathError, "not a regular file") instead of blocking the open until someone
-    writes to it, which would hang a consumer, ``status``, or retention in a writer's
-    compressor thread. (Reads of a regular file ignore the flag.)"""
-    try:
-        fd = folder.open_file(name, os.O_RDONLY | os.O_NONBLOCK)
-    except StorageError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as exc:
-        raise StorageError.from_os_error(exc, "read", path=folder.path_of(name)) from exc
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(folder: Folder, name: str) -> int:
-    """Remove the ``<name>.tmp.<pid>`` files that writes of ``name`` (Folder.write_atomic)
-    left in ``folder`` when their process was killed; a link of that name is removed, not
-    followed.
-
-    Only for a file that one process at a time writes, called by that process (the holder of
-    a lock): then none of them is in use. Returns how many were removed.
-    """
-    prefix = f"{name}.tmp."
-    try:
-        names = folder.names()
-    except StorageError:
-        return 0
-    removed = 0
-    for entry in names:
-        if entry.startswith(prefix) and entry[len(prefix):].isdigit() and folder.unlink(entry):
-            removed += 1
-    return removed
 
 
 def encode_state(state: Any) -> bytes:
@@ -209,7 +166,7 @@ def remove_temp_files(folder: Folder, filename: str) -> int:
     Call only while holding the consumer's name: then no other process writes them. Returns
     how many were removed.
     """
-    return remove_stale_temps(folder, filename) + remove_stale_temps(folder, filename + ".prev")
+    return folder.remove_stale_temps(filename) + folder.remove_stale_temps(filename + ".prev")
 
 
 @dataclass(frozen=True)
@@ -296,7 +253,7 @@ def load_checkpoint(folder: Folder, filename: str, name: str | None = None
     """
     path = folder.path_of(filename)
     with storage_context("read checkpoint"):
-        raw = read_entry(folder, filename)
+        raw = folder.read_bytes(filename)
     if raw is None:
         return None
     try:

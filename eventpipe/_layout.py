@@ -256,6 +256,22 @@ class Folder:
     def exists(self, name: str) -> bool:
         return self.lstat(name) is not None
 
+    def remove_stale_temps(self, name: str) -> int:
+        """Remove the ``<name>.tmp.<pid>`` files that :meth:`write_atomic` of ``name`` left
+        when its process was killed; returns how many.
+
+        Only for a file that one process at a time writes, called by that process (the holder
+        of a lock): then none of them is in use.
+        """
+        prefix = f"{name}.tmp."
+        try:
+            names = self.names()
+        except StorageError:
+            return 0
+        return sum(1 for entry in names
+                   if entry.startswith(prefix) and entry[len(prefix):].isdigit()
+                   and self.unlink(entry))
+
     def names(self) -> list[str]:
         """The entries of this folder (what is there now, read through the descriptor)."""
         try:

@@ -30,7 +30,7 @@ import time
 
 import orjson
 
-from ._checkpoint import read_entry, remove_stale_temps, storage_context
+from ._checkpoint import storage_context
 from ._layout import Folder
 from .errors import EventPipeError, StorageError
 
@@ -76,7 +76,7 @@ class NameLock:
         self._held = True
         try:
             # Left by holders killed while writing it (a link of a temp name is removed).
-            remove_stale_temps(self.folder, self._owner)
+            self.folder.remove_stale_temps(self._owner)
             note = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             with storage_context("write consumer owner note"):
@@ -90,7 +90,7 @@ class NameLock:
         """Who holds the name, from ``<name>.owner`` ("an unknown process" when that cannot
         be read, or is a link: it is never followed)."""
         try:
-            raw = read_entry(self.folder, self._owner)
+            raw = self.folder.read_bytes(self._owner)
             if raw is None:
                 return "an unknown process"
             info = orjson.loads(raw)

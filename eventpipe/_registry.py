@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import orjson
 
-from ._checkpoint import Checkpoint, load_checkpoint, read_entry, storage_context, validate_name
+from ._checkpoint import Checkpoint, load_checkpoint, storage_context, validate_name
 from ._layout import CONSUMERS_DIR, EXTERNAL_DIR, Folder, folder_of
 from .errors import ConfigError, EventPipeError, StorageError, UnsafePathError
 
@@ -199,7 +199,7 @@ def register_external(log: LogFolder, name: str, checkpoint_file: str, file_mode
             with consumers.sub(EXTERNAL_DIR) as external:
                 path = external.path_of(filename)
                 try:
-                    raw = read_entry(external, filename)
+                    raw = external.read_bytes(filename)
                     if raw is not None and _parse(path, raw)[:2] == (name, cp):
                         return
                 except UnsafePathError:
@@ -310,7 +310,7 @@ def _known_in(consumers: Folder) -> list[KnownConsumer]:
             path = external.path_of(entry)
             guess = entry[:-5].rpartition("@")[0] or entry[:-5]  # for the report only
             try:
-                raw = read_entry(external, entry)
+                raw = external.read_bytes(entry)
             except EventPipeError as exc:  # a link (never followed), or no permission
                 registered.append(KnownConsumer(guess, None, True, path,
                                                 "cannot read consumer registration: "
