@@ -146,14 +146,6 @@ class SystemdNotifier:
         """Send ``STOPPING=1``: shutdown has begun."""
         return self.notify("STOPPING=1")
 
-    def reloading(self) -> bool:
-        """Send ``RELOADING=1`` with ``MONOTONIC_USEC``; call :meth:`ready` when done.
-
-        ``Type=notify-reload`` units require the monotonic timestamp alongside the flag.
-        """
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
-
     def watchdog(self) -> bool:
         """Send ``WATCHDOG=1`` now, whatever the interval; a success restarts the interval."""
         return self.notify("WATCHDOG=1")

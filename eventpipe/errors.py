@@ -4,7 +4,28 @@ Each class derives from :class:`EventPipeError` *and* from the stdlib type a cal
 naturally catch (``ValueError``, ``TypeError``, ``TimeoutError``, ``OSError`` ...), so both
 ``except EventPipeError`` and ``except ValueError`` work. Errors carry the ``path`` and
 ``offset`` involved where there is one, put both in the message, and pickle across processes
-(multiprocessing workers re-raise them in the parent).
+(multiprocessing workers re-raise them in the parent). The hierarchy::
+
+    EventPipeError
+    ├── ConfigError                    bad option, environment variable or initial state
+    ├── UnserializableEventError       an event JSON cannot hold
+    ├── EventTooLargeError             an event over max_event_bytes
+    ├── NotAnEventLogError             a folder (or file) that is not a log
+    ├── UnsupportedFormatError         a log written by a newer eventpipe
+    ├── CorruptLogError                damage found in stored data, named with its offsets
+    ├── LogReplacedError               the log folder or header was removed or replaced
+    ├── OffsetOutOfRangeError          an offset not stored (before the first, past the head)
+    ├── LockTimeout                    the writer lock not had within lock_timeout
+    ├── LogClosedError                 use of a closed log or consumer
+    ├── StorageError                   the OS refused a read or write (errno, path)
+    │   ├── StoragePermissionError     ... for lack of permission
+    │   │   └── UnsafePathError        ... or because eventpipe refuses to go there (a link)
+    │   └── DurabilityError            committed, but not made durable (.committed)
+    ├── CheckpointError                a checkpoint file that is not valid
+    │   ├── StateNotStorableError      a consumer state JSON cannot hold unchanged
+    │   └── CheckpointMismatchError    a checkpoint that does not belong to this log
+    ├── ConsumerBusyError              another process holds the consumer name
+    └── HandlerError                   a consumer's handler raised (.offset, .event)
 """
 
 from __future__ import annotations

@@ -78,7 +78,6 @@ def test_disabled_without_notify_socket(environ: dict[str, str]) -> None:
         assert n.ready() is False
         assert n.status("hello") is False
         assert n.stopping() is False
-        assert n.reloading() is False
         assert n.watchdog() is False
         assert n.notify("X=1") is False
         assert n.watchdog_interval is None
@@ -112,18 +111,6 @@ def test_basic_messages(receiver: Receiver) -> None:
         assert recv(receiver.sock) == b"READY=1\nSTATUS=up\nMAINPID=42"
         assert n.last_error is None
     assert_nothing_pending(receiver.sock)
-
-
-def test_reloading_carries_monotonic_usec(receiver: Receiver) -> None:
-    with SystemdNotifier(receiver.env()) as n:
-        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        assert n.reloading() is True
-        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    first, second = recv(receiver.sock).split(b"\n")
-    assert first == b"RELOADING=1"
-    key, _, usec = second.partition(b"=")
-    assert key == b"MONOTONIC_USEC"
-    assert before <= int(usec) <= after
 
 
 @pytest.mark.parametrize(
