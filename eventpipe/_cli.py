@@ -494,6 +494,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long but flat: one block of argparse declarations per command, read top to bottom.
     parser = argparse.ArgumentParser(
         prog="eventpipe",
         description="Durable multi-process event logs and consumers in a directory.",

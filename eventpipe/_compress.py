@@ -1,13 +1,11 @@
-"""Work on sealed segments: checksums, then gzip compression, then retention.
+"""The sealing pass: checksum sealed segments, gzip them, then run retention.
 
 Sealed segments never change, so this work needs no writer lock and never stalls an append.
 
-**Checksums.** Each sealed segment gets a sidecar ``<base>.sum``: its event count, size, and a
-CRC-32 per 64 KiB block of its (uncompressed) content. ``eventpipe verify`` uses it to find a
-flipped byte anywhere in a sealed segment and say which block holds it, even where the damage
-leaves valid JSON. Compression re-checks the content against it before compressing, so damage
-is never sealed into a gzip file. A segment found already compressed without a ``.sum`` gets
-one from its decompressed content.
+**Checksums.** Each sealed segment gets a sidecar ``<base>.sum`` (see :mod:`eventpipe._checksum`).
+Compression re-checks the content against it before compressing, so damage is never sealed
+into a gzip file. A segment found already compressed without a ``.sum`` gets one from its
+decompressed content.
 
 **Compression.** Each segment goes through: gzip into ``<name>.gz.tmp``, fsync, decompress
 the copy and compare it byte for byte with the original, rename into place, fsync the folder,
@@ -26,7 +24,7 @@ The state also keeps the base of the first segment and the bytes the segments be
 watermark take, for cheap retention (:mod:`eventpipe._retention`), and the last few errors.
 The file is a cache: missing or unreadable, it is rebuilt from a listing.
 
-At most one process does this at a time (``compress.lock``, taken with filelock, never waited
+At most one process does this at a time (``compress.lock``, a flock, never waited
 on by a closing writer). Whoever releases the lock looks again for work sealed meanwhile, so a
 process that found the lock taken may leave its work to the holder. A crash at any step leaves
 either a temp file (``.gz.tmp`` / ``.sum.tmp``, named per segment: overwritten when the segment

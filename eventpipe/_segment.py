@@ -454,6 +454,12 @@ def _read_open(
     seal: Seal | None,
     counted: MutableMapping[CountKey, int] | None,
 ) -> Iterator[LineChunk]:
+    """read_chunks on an open segment: establish its extent, find the start, then read.
+
+    One function on purpose: the three steps share what each learns (the extent decides how
+    the start may be found, both decide which checks the read needs), in the order the module
+    docstring gives them.
+    """
     active = byte_limit is not None
     if active:
         seal = None  # the header gives the active segment's extent; it has no checksum yet
@@ -539,6 +545,7 @@ def _lines(blocks: Iterator[bytes], path: str, base: int, start: int, stop: int,
     """Split content into chunks of lines numbered from ``start`` (after skipping ``to_skip``
     lines), up to ``stop``; check the content ends exactly at ``end_offset`` when read that
     far."""
+    # One function on purpose: every read of every event goes through this loop.
     offset = start
     pending = b""
     try:
