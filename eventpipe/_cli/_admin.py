@@ -1,0 +1,152 @@
+"""The commands that look after a log: status, verify, prune, consumers forget, compress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import ConfigError
+from ._common import EXIT_FAILED, EXIT_OK, err, progress_printer, write_json
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``status``, ``verify``, ``prune``, ``consumers forget`` and ``compress``."""
+    p = sub.add_parser("status", help="head, segments, consumers and writers")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "verify", help="check every segment and checkpoint, and the log's layout",
+        description="Check every segment and checkpoint, and what lies in the log folder: "
+                    "symbolic links, files hard-linked elsewhere, FIFOs and devices, entries "
+                    "of other owners, world-writable files or folders, setuid files (problems, "
+                    "exit 1) and permissions beyond the log's file_mode (warnings; set "
+                    "EVENTPIPE_FILE_MODE to the log's mode).")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="remove old sealed segments (retention)")
+    p.add_argument("path")
+    p.add_argument("--max-age", type=float, help="seconds: remove segments sealed longer ago")
+    p.add_argument("--max-bytes", type=int, help="keep at most this many bytes of segments")
+    p.add_argument("--before", type=int, help="remove segments wholly before this offset")
+    p.add_argument("--force", action="store_true",
+                   help="also remove what known consumers have not processed yet")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("consumers", help="manage the consumers a log knows of")
+    consumers = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = consumers.add_parser(
+        "forget", help="remove an external consumer's registration (retention stops waiting)",
+        description="Remove the registration of a consumer whose checkpoint lives outside the "
+                    "log (checkpoint_dir), so retention no longer keeps events for it. The "
+                    "checkpoint itself is left alone. Refused while the consumer runs. Exit "
+                    "1 when there is no such registration.")
+    p.add_argument("path")
+    p.add_argument("name")
+    p.add_argument("--checkpoint", help="only the registration of this checkpoint file")
+    p.set_defaults(func=cmd_consumers_forget)
+
+    p = sub.add_parser("compress", help="gzip every sealed segment now")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .._status import format_status, log_status
+
+    report = log_status(args.path)
+    if args.json:
+        write_json(report, indent=True)
+    else:
+        sys.stdout.write(format_status(report))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .._verify import verify_log
+
+    progress = progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    problems, summary = verify_log(args.path, progress=progress)
+    warnings = summary.pop("warnings", [])
+    if args.json:
+        doc = {"ok": not problems, "problems": [p._asdict() for p in problems],
+               "warnings": [w._asdict() for w in warnings], **summary}
+        write_json(doc, indent=True)
+    else:
+        for p in problems:
+            where = f" offset {p.offset}" if p.offset is not None else ""
+            print(f"{p.path}:{where} {p.problem}")
+        for w in warnings:
+            print(f"{w.path}: warning: {w.problem}")
+        verdict = "ok" if not problems else f"{len(problems)} problem(s)"
+        if warnings:
+            verdict += f", {len(warnings)} warning(s)"
+        err(f"verified {summary['segments']} segments, {summary['events']} events, "
+            f"{summary['checkpoints']} checkpoints: {verdict}")
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .._log import EventLog
+
+    if args.max_age is None and args.max_bytes is None and args.before is None:
+        raise ConfigError("prune needs --max-age, --max-bytes or --before", option="prune")
+    with EventLog(args.path, create=False) as log:
+        report = log.prune(max_age=args.max_age, max_bytes=args.max_bytes,
+                           before=args.before, force=args.force, dry_run=args.dry_run)
+    if args.json:
+        write_json(report._asdict())
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(report.removed)} segments ({report.bytes_removed} bytes); "
+              f"log now starts at offset {report.first_offset}")
+        for note in report.held_back:
+            err(f"held back: {note}")
+    return EXIT_OK
+
+
+def cmd_consumers_forget(args: argparse.Namespace) -> int:
+    from .._log import EventLog
+    from .._registry import known_checkpoints, unregister_external
+    from .._status import flock_holders
+
+    with EventLog(args.path, create=False) as log:
+        root = log.path
+    wanted = os.path.abspath(args.checkpoint) if args.checkpoint is not None else None
+    mine = [k for k in known_checkpoints(root) if k.external and k.name == args.name
+            and k.checkpoint is not None and wanted in (None, k.checkpoint)]
+    for k in mine:
+        assert k.checkpoint is not None
+        pids = flock_holders(os.path.join(os.path.dirname(k.checkpoint), f"{args.name}.lock"))
+        if pids:
+            err(f"consumer {args.name!r} (checkpoint {k.checkpoint}) is running (pid "
+                f"{', '.join(map(str, pids))}): stop it first; nothing was forgotten")
+            return EXIT_FAILED
+    removed = unregister_external(root, args.name, args.checkpoint)
+    if not removed:
+        inside = os.path.join(root, "consumers", f"{args.name}.json")
+        if os.path.exists(inside):
+            err(f"consumer {args.name!r} checkpoints inside the log ({inside}), it is not "
+                "registered: remove that checkpoint to forget it")
+        else:
+            err(f"no registration of consumer {args.name!r}"
+                + (f" with checkpoint {wanted}" if wanted else ""))
+        return EXIT_FAILED
+    for path in removed:
+        print(f"forgot {args.name}: removed {path}")
+    return EXIT_OK
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .._log import EventLog
+
+    with EventLog(args.path, create=False) as log:
+        done = log.compress()
+    print(f"compressed {done} segments")
+    return EXIT_OK

@@ -1,0 +1,303 @@
+"""The commands that move events: ``append`` JSON lines from stdin, ``read`` them to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+import orjson
+
+from ..errors import CorruptLogError
+from ._common import EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, counter, err, stdout, write_json
+
+_APPEND_BATCH = 1000
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``append`` and ``read``."""
+    p = sub.add_parser("append", help="append JSON lines from stdin; prints their offsets")
+    p.add_argument("path")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip lines that are not JSON (reported on stderr) instead of stopping")
+    p.add_argument("--json", action="store_true", help="print one summary object instead")
+    p.set_defaults(func=cmd_append)
+
+    p = sub.add_parser("read", help="print events as JSON lines")
+    p.add_argument("path")
+    p.add_argument("--from", dest="from_", type=int, default=None,
+                   help="first offset (negative: that many before the head; default: the "
+                        "first stored event)")
+    p.add_argument("--to", type=int, default=None, help="stop before this offset")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--with-offsets", action="store_true",
+                   help='print {"offset": N, "event": ...} objects')
+    p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--no-notifications", action="store_true",
+                   help="poll only (network filesystems)")
+    p.set_defaults(func=cmd_read)
+
+
+# --------------------------------------------------------------------------------- append
+
+
+def _has_huge_int(text: bytes) -> bool:
+    """Whether JSON ``text`` holds an integer outside the signed/unsigned 64-bit range.
+
+    Only called for lines whose re-encoding shows a float, so the slow parser rarely runs.
+    """
+    def check(literal: str) -> int:
+        value = int(literal)
+        if not -(2**63) <= value < 2**64:
+            raise OverflowError(literal)
+        return value
+
+    try:
+        json.loads(text, parse_int=check)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while append was waiting for input."""
+
+
+def _input_lines(source: BinaryIO) -> Iterator[list[bytes]]:
+    """Lines of ``source`` in the groups they arrive in (what one read returns).
+
+    So that a slow stream (``journalctl -f | eventpipe append``) is committed as it comes,
+    not once 1000 lines have gathered.
+    """
+    read1 = getattr(source, "read1", None)
+    pending = b""
+    while True:
+        data = read1(1 << 16) if read1 is not None else source.readline()
+        if not data:
+            break
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        if lines:
+            yield lines
+    if pending:
+        yield [pending]
+
+
+def _check_line(text: bytes, limit: int) -> tuple[bytes | None, str | None]:
+    """(compact encoding, None) for a good input line, or (None, what is wrong)."""
+    try:
+        # Re-encode: stored events are compact, one per line, whatever came in.
+        encoded = orjson.dumps(orjson.loads(text))
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON ({exc})"
+    except orjson.JSONEncodeError as exc:  # valid JSON orjson cannot write (depth)
+        return None, f"cannot be stored ({exc})"
+    if len(encoded) > limit:
+        return None, f"event is {len(encoded)} bytes encoded, over max_event_bytes={limit}"
+    if (b"e" in encoded or b"." in encoded) and _has_huge_int(text):
+        # orjson reads integers beyond 64 bits as floats: storing that would silently
+        # change the event, so refuse it as the Python API does.
+        return None, "an integer does not fit in 64 bits"
+    return encoded, None
+
+
+def cmd_append(args: argparse.Namespace) -> int:
+    from .._log import EventLog
+
+    out = stdout()
+    rejected = written = lineno = 0
+    first_offset: int | None = None
+    terminated = False
+    batch = bytearray()  # JSON lines: see BufferedWriter on why not a list of orjson results
+    batched = 0
+    with EventLog(args.path) as log:
+
+        def commit() -> None:
+            nonlocal written, first_offset, batched
+            if not batched:
+                return
+            # SIGTERM waits while a batch commits: all of it is stored, or none.
+            masked = _block_sigterm()
+            try:
+                offsets = log._append_lines(bytes(batch), batched)
+            finally:
+                _unblock_sigterm(masked)
+            batch.clear()
+            batched = 0
+            written += len(offsets)
+            if first_offset is None:
+                first_offset = offsets.start
+            if not args.json:
+                out.write(b"".join(b"%d\n" % o for o in offsets))
+                out.flush()
+            if show_progress is not None:
+                show_progress(written)
+
+        # Long input on a terminal: a running count on stderr (nothing when piped).
+        show_progress = counter(sys.stderr, "events appended") if sys.stderr.isatty() else None
+        limit = log.config.max_event_bytes
+        restore = _raise_on_sigterm()
+        try:
+            stopped = False
+            for lines in _input_lines(sys.stdin.buffer):
+                for raw in lines:
+                    lineno += 1
+                    text = raw.strip()
+                    if not text:
+                        continue
+                    encoded, problem = _check_line(text, limit)
+                    if encoded is not None:
+                        batch += encoded
+                        batch += b"\n"
+                        batched += 1
+                        if batched >= _APPEND_BATCH:
+                            commit()
+                        continue
+                    rejected += 1
+                    err(f"line {lineno}: {problem}; nothing of it was written")
+                    if not args.skip_bad:
+                        commit()
+                        err(f"stopped at line {lineno}: {written} events written before it")
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                commit()
+        except _Terminated:
+            terminated = True
+            commit()  # the complete lines read so far
+        finally:
+            restore()
+    if show_progress is not None:
+        print(f"\r  {written:,} events appended", file=sys.stderr)
+    if args.json:
+        write_json({"written": written, "first_offset": first_offset, "rejected": rejected})
+    elif rejected and args.skip_bad:
+        err(f"{written} events written, {rejected} lines rejected")
+    if terminated:
+        err(f"terminated: {written} events written")
+        return EXIT_TERMINATED
+    return EXIT_FAILED if rejected else EXIT_OK
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _block_sigterm() -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return True
+
+
+def _unblock_sigterm(masked: bool) -> None:
+    if masked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+# ----------------------------------------------------------------------------------- read
+
+
+def _reader_gone(fd: int) -> bool:
+    """True once the read end of our stdout pipe is closed (``... | head`` finished)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
+                notifications: bool) -> Iterator[tuple[int, list[bytes]]]:
+    """(first offset, lines) from ``start``, waiting for more until ``stop`` (if any).
+
+    While idle it also watches stdout, so that a follower whose reader went away ends at
+    once instead of at its next write.
+    """
+    from .._changes import ChangeNotifier
+
+    out_fd = sys.stdout.fileno()
+    with ChangeNotifier(log.path, "head", notifications=notifications,
+                        poll_interval=poll) as notifier:
+        offset = start
+        while stop is None or offset < stop:
+            for chunk in log.chunks(offset, stop):
+                yield chunk.first_offset, chunk.lines
+                offset = chunk.first_offset + len(chunk.lines)
+            if stop is not None and offset >= stop:
+                return
+            log.check_replaced()  # a replaced header would stall `read --follow` for good
+            deadline = time.monotonic() + poll
+            while not notifier.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                if _reader_gone(out_fd):
+                    raise BrokenPipeError
+                if time.monotonic() >= deadline:
+                    break
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from .._log import EventLog
+
+    out = stdout()
+    with EventLog(args.path, create=False) as log:
+        if args.from_ is None:
+            start = log.first_offset  # "from the start" of a pruned log is its first event
+        else:
+            start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
+        if args.follow:
+            source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notifications)
+        else:
+            source = ((c.first_offset, c.lines) for c in log.chunks(start, args.to))
+        for first, stored in source:
+            bad = _first_invalid(stored)
+            # Print every good event before a bad one, then fail: damaged bytes (say in the
+            # active segment, which has no checksum yet) are never printed as an event.
+            lines = stored if bad is None else stored[:bad]
+            if args.with_offsets:
+                # Byte-level framing: no decode and re-encode of stored events.
+                data = b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
+                                for i, line in enumerate(lines))
+            else:
+                data = b"\n".join(lines) + b"\n"
+            if lines:
+                out.write(data)
+            if bad is not None:
+                out.flush()
+                raise CorruptLogError("stored event is not valid JSON", path=log.path,
+                                      offset=first + bad)
+            if args.follow:
+                out.flush()
+    out.flush()
+    return EXIT_OK
+
+
+def _first_invalid(lines: list[bytes]) -> int | None:
+    """Index of the first line that is not JSON, None if all are (checked by C code)."""
+    try:
+        collections.deque(map(orjson.loads, lines), maxlen=0)
+    except orjson.JSONDecodeError:
+        for i, line in enumerate(lines):
+            try:
+                orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return i
+    return None
