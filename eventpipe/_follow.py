@@ -1,11 +1,18 @@
-"""Following a log as it grows: a blocking iterator and an async iterator on one notifier."""
+"""Following a log as it grows: a blocking iterator and an async iterator on one notifier.
+
+:meth:`Follower.chunks` is the one blocking follow loop (read to the end, check the log is still
+there, wait for a hint or the poll interval): records are decoded from it, and
+``eventpipe read --follow`` prints its raw lines. The async iterator is its twin for event
+loops. A consumer has its own loop (checkpoints, standby and handler errors interleave with
+the waits there, for threads and event loops alike: see ``_consumer``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ._changes import ChangeNotifier
@@ -14,12 +21,15 @@ from ._layout import HEAD_FILE
 if TYPE_CHECKING:
     from ._log import EventLog
     from ._record import Record
+    from ._segment import LineChunk
 
 __all__ = ["Follower"]
 
 # The async form hands the loop back at least this often while records are available (the
 # loop is not otherwise entered between records: an async generator's yield is not an await).
 _ASYNC_SLICE = 0.005
+# While waiting, a ``while_waiting`` check runs at least this often (seconds).
+_CHECK_SLICE = 0.2
 
 
 class Follower:
@@ -66,18 +76,47 @@ class Follower:
         return notifier, offset
 
     def __iter__(self) -> Iterator[Record]:
+        decode = self._log.decode
+        stopped = self._stopped.is_set
+        for chunk in self.chunks():
+            for records in decode(chunk):
+                for record in records:
+                    yield record
+                    if stopped():
+                        return
+
+    def chunks(self, stop: int | None = None, *,
+               while_waiting: Callable[[], None] | None = None) -> Iterator[LineChunk]:
+        """Raw lines (nothing decoded) from the start, chunk by chunk, waiting for more,
+        until offset ``stop`` (if given) or :meth:`stop`.
+
+        ``while_waiting`` runs at least every 0.2 s of a wait (``eventpipe read --follow``
+        checks there that its reader is still there); what it raises ends the iteration.
+        """
         notifier, offset = self._begin()
         try:
-            while not self._stopped.is_set():
-                for record in self._log.read(offset):
-                    yield record
-                    offset = record[0] + 1
+            while not self._stopped.is_set() and (stop is None or offset < stop):
+                for chunk in self._log.chunks(offset, stop):
+                    yield chunk
+                    offset = chunk.first_offset + len(chunk.lines)
                     if self._stopped.is_set():
                         return
+                if stop is not None and offset >= stop:
+                    return
                 self._log.check_replaced()  # a replaced header would stall us for good
-                notifier.wait(self._poll)
+                self._wait(notifier, while_waiting)
         finally:
             notifier.close()
+
+    def _wait(self, notifier: ChangeNotifier, while_waiting: Callable[[], None] | None) -> None:
+        if while_waiting is None:
+            notifier.wait(self._poll)
+            return
+        deadline = time.monotonic() + self._poll
+        while not notifier.wait(min(_CHECK_SLICE, max(0.0, deadline - time.monotonic()))):
+            while_waiting()
+            if time.monotonic() >= deadline:
+                return
 
     async def _aiter(self) -> AsyncIterator[Record]:
         notifier, offset = self._begin()

@@ -571,22 +571,30 @@ class EventLog:
         return itertools.chain.from_iterable(self._decoded_chunks(start, stop))
 
     def _decoded_chunks(self, start: int, stop: int | None) -> Iterator[list[Record]]:
+        for chunk in self.chunks(start, stop):
+            yield from self.decode(chunk)
+
+    def decode(self, chunk: LineChunk) -> Iterator[list[Record]]:
+        """The records of a chunk from :meth:`chunks`, a few hundred at a time.
+
+        Raises CorruptLogError naming the offset of an undecodable event, after yielding
+        every event before it.
+        """
         # Small lists: a few hundred decoded events alive at once reuse the same memory, where
         # a whole chunk's worth (tens of thousands) would keep claiming fresh pages.
         step = _DECODE_SLICE
-        for chunk in self.chunks(start, stop):
-            lines, first = chunk.lines, chunk.first_offset
-            try:
-                for i in range(0, len(lines), step):
-                    yield list(map(Record, zip(itertools.count(first + i),
-                                               map(_loads, lines[i : i + step]), strict=False)))
-            except orjson.JSONDecodeError:
-                error = self._decode_error(chunk)
-                bad = (error.offset or first) - first
-                done = bad - bad % step  # events of earlier slices were yielded already
-                yield list(map(Record, zip(itertools.count(first + done),
-                                           map(_loads, lines[done:bad]), strict=False)))
-                raise error from None
+        lines, first = chunk.lines, chunk.first_offset
+        try:
+            for i in range(0, len(lines), step):
+                yield list(map(Record, zip(itertools.count(first + i),
+                                           map(_loads, lines[i : i + step]), strict=False)))
+        except orjson.JSONDecodeError:
+            error = self._decode_error(chunk)
+            bad = (error.offset or first) - first
+            done = bad - bad % step  # events of earlier slices were yielded already
+            yield list(map(Record, zip(itertools.count(first + done),
+                                       map(_loads, lines[done:bad]), strict=False)))
+            raise error from None
 
     def read_raw(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
         """Encoded events (JSON text, no newline) from ``start`` up to ``stop``; not decoded."""

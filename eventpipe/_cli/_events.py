@@ -9,9 +9,8 @@ import select
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import orjson
 
@@ -226,34 +225,6 @@ def _reader_gone(fd: int) -> bool:
     return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
-def _raw_follow(log: Any, start: int, stop: int | None, poll: float,
-                notifications: bool) -> Iterator[tuple[int, list[bytes]]]:
-    """(first offset, lines) from ``start``, waiting for more until ``stop`` (if any).
-
-    While idle it also watches stdout, so that a follower whose reader went away ends at
-    once instead of at its next write.
-    """
-    from .._changes import ChangeNotifier
-
-    out_fd = sys.stdout.fileno()
-    with ChangeNotifier(log.path, "head", notifications=notifications,
-                        poll_interval=poll) as notifier:
-        offset = start
-        while stop is None or offset < stop:
-            for chunk in log.chunks(offset, stop):
-                yield chunk.first_offset, chunk.lines
-                offset = chunk.first_offset + len(chunk.lines)
-            if stop is not None and offset >= stop:
-                return
-            log.check_replaced()  # a replaced header would stall `read --follow` for good
-            deadline = time.monotonic() + poll
-            while not notifier.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
-                if _reader_gone(out_fd):
-                    raise BrokenPipeError
-                if time.monotonic() >= deadline:
-                    break
-
-
 def cmd_read(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
@@ -264,9 +235,20 @@ def cmd_read(args: argparse.Namespace) -> int:
         else:
             start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
         if args.follow:
-            source = _raw_follow(log, start, args.to, args.poll_interval, not args.no_notifications)
+            out_fd = sys.stdout.fileno()
+
+            def reader_still_there() -> None:
+                # A follower whose reader went away (``... | head``) ends at once, not at
+                # its next write.
+                if _reader_gone(out_fd):
+                    raise BrokenPipeError
+
+            chunks = log.follow(start, poll_interval=args.poll_interval,
+                                notifications=not args.no_notifications).chunks(
+                args.to, while_waiting=reader_still_there)
         else:
-            source = ((c.first_offset, c.lines) for c in log.chunks(start, args.to))
+            chunks = log.chunks(start, args.to)
+        source = ((c.first_offset, c.lines) for c in chunks)
         for first, stored in source:
             bad = _first_invalid(stored)
             # Print every good event before a bad one, then fail: damaged bytes (say in the
