@@ -160,6 +160,19 @@ LOG_OPTIONS: tuple[Option, ...] = (
 )
 
 
+def _parse_start(text: str) -> str | int:
+    t = text.strip().lower()
+    return t if t in ("earliest", "latest") else _parse_int(t)
+
+
+def _start(value: Any) -> str | None:
+    if isinstance(value, str) and value in ("earliest", "latest"):
+        return None
+    if _int_at_least(0)(value) is None:
+        return None
+    return f"must be \"earliest\", \"latest\" or an offset >= 0, got {value!r}"
+
+
 def _optional_path(value: Any) -> str | None:
     ok = value is None or isinstance(value, str | os.PathLike)
     return None if ok else f"must be a path, got {value!r}"
@@ -186,6 +199,9 @@ CONSUMER_OPTIONS: tuple[Option, ...] = (
            "Folder of checkpoint files (default: <log>/consumers)."),
     Option("standby", False, _parse_bool, _is(bool, "True or False"),
            "If another process holds the name, wait and take over when it exits."),
+    Option("start", "earliest", _parse_start, _start,
+           "Where a consumer without a checkpoint begins: \"earliest\" (the first stored "
+           "offset), \"latest\" (the head when it takes the name) or an offset."),
 )
 
 

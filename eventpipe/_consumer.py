@@ -55,10 +55,11 @@ from .errors import (
     EventPipeError,
     HandlerError,
     LogClosedError,
+    OffsetOutOfRangeError,
     StateNotStorableError,
 )
 
-__all__ = ["CONSUMER_OPTIONS", "Consumer", "Handler"]
+__all__ = ["CONSUMER_OPTIONS", "Consumer", "Handler", "checkpoint_at"]
 
 Handler = Callable[[Any, Any, int], Any]
 Hook = Callable[["Consumer"], None]
@@ -332,7 +333,9 @@ class Consumer:
         self._pending_dead_letter = self._skip_offset = None
         cp = self._read_checkpoint()
         if cp is None:
-            return
+            cp = self._start()
+            if cp is None:
+                return
         if cp.version < 2:
             self._scan_all_dead_letters = True  # written before dead-letter marks existed
         h = self.log.head
@@ -359,6 +362,24 @@ class Consumer:
             if self._dead_lettered(cp.offset):
                 self._skip_offset = cp.offset  # killed after the append: the event is done
         self._consistent = True
+
+    def _start(self) -> Checkpoint | None:
+        """No checkpoint yet: begin where the ``start`` option says. At offset 0 nothing is
+        written (the state is the initial one). Past 0, a checkpoint of the initial state at
+        that offset is written now, before any event, so the start is fixed once: a consumer
+        restarted before its first checkpoint would otherwise resolve "latest" again and pass
+        over the events appended meanwhile."""
+        start = self.options["start"]
+        first = self.log.first_offset
+        offset = first if start == "earliest" else self.log.head if start == "latest" else start
+        if offset == 0:
+            return None
+        if start == "earliest":
+            log.warning("consumer %r has no checkpoint and starts at the first stored offset "
+                        "%d: retention removed the events before it", self.name, offset)
+        cp = checkpoint_at(self.log, self.name, offset, _loads(self._initial_json))
+        save_checkpoint(self._folder, self.checkpoint_file, cp, self.log.config.file_mode)
+        return cp
 
     def _rewind(self) -> None:
         """Go back to the last checkpoint (or the initial state): what a restart would do.
@@ -1034,6 +1055,36 @@ class Consumer:
 
     def __repr__(self) -> str:
         return f"Consumer({self.log.path!r}, {self.name!r}, offset={self.offset})"
+
+
+def checkpoint_at(log: EventLog, name: str, offset: int, state: Any) -> Checkpoint:
+    """A checkpoint that puts consumer ``name`` at ``offset`` with ``state``: a new consumer's
+    ``start``, ``eventpipe consumer reset``.
+
+    It is the checkpoint the consumer would have written after handling the event at ``offset
+    - 1``: that event's segment, byte position and CRC, read from the log now, so the consumer
+    resumes at ``offset`` and checks the log as after any checkpoint. When retention removed
+    that event (``offset`` is the first stored offset), there is nothing to compare, as for
+    any checkpoint retention has passed: the fields (required past offset 0) hold the first
+    stored segment, 0 and 0, and neither the consumer nor ``verify`` compares them. Raises
+    OffsetOutOfRangeError for an offset beyond the head or before the first stored one.
+    """
+    head, first = log.head, log.first_offset
+    if offset > head:
+        raise OffsetOutOfRangeError(f"offset is beyond the head ({head})", path=log.path,
+                                    offset=offset)
+    if offset < first or offset < 0:
+        raise OffsetOutOfRangeError(f"offset is before the first stored offset {first} "
+                                    "(retention removed older events)", path=log.path,
+                                    offset=offset)
+    seg = pos = crc = None
+    if offset > first:
+        for chunk in log.chunks(offset - 1, offset):
+            seg, pos, crc = chunk.segment_base, chunk.position, zlib.crc32(chunk.lines[0])
+            break
+    elif offset > 0:
+        seg, pos, crc = first, 0, 0
+    return Checkpoint(name, log.log_id, offset, state, seg, pos, crc, time.time())
 
 
 def _raised_here(exc: BaseException) -> bool:
