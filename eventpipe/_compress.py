@@ -35,6 +35,7 @@ was verified before its rename, so the next pass deletes the plain one).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -77,6 +78,8 @@ from .errors import CorruptLogError
 
 __all__ = ["FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState", "clean_stale",
            "compress_segment", "load_state", "save_state", "visible_size"]
+
+_log = logging.getLogger("eventpipe.compress")  # a name users configure
 
 STATE_FILE = COMPRESS_STATE
 STATE_FORMAT = "eventpipe-compress-state"
@@ -504,6 +507,8 @@ class Compressor:
         try:
             self._after_pass()
         except Exception as exc:
+            _log.warning("retention after sealing failed (retried after the next seal): %s: %s",
+                         type(exc).__name__, exc)
             self._note_error(exc)
 
     def _loop(self) -> None:
@@ -517,6 +522,8 @@ class Compressor:
             except _Stopped:
                 return
             except Exception as exc:  # a failed pass must not kill the thread; retried next kick
+                _log.warning("sealing pass failed (retried at the next roll): %s: %s",
+                             type(exc).__name__, exc)
                 self._note_error(exc)
 
     # --------------------------------------------------------------------- one pass
@@ -582,6 +589,8 @@ class Compressor:
                        *, counted: bool) -> int:
         state.damaged[base] = (d.next, d.error.message)
         result.damaged.append(d.error)
+        _log.warning("segment %d is damaged, left as it is (eventpipe verify reports it): %s",
+                     base, d.error)
         self._note_error(d.error)
         if not counted:
             state.sealed_bytes += visible_size(self._folder, base)

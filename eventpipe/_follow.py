@@ -88,7 +88,8 @@ class Follower:
     def chunks(self, stop: int | None = None, *,
                while_waiting: Callable[[], None] | None = None) -> Iterator[LineChunk]:
         """Raw lines (nothing decoded) from the start, chunk by chunk, waiting for more,
-        until offset ``stop`` (if given) or :meth:`stop`.
+        until offset ``stop`` (if given) or :meth:`stop`. A start past the head waits until
+        the log reaches it; one before the first stored offset raises OffsetOutOfRangeError.
 
         ``while_waiting`` runs at least every 0.2 s of a wait (``eventpipe read --follow``
         checks there that its reader is still there); what it raises ends the iteration.
@@ -96,6 +97,12 @@ class Follower:
         notifier, offset = self._begin()
         try:
             while not self._stopped.is_set() and (stop is None or offset < stop):
+                if offset > self._log.head:
+                    # A start past the head waits for that offset (as ``tail -f`` waits for
+                    # a file to grow); chunks() would raise OffsetOutOfRangeError.
+                    self._log.check_replaced()
+                    self._wait(notifier, while_waiting)
+                    continue
                 for chunk in self._log.chunks(offset, stop):
                     yield chunk
                     offset = chunk.first_offset + len(chunk.lines)
@@ -124,6 +131,10 @@ class Follower:
         try:
             while not self._stopped.is_set():
                 yielded_at = clock()
+                if offset > self._log.head:  # as in chunks(): wait for the log to reach it
+                    self._log.check_replaced()
+                    await notifier.wait_async(self._poll)
+                    continue
                 for record in self._log.read(offset):
                     yield record
                     offset = record[0] + 1

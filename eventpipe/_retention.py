@@ -23,6 +23,7 @@ it names is gone), the listing is used too.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from ._log import EventLog
 
 __all__ = ["PruneReport", "prune"]
+
+_log = logging.getLogger("eventpipe.retention")  # a name users configure
 
 
 class PruneReport(NamedTuple):
@@ -213,6 +216,9 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
                      segment_name(seg.base, compressed=True) + TMP_SUFFIX):
             folder.unlink(name)
     folder.fsync()
+    _log.info("%s: retention removed %d segments (offsets %d..%d, %d bytes); the log now "
+              "starts at offset %d", log.path, len(chosen), chosen[0].base,
+              report.first_offset - 1, report.bytes_removed, report.first_offset)
     if state is not None:
         if incremental:
             state.first_base = report.first_offset

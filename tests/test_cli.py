@@ -453,7 +453,7 @@ def test_status_lists_writers_and_running_consumers(cli: Cli, log_path: Path,
 def test_status_of_a_missing_log_creates_nothing(cli: Cli, tmp_path: Path) -> None:
     r = cli("status", tmp_path / "typo")
     assert r.code == 3
-    assert "no eventpipe log here" in r.err
+    assert r.err == f"eventpipe: no eventpipe log at {tmp_path / 'typo'}\n"
     assert not (tmp_path / "typo").exists()
 
 
@@ -829,11 +829,13 @@ def test_consume_bad_handler_exits_2(cli: Cli, log_path: Path, tmp_path: Path, s
 
 
 def test_consume_bad_options_exit_2(cli: Cli, log_path: Path) -> None:
+    fill(log_path, 1)
     base = ("consume", log_path, "--name", "c", "--handler", COUNTER, "--catch-up")
     r = cli(*base, "--initial-state", "{nope")
     assert (r.code, "--initial-state is not JSON" in r.err) == (2, True)
     r = cli(*base, "--checkpoint-every", "0")
-    assert (r.code, "checkpoint_every" in r.err) == (2, True)
+    assert (r.code, r.err.startswith("eventpipe: --checkpoint-every ")) == (2, True), r.err
+    assert "keyword argument" not in r.err
     r = cli("consume", log_path, "--name", "../escape", "--handler", COUNTER, "--catch-up")
     assert (r.code, "consumer name '../escape' is invalid" in r.err) == (2, True)
     r = cli(*base, "--on-error", "dead_letter")
@@ -911,14 +913,25 @@ def test_eventpipe_errors_exit_3(cli: Cli, tmp_path: Path) -> None:
     for argv in argvs:
         r = cli(*argv, stdin=b"{}\n")
         assert r.code == 3, argv
-        assert "NotAnEventLogError" in r.err and str(not_a_log) in r.err
+        if argv[0] == "append":  # would create a log: refuses a folder holding other files
+            assert "NotAnEventLogError" in r.err and str(not_a_log) in r.err
+        else:
+            assert r.err == f"eventpipe: no eventpipe log at {not_a_log}\n"
     assert [p.name for p in not_a_log.iterdir()] == ["notes.txt"]  # untouched
 
 
-def test_verify_of_something_that_is_not_a_log_exits_1(cli: Cli, tmp_path: Path) -> None:
+def test_verify_of_a_log_without_its_metadata_exits_1(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "segments").mkdir()  # something of a log: verify judges it
     r = cli("verify", tmp_path)
     assert r.code == 1
     assert "eventpipe.json: metadata unreadable" in r.text
+
+
+def test_verify_of_a_folder_holding_no_log_exits_3(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    for path in (tmp_path, tmp_path / "typo", tmp_path / "notes.txt"):
+        r = cli("verify", path)
+        assert (r.code, r.err) == (3, f"eventpipe: no eventpipe log at {path}\n")
 
 
 def test_corrupt_log_exits_3(cli: Cli, ten: Path) -> None:

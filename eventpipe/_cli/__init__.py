@@ -6,9 +6,13 @@ which declares its subcommands in ``add_commands``: ``_events`` (append, read), 
 ``_common`` holds what they share.
 
 Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, ``append``);
-2 bad usage or a bad option; 3 an eventpipe error (corrupt log, storage, busy consumer...);
-130 interrupted by SIGINT; 143 ``append`` stopped by SIGTERM (after committing the complete
-lines it had read).
+2 bad usage or a bad option; 3 an eventpipe error (no log at PATH, corrupt log, storage, busy
+consumer...); 130 interrupted by SIGINT (``consume`` too, after its final checkpoint); 143
+``append`` stopped by SIGTERM (after committing the complete lines it had read). ``consume``
+stopped by SIGTERM exits 0: that is how a service is stopped.
+
+The ``eventpipe`` loggers go to stderr at INFO and above, each line under systemd with its
+syslog priority (see :func:`._common.err`). A handler's failure prints its traceback.
 
 Run by root on a log folder another user owns, every command but ``demo`` first becomes that
 user (see :func:`eventpipe._ownership.drop_to_owner`) and says so on stderr.
@@ -18,14 +22,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import ConfigError, EventPipeError, OffsetOutOfRangeError
+from .._layout import HEAD_FILE, META_FILE, SEGMENTS_DIR
+from ..errors import (
+    ConfigError,
+    EventPipeError,
+    HandlerError,
+    NotAnEventLogError,
+    OffsetOutOfRangeError,
+)
 from . import _admin, _consume, _demo, _events
-from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
+from ._common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PRIORITY_ERR,
+    err,
+    logging_to_stderr,
+)
 
 __all__ = ["main"]
 
@@ -80,8 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    with logging_to_stderr():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         _as_owner(args)
+        _require_log(args)
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:
@@ -92,12 +119,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except ConfigError as exc:
-        err(str(exc))
-        return EXIT_USAGE
-    except OffsetOutOfRangeError as exc:
-        err(str(exc))
-        return EXIT_ERROR
     except EventPipeError as exc:
-        err(f"{type(exc).__name__}: {exc}")
-        return EXIT_ERROR
+        err(_describe(exc), priority=PRIORITY_ERR)
+        if isinstance(exc, HandlerError) or (isinstance(exc, ConfigError)
+                                             and exc.option == "handler"):
+            _cause_traceback(exc)  # the handler's failure, or its module's import: where
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
+
+
+def _describe(exc: EventPipeError) -> str:
+    """An error as the command line says it: what a user of the command can act on."""
+    if isinstance(exc, ConfigError):
+        # On the command line, every option passed as a keyword argument came from the flag
+        # of the same name.
+        text = str(exc)
+        if exc.option is not None:
+            flag = "--" + exc.option.replace("_", "-")
+            text = text.replace(f"option {exc.option!r} (keyword argument)", flag)
+        return text
+    if isinstance(exc, OffsetOutOfRangeError):
+        return str(exc)
+    if isinstance(exc, NotAnEventLogError) and exc.message.startswith("no eventpipe log here"):
+        return f"no eventpipe log at {exc.path}"  # what opening a log with create=False says
+    return f"{type(exc).__name__}: {exc}"
+
+
+# Commands that look at a log's files without opening it as a log (verify reads a damaged one
+# file by file): a PATH that holds nothing of a log is refused here, as opening it refuses it
+# for the others.
+_INSPECTS_FILES = frozenset({"verify"})
+_LOG_ENTRIES = (META_FILE, HEAD_FILE, SEGMENTS_DIR)
+
+
+def _require_log(args: argparse.Namespace) -> None:
+    """NotAnEventLogError (exit 3) for ``verify`` on a PATH that is missing or holds none of
+    a log's entries; a folder that holds some is verify's to judge (exit 1 if damaged)."""
+    if args.command not in _INSPECTS_FILES:
+        return
+    path = os.fspath(args.path)
+    try:
+        names = set(os.listdir(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return  # permission and the like: the command says what it could not read
+        names = set()
+    if not names.intersection(_LOG_ENTRIES):
+        raise NotAnEventLogError("no eventpipe log here", path=path)
+
+
+def _cause_traceback(exc: BaseException) -> None:
+    """The traceback of what caused ``exc`` (a handler's own exception), on stderr: the file
+    and line where it failed, for the terminal and the journal."""
+    cause = exc.__cause__
+    if cause is not None:
+        err("".join(traceback.format_exception(cause)).rstrip("\n"), priority=PRIORITY_ERR)

@@ -1,10 +1,15 @@
-"""What every command shares: exit codes, messages on stderr, stdout and JSON, progress lines."""
+"""What every command shares: exit codes, messages and log lines on stderr, stdout and JSON,
+progress lines."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -12,10 +17,70 @@ import orjson
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TERMINATED = 143
 
+# syslog priorities, as journald reads them from a "<N>" line prefix (SyslogLevelPrefix=).
+PRIORITY_ERR, PRIORITY_WARNING, PRIORITY_INFO = 3, 4, 6
 
-def err(msg: str) -> None:
-    """``msg`` on stderr, prefixed ``eventpipe:``."""
-    print(f"eventpipe: {msg}", file=sys.stderr)
+
+def to_journal() -> bool:
+    """Whether stderr is the journal's stream (systemd then sets JOURNAL_STREAM to its
+    device:inode; a child whose stderr was redirected inherits the variable, so compare)."""
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def err(msg: str, *, priority: int = PRIORITY_INFO) -> None:
+    """``msg`` on stderr, prefixed ``eventpipe:``; under systemd every line of it also carries
+    its syslog ``priority`` as ``<N>``, so ``journalctl -p warning`` selects by it."""
+    first, *rest = msg.split("\n")
+    lines = [f"eventpipe: {first}", *rest]
+    if to_journal():
+        lines = [f"<{priority}>{line}" for line in lines]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _priority(levelno: int) -> int:
+    if levelno >= logging.ERROR:
+        return PRIORITY_ERR
+    return PRIORITY_WARNING if levelno >= logging.WARNING else PRIORITY_INFO
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as :func:`err` lines: ``eventpipe: warning: ...`` (the level word left out
+    for INFO), a traceback's lines after it, each with its priority under systemd. The stream
+    is looked up at each record: sys.stderr may be replaced meanwhile (tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record).removeprefix("eventpipe: ")  # some messages carry it
+            if record.levelno >= logging.WARNING:
+                text = f"{record.levelname.lower()}: {text}"
+            err(text, priority=_priority(record.levelno))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logging_to_stderr(level: int = logging.INFO) -> Iterator[None]:
+    """While in the block, the ``eventpipe`` loggers' records of ``level`` and above go to
+    stderr (the library configures no handler of its own: the command line does)."""
+    logger = logging.getLogger("eventpipe")
+    handler = _StderrHandler(level)
+    previous = logger.level
+    logger.addHandler(handler)
+    if previous == logging.NOTSET or previous > level:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def stdout() -> BinaryIO:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 
 from ..errors import ConfigError
-from ._common import EXIT_OK, err, write_json
+from ._common import EXIT_INTERRUPTED, EXIT_OK, err, write_json
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +28,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "--initial-state default to $EVENTPIPE_LOG_PATH, $EVENTPIPE_HANDLER and "
                     "$EVENTPIPE_INITIAL_STATE, --name to $EVENTPIPE_CONSUMER_NAME (as set by a "
                     "systemd EnvironmentFile); other "
-                    "options also read EVENTPIPE_<OPTION> variables.")
+                    "options also read EVENTPIPE_<OPTION> variables. Exits 0 when stopped by "
+                    "SIGTERM, 130 by SIGINT (both after a final checkpoint).")
     p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
                    default=env.get("EVENTPIPE_LOG_PATH"))
     p.add_argument("--name", required="EVENTPIPE_CONSUMER_NAME" not in env,
@@ -33,9 +37,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="the consumer name (processes sharing it take turns: see --standby)")
     p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
                    default=env.get("EVENTPIPE_HANDLER"),
-                   help="MODULE:FUNCTION or FILE.py:FUNCTION")
+                   help="MODULE:FUNCTION (MODULE is looked for in the current folder first, "
+                        "then on PYTHONPATH) or FILE.py:FUNCTION")
     p.add_argument("--initial-state", default=env.get("EVENTPIPE_INITIAL_STATE"),
                    help="JSON for the state before the first event")
+    p.add_argument("--create", action="store_true",
+                   help="create the log if PATH holds none (otherwise a missing log is an "
+                        "error: a mistyped path would consume an empty log forever)")
     p.add_argument("--standby", action="store_true",
                    help="wait for the name if another process holds it")
     p.add_argument("--catch-up", action="store_true",
@@ -53,32 +61,102 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
-    """``module:function`` or ``path/to/file.py:function`` to a callable; ConfigError if not."""
+    """``module:function`` or ``path/to/file.py:function`` to a callable; ConfigError if not.
+
+    A module is looked for in the current folder first, as ``python -m eventpipe`` does (its
+    sys.path[0] is the current folder; the ``eventpipe`` script's is the script's own folder):
+    the folder stays on sys.path, for the handler's own imports. ConfigError's cause is what
+    importing the module raised (its traceback says where).
+    """
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ConfigError(f"handler {spec!r} must look like MODULE:FUNCTION", option="handler")
+    is_file = target.endswith(".py") or os.sep in target
     try:
-        if target.endswith(".py") or os.sep in target:
+        if is_file:
+            if not os.path.isfile(target):
+                raise ConfigError(f"cannot load handler {spec!r}: No such file or directory: "
+                                  f"{target}",
+                                  option="handler")
+            # A name of our own (a file's stem may clash with an installed module); kept out
+            # of every message.
             name = "eventpipe_handler_" + os.path.basename(target).removesuffix(".py")
             module_spec = importlib.util.spec_from_file_location(name, target)
             if module_spec is None or module_spec.loader is None:
-                raise ImportError(f"cannot load {target}")
+                raise ConfigError(f"cannot load handler {spec!r}: {target} is not a Python "
+                                  "file", option="handler")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
             module_spec.loader.exec_module(module)
         else:
+            _cwd_on_path()
             module = importlib.import_module(target)
-        func = getattr(module, attr)
-    except Exception as exc:  # whatever importing the module raised (SyntaxError too)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and target.startswith(exc.name):  # the handler module itself
+            raise ConfigError(f"cannot load handler {spec!r}: No module named {exc.name!r} in "
+                              "the current folder or on PYTHONPATH", option="handler") from None
         raise ConfigError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}",
-                          option="handler") from None
+                          option="handler") from exc
+    except Exception as exc:  # whatever importing the module raised (SyntaxError too)
+        # A SyntaxError's own text names the file and line; anything else gets a traceback.
+        raise ConfigError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}",
+                          option="handler") from (None if isinstance(exc, SyntaxError) else exc)
+    where = target if is_file else f"module {target!r}"
+    if not hasattr(module, attr):
+        raise ConfigError(f"cannot load handler {spec!r}: {where} has no attribute {attr!r}",
+                          option="handler")
+    func = getattr(module, attr)
     if not callable(func):
         raise ConfigError(f"handler {spec!r} is not callable", option="handler")
     return func  # type: ignore[no-any-return]
 
 
+def _cwd_on_path() -> None:
+    """The current folder first on sys.path (where ``python -m`` puts it), once."""
+    cwd = os.getcwd()
+    if sys.path[:1] != [cwd] and sys.path[:1] != [""]:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+
+
+@contextlib.contextmanager
+def _noting_sigint() -> Iterator[Callable[[], bool]]:
+    """Yields a function saying whether SIGINT arrived in the block.
+
+    Consumer.run() installs its own SIGTERM/SIGINT handlers (both stop it cleanly) and does
+    not say which signal came; the C-level signal handler writes each signal's number to the
+    wakeup fd, so a pipe there tells (nothing else in a consume process uses that fd).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    seen = bytearray()
+    try:
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        try:
+
+            def interrupted() -> bool:
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(read_end, 512):
+                        seen.extend(chunk)
+                return signal.SIGINT in seen
+
+            yield interrupted
+        finally:
+            signal.set_wakeup_fd(previous)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
+    from .._checkpoint import validate_name
+    from .._config import CONSUMER_OPTIONS, resolve
     from .._consumer import Consumer
+    from .._log import EventLog
 
     handler = load_handler(args.handler)
     try:
@@ -95,9 +173,20 @@ def cmd_consume(args: argparse.Namespace) -> int:
         options["standby"] = True
     if args.no_notifications:
         options["notifications"] = False
-    with Consumer(args.path, args.name, handler, initial, **options) as consumer:
+    # The command line first (exit 2 whatever PATH holds), then the log.
+    resolve(CONSUMER_OPTIONS, options)
+    validate_name(args.name)
+    # Opened here, not by the Consumer: without --create a missing log is refused
+    # (NotAnEventLogError, exit 3) instead of created empty and consumed forever.
+    with EventLog(args.path, create=args.create) as log, \
+            Consumer(log, args.name, handler, initial, **options) as consumer, \
+            _noting_sigint() as interrupted:
         state = consumer.catch_up() if args.catch_up else consumer.run()
         if args.print_state:
             write_json(state)
+        if interrupted():
+            err(f"consumer {args.name}: interrupted (SIGINT), stopped at offset "
+                f"{consumer.offset}")
+            return EXIT_INTERRUPTED
         err(f"consumer {args.name}: stopped at offset {consumer.offset}")
     return EXIT_OK
