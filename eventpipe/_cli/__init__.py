@@ -2,8 +2,8 @@
 
 JSON lines in and out, messages on stderr. Each command group lives in a module of its own,
 which declares its subcommands in ``add_commands``: ``_events`` (append, read), ``_consume``
-(consume), ``_admin`` (status, verify, prune, consumers forget, compress), ``_demo`` (demo);
-``_common`` holds what they share.
+(consume), ``_admin`` (status, verify, prune, compress), ``_consumers`` (consumers, consumer
+show|reset|delete|forget), ``_demo`` (demo); ``_common`` holds what they share.
 
 Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, ``append``);
 2 bad usage or a bad option; 3 an eventpipe error (no log at PATH, corrupt log, storage, busy
@@ -37,7 +37,7 @@ from ..errors import (
     NotAnEventLogError,
     OffsetOutOfRangeError,
 )
-from . import _admin, _consume, _demo, _events
+from . import _admin, _consume, _consumers, _demo, _events
 from ._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"eventpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (_events, _consume, _admin, _demo):  # the order `eventpipe --help` lists
+    # the order `eventpipe --help` lists
+    for group in (_events, _consume, _admin, _consumers, _demo):
         group.add_commands(sub)
     return parser
 
@@ -100,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     call it in a process of its own (as the ``eventpipe`` command does).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_consumers.legacy_alias(list(argv)))
     with logging_to_stderr():
         return _run(args)
 

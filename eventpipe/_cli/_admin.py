@@ -1,9 +1,8 @@
-"""The commands that look after a log: status, verify, prune, consumers forget, compress."""
+"""The commands that look after a log: status, verify, prune, compress."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import ConfigError
@@ -11,7 +10,7 @@ from ._common import EXIT_FAILED, EXIT_OK, err, progress_printer, write_json
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Declare ``status``, ``verify``, ``prune``, ``consumers forget`` and ``compress``."""
+    """Declare ``status``, ``verify``, ``prune`` and ``compress``."""
     p = sub.add_parser("status", help="head, segments, consumers and writers")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -38,19 +37,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("consumers", help="manage the consumers a log knows of")
-    consumers = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = consumers.add_parser(
-        "forget", help="remove an external consumer's registration (retention stops waiting)",
-        description="Remove the registration of a consumer whose checkpoint lives outside the "
-                    "log (checkpoint_dir), so retention no longer keeps events for it. The "
-                    "checkpoint itself is left alone. Refused while the consumer runs. Exit "
-                    "1 when there is no such registration.")
-    p.add_argument("path")
-    p.add_argument("name")
-    p.add_argument("--checkpoint", help="only the registration of this checkpoint file")
-    p.set_defaults(func=cmd_consumers_forget)
 
     p = sub.add_parser("compress", help="gzip every sealed segment now")
     p.add_argument("path")
@@ -108,38 +94,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"log now starts at offset {report.first_offset}")
         for note in report.held_back:
             err(f"held back: {note}")
-    return EXIT_OK
-
-
-def cmd_consumers_forget(args: argparse.Namespace) -> int:
-    from .._log import EventLog
-    from .._registry import known_checkpoints, unregister_external
-    from .._status import flock_holders
-
-    with EventLog(args.path, create=False) as log:
-        root = log.path
-    wanted = os.path.abspath(args.checkpoint) if args.checkpoint is not None else None
-    mine = [k for k in known_checkpoints(root) if k.external and k.name == args.name
-            and k.checkpoint is not None and wanted in (None, k.checkpoint)]
-    for k in mine:
-        assert k.checkpoint is not None
-        pids = flock_holders(os.path.join(os.path.dirname(k.checkpoint), f"{args.name}.lock"))
-        if pids:
-            err(f"consumer {args.name!r} (checkpoint {k.checkpoint}) is running (pid "
-                f"{', '.join(map(str, pids))}): stop it first; nothing was forgotten")
-            return EXIT_FAILED
-    removed = unregister_external(root, args.name, args.checkpoint)
-    if not removed:
-        inside = os.path.join(root, "consumers", f"{args.name}.json")
-        if os.path.exists(inside):
-            err(f"consumer {args.name!r} checkpoints inside the log ({inside}), it is not "
-                "registered: remove that checkpoint to forget it")
-        else:
-            err(f"no registration of consumer {args.name!r}"
-                + (f" with checkpoint {wanted}" if wanted else ""))
-        return EXIT_FAILED
-    for path in removed:
-        print(f"forgot {args.name}: removed {path}")
     return EXIT_OK
 
 
