@@ -380,6 +380,8 @@ def test_forget_under_both_spellings(cli: Cli, log_path: Path, tmp_path: Path) -
                tmp_path / "b" / "b.json").code == 0
     assert cli("consumers", log_path, "--json").json()["consumers"] == []
     assert (tmp_path / "a" / "a.json").exists()  # the checkpoint is left alone
+    r = cli("consumers", "forget", log_path)
+    assert r.code == 2 and "required: name" in r.err
 
 
 # ------------------------------------------------------------------------------- start

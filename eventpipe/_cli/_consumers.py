@@ -26,12 +26,15 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..errors import ConfigError, EventPipeError, StorageError
 from ._common import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, err, write_json
+
+if TYPE_CHECKING:
+    from .._registry import ConsumerPosition
 
 __all__ = ["add_commands", "legacy_alias"]
 
@@ -104,9 +107,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def legacy_alias(argv: list[str]) -> list[str]:
     """``consumers forget PATH NAME ...`` (what ``status`` and ``prune`` messages print) as
-    ``consumer forget PATH NAME ...``; ``consumers PATH`` itself lists the consumers."""
-    if argv[:2] == ["consumers", "forget"] and sum(
-            not a.startswith("-") for a in argv[2:]) >= 2:
+    ``consumer forget PATH NAME ...``; ``consumers PATH`` itself lists the consumers (so
+    ``consumers forget`` lists a log folder named ``forget`` only when nothing but options
+    follows)."""
+    if argv[:2] == ["consumers", "forget"] and any(not a.startswith("-") for a in argv[2:]):
         return ["consumer", *argv[1:]]
     return argv
 
@@ -164,7 +168,8 @@ def _waiters(path: str) -> list[int]:
     return sorted(out)
 
 
-def _entry(pos: Any, head: int, now: float, *, with_state: bool = False) -> dict[str, Any]:
+def _entry(pos: ConsumerPosition, head: int, now: float, *,
+           with_state: bool = False) -> dict[str, Any]:
     """One consumer's facts, JSON-ready (see ``eventpipe consumers --help``)."""
     from .._status import flock_holders
 
