@@ -364,15 +364,15 @@ class Consumer:
         self._consistent = True
 
     def _start(self) -> Checkpoint | None:
-        """No checkpoint yet: begin where the ``start`` option says. At offset 0 nothing is
-        written (the state is the initial one). Past 0, a checkpoint of the initial state at
-        that offset is written now, before any event, so the start is fixed once: a consumer
-        restarted before its first checkpoint would otherwise resolve "latest" again and pass
-        over the events appended meanwhile."""
+        """No checkpoint yet: begin where the ``start`` option says. A checkpoint of the
+        initial state there is written now, before any event, so the start is fixed once: a
+        consumer restarted before its first checkpoint would otherwise resolve "latest" again
+        and pass over the events appended meanwhile. Offset 0 from "earliest" or 0 needs
+        none (a restart finds the same start)."""
         start = self.options["start"]
         first = self.log.first_offset
         offset = first if start == "earliest" else self.log.head if start == "latest" else start
-        if offset == 0:
+        if offset == 0 and start != "latest":
             return None
         if start == "earliest":
             log.warning("consumer %r has no checkpoint and starts at the first stored offset "
