@@ -216,7 +216,7 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
                      segment_name(seg.base, compressed=True) + TMP_SUFFIX):
             folder.unlink(name)
     folder.fsync()
-    _log.info("%s: retention removed %d segments (offsets %d..%d, %d bytes); the log now "
+    _log.info("%s: retention removed %d segment(s) (offsets %d..%d, %d bytes); the log now "
               "starts at offset %d", log.path, len(chosen), chosen[0].base,
               report.first_offset - 1, report.bytes_removed, report.first_offset)
     if state is not None:
