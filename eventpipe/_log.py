@@ -17,6 +17,7 @@ partial or uncommitted event, whatever writers in other processes are doing.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -30,12 +31,12 @@ from . import _header
 from ._appender import Appender
 from ._buffered import BufferedWriter
 from ._compress import FINISH_TIMEOUT, Compressor
-from ._config import LogConfig
+from ._config import ENV_PREFIX, LogConfig
 from ._follow import Follower
 from ._fsutil import make_dirs, os_errors
 from ._header import Header
 from ._layout import HEAD_FILE, META_FILE, SEGMENTS_DIR, Folder
-from ._meta import FORMAT_NAME, FORMAT_VERSION, new_meta, read_meta
+from ._meta import FORMAT_NAME, FORMAT_VERSION, new_meta, read_meta, stored_file_mode
 from ._ownership import check_owner
 from ._record import Record
 from ._retention import PruneReport, prune
@@ -80,6 +81,7 @@ class EventLog:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
                  **options: Any) -> None:
         self.config = LogConfig.from_options(options)
+        self._mode_given = "file_mode" in options or f"{ENV_PREFIX}FILE_MODE" in os.environ
         self._create_missing = create
         self.path = os.path.abspath(os.fspath(path))
         self.segments_dir = os.path.join(self.path, SEGMENTS_DIR)  # for messages
@@ -140,11 +142,22 @@ class EventLog:
                 raise NotAnEventLogError("no eventpipe log here (create=False)", path=self.path)
             self._create()
         meta = read_meta(root)
+        self._use_stored_mode(meta)
         if not root.exists(HEAD_FILE):
             # Created by a process that died before writing the header; finish the job.
             with self._appender.mutex:
                 self._appender.open()
         return str(meta["log_id"])
+
+    def _use_stored_mode(self, meta: dict[str, Any]) -> None:
+        """Create files with the mode the log was created with, unless this process was told
+        one (option or EVENTPIPE_FILE_MODE): a writer with other defaults (an administrator's
+        shell, another service) must not leave files the log's other users cannot use."""
+        stored = stored_file_mode(meta)
+        if stored is None or self._mode_given or stored == self.config.file_mode:
+            return
+        self.config = dataclasses.replace(self.config, file_mode=stored)
+        self._appender.config = self.config
 
     def _create(self) -> None:
         root = self.folder
@@ -158,7 +171,7 @@ class EventLog:
                 path=self.path,
             )
         tmp = f"{_INIT_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
-        root.write_atomic(tmp, new_meta(), self.config.file_mode)
+        root.write_atomic(tmp, new_meta(self.config.file_mode), self.config.file_mode)
         try:
             # link() fails if another process created the log first: theirs wins, intact.
             root.link(tmp, META_FILE)

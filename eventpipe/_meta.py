@@ -17,20 +17,35 @@ import orjson
 from ._layout import META_FILE, Folder
 from .errors import NotAnEventLogError, StorageError, UnsupportedFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "META_FILE", "new_meta", "read_meta", "upgrade"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "META_FILE", "new_meta", "read_meta",
+           "stored_file_mode", "upgrade"]
 
 FORMAT_NAME = "eventpipe-log"
 FORMAT_VERSION = 2
 
 
-def new_meta() -> bytes:
-    """The content of a new log's ``eventpipe.json`` (a fresh log id)."""
+def new_meta(file_mode: int) -> bytes:
+    """The content of a new log's ``eventpipe.json``: a fresh log id, and the mode its files
+    are created with (every later writer uses it unless told otherwise)."""
     return orjson.dumps({
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "log_id": uuid.uuid4().hex,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "file_mode": oct(file_mode),
     }, option=orjson.OPT_INDENT_2)
+
+
+def stored_file_mode(meta: dict[str, Any]) -> int | None:
+    """The file mode a log was created with; None for logs made before it was recorded (or
+    a value that is not a valid mode, which is then ignored)."""
+    text = meta.get("file_mode")
+    try:
+        mode = int(text, 8) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return mode if mode is not None and 0o600 <= mode <= 0o777 and mode & 0o600 == 0o600 \
+        else None
 
 
 def read_meta(root: Folder) -> dict[str, Any]:

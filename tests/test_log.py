@@ -367,3 +367,24 @@ def test_append_lines_checks_framing_and_sizes(log_path: Path) -> None:
         with pytest.raises(ValueError, match="max_event_bytes"):
             log._append_lines(b'{"a":1}\n{"big":"' + b"x" * 30 + b'"}\n', 2)
         assert [r.event for r in log.read()] == [{"a": 1}, {"a": 2}]
+
+
+def test_later_writers_create_files_with_the_mode_the_log_was_created_with(
+        log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A group-shared log made with 0o660, appended to by a process with the default (0o640):
+    # its new segments must stay writable by the group (a service failed with
+    # StoragePermissionError on a segment an administrator's append had created).
+    monkeypatch.delenv("EVENTPIPE_FILE_MODE", raising=False)
+    with EventLog(log_path, file_mode=0o660, segment_max_events=2) as log:
+        log.append_many(events(3))
+    with EventLog(log_path, segment_max_events=2) as log:  # nothing said about modes
+        log.append_many(events(4))
+        log.compress()  # checksums and gzip copies are created too
+    seg = log_path / "segments"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in seg.iterdir()}
+    assert len(modes) > 4 and set(modes.values()) == {0o660}, modes
+    with EventLog(log_path, file_mode=0o600, segment_max_events=2) as log:  # told otherwise
+        first = log.append_many(events(2)).start
+    newest = max(seg.glob("*.jsonl"), key=lambda p: int(p.name.split(".")[0]))
+    assert int(newest.name.split(".")[0]) >= first
+    assert stat.S_IMODE(newest.stat().st_mode) == 0o600
