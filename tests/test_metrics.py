@@ -1,0 +1,40 @@
+"""``status --format prometheus`` as OpenMetrics text, checked by prometheus_client's parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from eventpipe import Consumer, EventLog, log_status
+from eventpipe._metrics import openmetrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
+        assert family.type == "gauge", family.name
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_log_and_consumer_figures_parse_as_openmetrics(tmp_path: Path) -> None:
+    path = tmp_path / 'log "quoted" \\ path'
+    with EventLog(path, segment_max_events=3) as log:
+        log.append_many([{"i": i} for i in range(10)])
+        with Consumer(log, "behind", lambda s, e, o: s + 1, 0) as c:
+            c.catch_up()
+        log.append_many([{"i": i} for i in range(10, 17)])
+    (path / "consumers" / "broken.json").write_bytes(b"{not json")
+    got = samples(openmetrics(log_status(path)))
+    log_label = ("log", str(path))
+    assert got[("eventpipe_head", (log_label,))] == 17
+    assert got[("eventpipe_segments", (log_label,))] == 6
+    behind = tuple(sorted([("consumer", "behind"), log_label]))
+    assert got[("eventpipe_consumer_offset", behind)] == 10
+    assert got[("eventpipe_consumer_lag_events", behind)] == 7
+    assert got[("eventpipe_consumer_running", behind)] == 0
+    assert got[("eventpipe_consumer_error", behind)] == 0
+    broken = tuple(sorted([("consumer", "broken"), log_label]))
+    assert got[("eventpipe_consumer_error", broken)] == 1
