@@ -96,7 +96,7 @@ def _listed(log: EventLog, active: int) -> tuple[list[_Seg], int]:
     segment."""
     folder = log.segments
     segs = [s for s in list_segments(folder) if s.base < active]
-    nexts = [s.base for s in segs[1:]] + [active]
+    nexts = [s.base for s in segs[1:]] + [active] * bool(segs)  # (no sealed segment: none)
     out = []
     for s, n in zip(segs, nexts, strict=True):
         st = folder.lstat(s.name)

@@ -384,8 +384,6 @@ def test_retention_says_what_it_removed(tmp_path: Path) -> None:
     assert "the log now starts at offset 10" in err
 
 
-@pytest.mark.xfail(strict=True, reason="_retention._listed zips the sealed segments with their "
-                   "successors: with none sealed, the lists differ in length (ValueError)")
 def test_prune_of_a_log_without_sealed_segments(tmp_path: Path) -> None:
     log = tmp_path / "log"
     with EventLog(log) as opened:
