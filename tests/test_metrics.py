@@ -38,3 +38,19 @@ def test_log_and_consumer_figures_parse_as_openmetrics(tmp_path: Path) -> None:
     assert got[("eventpipe_consumer_error", behind)] == 0
     broken = tuple(sorted([("consumer", "broken"), log_label]))
     assert got[("eventpipe_consumer_error", broken)] == 1
+
+
+def test_status_command_prints_them(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    path = tmp_path / "log"
+    with EventLog(path) as log:
+        log.append_many([{"i": i} for i in range(5)])
+    proc = subprocess.run([sys.executable, "-m", "eventpipe", "status", str(path),
+                           "--format", "prometheus"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert samples(proc.stdout)[("eventpipe_head", (("log", str(path)),))] == 5

@@ -13,7 +13,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Declare ``status``, ``verify``, ``prune`` and ``compress``."""
     p = sub.add_parser("status", help="head, segments, consumers and writers")
     p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                   help="prometheus: OpenMetrics text for a scraper (node_exporter's textfile "
+                        "collector)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -47,8 +50,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .._status import format_status, log_status
 
     report = log_status(args.path)
-    if args.json:
+    if args.json or args.format == "json":
         write_json(report, indent=True)
+    elif args.format == "prometheus":
+        from .._metrics import openmetrics
+
+        sys.stdout.write(openmetrics(report))
     else:
         sys.stdout.write(format_status(report))
     return EXIT_OK
