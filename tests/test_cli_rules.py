@@ -390,3 +390,17 @@ def test_prune_of_a_log_without_sealed_segments(tmp_path: Path) -> None:
         opened.append_many([{"i": i} for i in range(10)])
     proc = run("prune", log, "--before", "0")
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_a_bad_input_line_is_named_by_its_line_and_column(paths: dict[str, Path]) -> None:
+    """orjson's own "line 1 column N" right after our "line 2" would mislead."""
+    proc = run("append", paths["LOG"], stdin=b'{"a": 1}\n{"a" 2}\n')
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "eventpipe: line 2: not JSON (" in err and " at column 6); nothing of it" in err
+    assert "line 1" not in err
+    proc = run("consume", paths["LOG"], "--name", "c", "--handler", COUNTER,
+               "--initial-state", "{x")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "--initial-state is not JSON: " in err, err
+    assert err.rstrip().endswith("at column 2") and "line 1" not in err

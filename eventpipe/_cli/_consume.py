@@ -132,7 +132,9 @@ def _noting_sigint() -> Iterator[Callable[[], bool]]:
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    read_end, write_end = os.pipe()  # not inherited by children (PEP 446)
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)  # set_wakeup_fd requires it
     seen = bytearray()
     try:
         previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -162,7 +164,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
     try:
         initial = orjson.loads(args.initial_state) if args.initial_state is not None else None
     except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"--initial-state is not JSON: {exc}", option="initial_state") from None
+        raise ConfigError(f"--initial-state is not JSON: {exc.msg} at column {exc.colno}",
+                          option="initial_state") from None
     options: dict[str, Any] = {}
     for key in ("checkpoint_every", "checkpoint_interval", "poll_interval", "on_error",
                 "max_retries", "dead_letter", "checkpoint_dir"):

@@ -97,7 +97,9 @@ def _check_line(text: bytes, limit: int) -> tuple[bytes | None, str | None]:
         # Re-encode: stored events are compact, one per line, whatever came in.
         encoded = orjson.dumps(orjson.loads(text))
     except orjson.JSONDecodeError as exc:
-        return None, f"not JSON ({exc})"
+        # Not orjson's "line 1 column N": each input line is one document, and "line 1"
+        # right after our own "line 7" would mislead.
+        return None, f"not JSON ({exc.msg} at column {exc.colno})"
     except orjson.JSONEncodeError as exc:  # valid JSON orjson cannot write (depth)
         return None, f"cannot be stored ({exc})"
     if len(encoded) > limit:
