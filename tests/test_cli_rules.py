@@ -130,6 +130,17 @@ CASES = [
     (["consumers", "forget", "LOG", "nobody"], b"", 1, "no registration of consumer 'nobody'"),
     (["consumers", "forget", "LOG"], b"", 2, " error: "),
     (["consumers", "forget", "MISSING", "ext"], b"", 3, "no eventpipe log at MISSING"),
+    # consumers, consumer show|reset|delete (tests/test_consumers_cli.py has the details)
+    (["consumers", "LOG"], b"", 0, ""),
+    (["consumers", "MISSING"], b"", 3, "no eventpipe log at MISSING"),
+    (["consumer", "show", "LOG", "ext"], b"", 0, ""),
+    (["consumer", "show", "LOG", "nobody"], b"", 1, "no consumer 'nobody'"),
+    (["consumer", "show", "LOG", "../x"], b"", 2, "invalid"),
+    (["consumer", "reset", "LOG", "ext"], b"", 2, " error: "),
+    (["consumer", "reset", "MISSING", "ext", "--to-latest"], b"", 3,
+     "no eventpipe log at MISSING"),
+    (["consumer", "delete", "MISSING", "ext"], b"", 3, "no eventpipe log at MISSING"),
+    (["status", "LOG", "--format", "prometheus"], b"", 0, ""),
     # demo (--help only: the demo itself runs for seconds; tests/test_demo.py runs it)
     (["demo", "--help"], b"", 0, ""),
     (["demo", "--seconds", "soon"], b"", 2, "invalid float value"),
