@@ -295,6 +295,19 @@ def test_a_failing_handler_shows_its_traceback(paths: dict[str, Path], tmp_path:
     assert "eventpipe_handler_" not in err
 
 
+def test_a_handler_module_whose_import_is_missing_names_it(paths: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    # The missing name is a prefix of the handler's: still the import's fault, not the handler's.
+    (tmp_path / "handy_things.py").write_text("import handy\n")
+    proc = run("consume", paths["LOG"], "--name", "b", "--handler", "handy_things:handle",
+               "--catch-up", cwd=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert ("cannot load handler 'handy_things:handle': ModuleNotFoundError: No module named "
+            "'handy'") in err
+    assert f'File "{tmp_path / "handy_things.py"}", line 1' in err
+
+
 def test_a_handler_module_that_fails_to_import_shows_where(paths: dict[str, Path],
                                                            tmp_path: Path) -> None:
     (tmp_path / "bad.py").write_text("x = 1\nraise RuntimeError('no config')\n")

@@ -94,7 +94,8 @@ def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
     except ConfigError:
         raise
     except ModuleNotFoundError as exc:
-        if exc.name is not None and target.startswith(exc.name):  # the handler module itself
+        if exc.name is not None and (target == exc.name or target.startswith(exc.name + ".")):
+            # the handler's module itself (or its package), not something it imports
             raise ConfigError(f"cannot load handler {spec!r}: No module named {exc.name!r} in "
                               "the current folder or on PYTHONPATH", option="handler") from None
         raise ConfigError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}",
