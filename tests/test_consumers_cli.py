@@ -452,3 +452,14 @@ def test_start_in_the_library(log_path: Path) -> None:
         Consumer(log_path, "d", handler, 0, start=5)
     with pytest.raises(Exception, match="start"):
         Consumer(log_path, "d", handler, 0, start="sometime")
+
+
+def test_the_start_flag(cli: Cli, log_path: Path) -> None:
+    append(log_path, 10)
+    state = consume(log_path, "flagged", "--start", "7")
+    assert state == {"events": 3, "by_type": {"t": 3}, "last_offset": 9}
+    assert consume(log_path, "late", "--start", "latest") is None
+    bad = subprocess.run([sys.executable, "-m", "eventpipe", "consume", str(log_path),
+                          "--name", "x", "--handler", COUNTER, "--catch-up", "--start", "soon"],
+                         capture_output=True, timeout=120, env=_env(), check=False)
+    assert bad.returncode == 2 and b"--start" in bad.stderr

@@ -57,6 +57,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--max-retries", type=int)
     p.add_argument("--dead-letter", help="log path for events the handler fails on")
     p.add_argument("--checkpoint-dir")
+    p.add_argument("--start", help='where a consumer without a checkpoint begins: "earliest" '
+                                   '(default), "latest" or an offset')
     p.set_defaults(func=cmd_consume)
 
 
@@ -177,6 +179,12 @@ def cmd_consume(args: argparse.Namespace) -> int:
         options["standby"] = True
     if args.no_notifications:
         options["notifications"] = False
+    if args.start is not None:
+        start = next(o for o in CONSUMER_OPTIONS if o.name == "start")
+        try:
+            options["start"] = start.parse(args.start)
+        except ValueError as exc:
+            raise ConfigError(f"--start {args.start!r}: {exc}", option="start") from None
     # The command line first (exit 2 whatever PATH holds), then the log.
     resolve(CONSUMER_OPTIONS, options)
     validate_name(args.name)
