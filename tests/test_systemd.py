@@ -193,7 +193,27 @@ def test_example_env_names_only_real_options() -> None:
         if key.startswith("EVENTPIPE_"):
             assert key in known, f"example.env sets {key}, which is no eventpipe option"
     assert {"EVENTPIPE_LOG_PATH", "EVENTPIPE_HANDLER"} <= pairs.keys()
-    orjson.loads(pairs["EVENTPIPE_INITIAL_STATE"].strip("'"))
+
+
+def test_example_env_and_the_shipped_handler_work_together(tmp_path: Path) -> None:
+    """The pair shipped to be deployed together must work together: once the env file set an
+    initial state the shipped handler could not use (KeyError on the first event)."""
+    text = (UNITS / "example.env").read_text()
+    pairs = _env_file_keys(text)
+    module = pairs["EVENTPIPE_HANDLER"].split(":")[0]
+    assert (ROOT / "examples" / f"{module}.py").exists()
+    initial = pairs.get("EVENTPIPE_INITIAL_STATE", "null").strip("'")
+    log = tmp_path / "log"
+    with EventLog(log) as opened:
+        opened.append_many([{"type": "order", "n": i} for i in range(5)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT),
+           "EVENTPIPE_INITIAL_STATE": initial}
+    proc = subprocess.run([sys.executable, "-m", "eventpipe", "consume", str(log), "--name",
+                           "counter", "--handler", pairs["EVENTPIPE_HANDLER"], "--catch-up",
+                           "--print-state"], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["events"] == 5
 
 
 # ---------------------------------------------------------------------- the container
