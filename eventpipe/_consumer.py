@@ -276,6 +276,8 @@ class Consumer:
             while not self._stop_flag[0]:
                 if lock.try_acquire():
                     sd.status(f"consumer {self.name}: took the name over, catching up")
+                    log.info("consumer %s: took the name over (pid %d), catching up",
+                             self.name, os.getpid())
                     self._load()
                     return True
                 if retries:
@@ -284,6 +286,8 @@ class Consumer:
                 holder = lock.holder()
                 if holder != shown:
                     sd.status(f"consumer {self.name}: standing by, the name is held by {holder}")
+                    log.info("consumer %s: standing by, the name is held by %s", self.name,
+                             holder)
                     if shown is None:
                         sd.ready()  # a waiting standby is up and healthy
                     shown = holder

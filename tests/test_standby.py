@@ -210,6 +210,9 @@ def test_cli_consume_standby_takes_over_after_kill_9(
     assert second.returncode == 0, err
     assert json.loads(out) == expected_state(log_path)
     assert b"stopped at offset 300" in err
+    # The journal says what happened: it waited, then took over.
+    assert b"consumer cli: standing by, the name is held by pid" in err
+    assert b"consumer cli: took the name over" in err
     print(f"CLI takeover: {took:.3f} s")
 
 
