@@ -463,3 +463,40 @@ def test_the_start_flag(cli: Cli, log_path: Path) -> None:
                           "--name", "x", "--handler", COUNTER, "--catch-up", "--start", "soon"],
                          capture_output=True, timeout=120, env=_env(), check=False)
     assert bad.returncode == 2 and b"--start" in bad.stderr
+
+
+SLOW_HANDLER = """
+import time
+def count(state, event, offset):
+    time.sleep(0.0005)
+    return (state or 0) + 1
+"""
+
+
+def test_catch_up_shows_progress_on_a_terminal(log_path: Path, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    append(log_path, 3000)
+    (tmp_path / "slow.py").write_text(SLOW_HANDLER)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eventpipe", "consume", str(log_path), "--name", "slow",
+             "--handler", f"{tmp_path / 'slow.py'}:count", "--catch-up",
+             "--checkpoint-every", "500"],
+            stderr=terminal, stdout=subprocess.DEVNULL, env=_env())
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                data = os.read(controller, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            shown += data
+        assert proc.wait(120) == 0, shown
+    finally:
+        os.close(controller)
+    assert b"/3,000 events, " in shown and b"/s" in shown and b"s left" in shown, shown

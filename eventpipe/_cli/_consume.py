@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -193,7 +194,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
     with EventLog(args.path, create=args.create) as log, \
             Consumer(log, args.name, handler, initial, **options) as consumer, \
             _noting_sigint() as interrupted:
-        state = consumer.catch_up() if args.catch_up else consumer.run()
+        if args.catch_up:
+            with _catch_up_progress(consumer, sys.stderr):
+                state = consumer.catch_up()
+        else:
+            state = consumer.run()
         if args.print_state:
             write_json(state)
         if interrupted():
@@ -202,3 +207,32 @@ def cmd_consume(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         err(f"consumer {args.name}: stopped at offset {consumer.offset}")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _catch_up_progress(consumer: Any, stream: TextIO) -> Iterator[None]:
+    """On a terminal, a line redrawn twice a second while ``--catch-up`` works through a long
+    log: events handled of the head, the rate, and the time left at that rate. Read from
+    another thread (the consumer's offset is a plain int; nothing else is touched)."""
+    if not stream.isatty():
+        yield
+        return
+    done = threading.Event()
+    start, started = consumer.offset, time.monotonic()
+
+    def draw() -> None:
+        while not done.wait(0.5):
+            offset, head = consumer.offset, consumer.log.head
+            rate = (offset - start) / max(time.monotonic() - started, 1e-9)
+            left = f", {(head - offset) / rate:,.0f} s left" if rate > 0 else ""
+            print(f"\r  {offset:,}/{head:,} events, {rate:,.0f}/s{left}   ", end="",
+                  file=stream, flush=True)
+
+    thread = threading.Thread(target=draw, name="eventpipe-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print("", file=stream, flush=True)
