@@ -22,7 +22,7 @@ _LOG_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("eventpipe_segment_bytes", "Bytes of segment files on disk.", "segments.bytes"),
     ("eventpipe_quarantined_files", "Files of torn tails kept in quarantine/.",
      "quarantined_files"),
-    ("eventpipe_writers", "Processes holding the writer lock now.", "writers_holding_lock"),
+    ("eventpipe_writers", "Processes with the log open for appending.", "writers_open"),
     ("eventpipe_unsealed_segments", "Sealed segments without a checksum yet.",
      "sealing.without_checksum"),
     ("eventpipe_damaged_segments", "Segments the sealing pass found damaged.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -16,7 +17,36 @@ from ._registry import ConsumerPosition, consumer_positions
 from ._segment import SegmentFile, list_segments
 from .errors import StorageError
 
-__all__ = ["flock_holders", "format_status", "log_status"]
+__all__ = ["flock_holders", "format_status", "log_status", "openers"]
+
+
+def openers(path: str) -> tuple[list[int], bool]:
+    """PIDs of the processes with ``path`` open (a standby keeps its lock file open while it
+    waits), and whether every process could be looked at (other users' are hidden unless
+    root)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return [], False
+    base = os.path.basename(path)
+    found, complete = set(), True
+    for pid in pids:
+        fds = f"/proc/{pid}/fd"
+        try:
+            entries = os.listdir(fds)
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            complete = False
+            continue
+        for fd in entries:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fds}/{fd}").removesuffix(" (deleted)").endswith(base):
+                    other = os.stat(f"{fds}/{fd}")
+                    if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                        found.add(int(pid))
+    return sorted(found), complete
 
 
 def flock_holders(path: str) -> list[int]:
@@ -78,6 +108,9 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             },
             "consumers": consumers,
             "writers_holding_lock": flock_holders(os.path.join(log.path, WRITER_LOCK)),
+            # A writer keeps writer.lock open from its first append until it closes, and
+            # holds the lock only while it commits: a streaming `eventpipe append` is here.
+            "writers_open": openers(os.path.join(log.path, WRITER_LOCK))[0],
             "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
             "sealing": _sealing(log.folder, log.segments, segs, active),
             "quarantined_files": quarantined,
@@ -144,8 +177,10 @@ def format_status(report: dict[str, Any]) -> str:
         f"head       {report['head']:,} events (first stored offset {report['first_offset']:,})",
         f"segments   {seg['count']} ({seg['compressed']} gzip, {seg['plain']} plain), "
         f"{seg['bytes']:,} bytes on disk",
-        f"writers    {', '.join(map(str, report['writers_holding_lock'])) or 'none'} holding "
-        "the writer lock",
+        f"writers    {', '.join(map(str, report.get('writers_open', []))) or 'none'} with the "
+        f"log open for appending, "
+        f"{', '.join(map(str, report['writers_holding_lock'])) or 'none'} holding the writer "
+        "lock",
     ]
     sealing = report.get("sealing")
     if sealing is not None:

@@ -407,7 +407,7 @@ def test_status_text_and_json(cli: Cli, log_path: Path) -> None:
     assert f"log        {log_path}" in text
     assert "head       120 events (first stored offset 0)" in text
     assert f"segments   {len(files)} (0 gzip, {len(files)} plain)" in text
-    assert "writers    none holding the writer lock" in text
+    assert "writers    none with the log open for appending, none holding the writer lock" in text
     assert re.search(r"counter +offset +100 +lag +20 +checkpoint \d+\.\d+s ago +stopped", text)
 
 
@@ -438,7 +438,8 @@ def test_status_lists_writers_and_running_consumers(cli: Cli, log_path: Path,
     assert doc["consumers"][0]["name"] == "live"
     assert doc["consumers"][0]["lag"] == 0
     text = cli("status", log_path).text
-    assert f"writers    {holder.pid} holding the writer lock" in text
+    assert (f"writers    {holder.pid} with the log open for appending, {holder.pid} holding "
+            "the writer lock") in text
     assert f"running (pid {consumer.pid})" in text
     assert holder.stdin is not None
     holder.stdin.close()
@@ -448,6 +449,23 @@ def test_status_lists_writers_and_running_consumers(cli: Cli, log_path: Path,
     assert consumer.returncode == 0
     assert b"consumer live: stopped at offset 5" in err
     assert json.loads(cli("status", log_path, "--json").out)["writers_holding_lock"] == []
+
+
+def test_status_shows_a_streaming_append_as_a_writer(cli: Cli, log_path: Path,
+                                                      children: Children) -> None:
+    # It holds the writer lock only while it commits, so "holding the lock" missed it.
+    fill(log_path, 1)
+    writer = children.popen([sys.executable, "-m", "eventpipe", "append", str(log_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    assert writer.stdin is not None
+    writer.stdin.write(b'{"n": 1}\n')
+    writer.stdin.flush()
+    wait_until(lambda: writer.pid in log_status(log_path)["writers_open"],
+               what="the streaming append to open the log for appending")
+    assert f"writers    {writer.pid} with the log open" in cli("status", log_path).text
+    writer.stdin.close()
+    assert writer.wait(timeout=30) == 0
+    assert log_status(log_path)["writers_open"] == []
 
 
 def test_status_of_a_missing_log_creates_nothing(cli: Cli, tmp_path: Path) -> None:

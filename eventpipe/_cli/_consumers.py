@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._status import openers
 from ..errors import ConfigError, EventPipeError, StorageError
 from ._common import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, err, write_json
 
@@ -122,35 +123,6 @@ def _lock_path(checkpoint: str, name: str) -> str:
     return os.path.join(os.path.dirname(checkpoint), f"{name}.lock")
 
 
-def _openers(path: str) -> tuple[list[int], bool]:
-    """PIDs of the processes with ``path`` open (a standby keeps its lock file open while it
-    waits), and whether every process could be looked at (other users' are hidden unless
-    root)."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return [], False
-    base = os.path.basename(path)
-    found, complete = set(), True
-    for pid in pids:
-        fds = f"/proc/{pid}/fd"
-        try:
-            entries = os.listdir(fds)
-        except FileNotFoundError:
-            continue  # exited meanwhile
-        except OSError:
-            complete = False
-            continue
-        for fd in entries:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"{fds}/{fd}").removesuffix(" (deleted)").endswith(base):
-                    other = os.stat(f"{fds}/{fd}")
-                    if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                        found.add(int(pid))
-    return sorted(found), complete
-
-
 def _waiters(path: str) -> list[int]:
     """PIDs blocked in flock() on ``path`` (the "->" lines of /proc/locks)."""
     try:
@@ -196,7 +168,7 @@ def _entry(pos: ConsumerPosition, head: int, now: float, *,
     if known.checkpoint is not None:
         lock = _lock_path(known.checkpoint, known.name)
         pids = flock_holders(lock)
-        opened, _ = _openers(lock)
+        opened, _ = openers(lock)
         standbys = sorted((set(opened) | set(_waiters(lock))) - set(pids))
     entry["running_pid"] = pids[0] if pids else None
     entry["running_pids"] = pids
@@ -482,7 +454,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
                     if folder.unlink(f"{target.name}.owner"):
                         removed.append(folder.path_of(f"{target.name}.owner"))
                     lock = folder.path_of(f"{target.name}.lock")
-                    others, complete = _openers(lock)
+                    others, complete = openers(lock)
                     others = [p for p in others if p != os.getpid()]
                     # Unlinking a lock file another process has open would split the name: a
                     # standby waiting on the old file and a new consumer on a new one could
