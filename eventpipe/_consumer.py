@@ -227,6 +227,8 @@ class Consumer:
         self._scan_all_dead_letters = False
         self._caught_up_once = False
         self._log_gone = False  # the log was removed or replaced under us (see _check_log)
+        # A <name>.error an earlier run left (see _note_failure): the first checkpoint removes it.
+        self._failure_noted = True
         self._seen_segment = -1  # the active segment when we last looked (see _help_seal)
         self.last_checkpoint_at: float | None = None
         self.systemd = SystemdNotifier()
@@ -466,6 +468,10 @@ class Consumer:
         self._pending_dead_letter = (
             None if dead_letter_from is None else (self.offset, dead_letter_from))
         self._checkpointed_offset = self.offset
+        if self._failure_noted:  # it goes on: the note of an earlier stop is history
+            self._failure_noted = False
+            with contextlib.suppress(EventPipeError, OSError):
+                self._folder.unlink(f"{self.name}.error")
         self._since_checkpoint = 0
         self._checkpoint_due = time.monotonic() + self.options["checkpoint_interval"]
         self.last_checkpoint_at = stamp
@@ -837,6 +843,9 @@ class Consumer:
                     notifier = self._notifier
                     assert notifier is not None  # every wait happens with one in place
                     result = await notifier.wait_async(request)
+        except (HandlerError, StateNotStorableError) as exc:
+            self._note_failure(exc)
+            raise
         finally:
             steps.close()
             disarm()
@@ -858,8 +867,22 @@ class Consumer:
                     notifier = self._notifier
                     assert notifier is not None  # every wait happens with one in place
                     result = notifier.wait(request)
+        except (HandlerError, StateNotStorableError) as exc:
+            self._note_failure(exc)
+            raise
         finally:
             steps.close()  # e.g. KeyboardInterrupt in a wait: the steps' cleanup still runs
+
+    def _note_failure(self, exc: HandlerError | StateNotStorableError) -> None:
+        """Leave ``<name>.error`` beside the checkpoint: what stopped this consumer, for
+        ``eventpipe status`` and ``consumers`` (a stopped consumer shows why). The next
+        checkpoint removes it. Best effort: the exception itself is what the caller gets."""
+        note = orjson.dumps({"time": time.time(), "pid": os.getpid(), "offset": exc.offset,
+                             "error": str(exc)[:2000]})
+        with contextlib.suppress(EventPipeError, OSError):
+            self._folder.write_atomic(f"{self.name}.error", note, self.log.config.file_mode,
+                                      durable=False)
+            self._failure_noted = True
 
     def _until_ping(self, limit: float) -> float:
         """``limit``, or less: the time until the next watchdog ping is due (at least 10 ms,

@@ -53,7 +53,7 @@ COMPRESS_LOCK = "compress.lock"  # held by the process that seals (checksums, co
 COMPRESS_STATE = "compress.state"  # the sealing watermark
 SEGMENTS_DIR = "segments"  # <first offset>.jsonl[.gz] (+ .sum)
 QUARANTINE_DIR = "quarantine"  # bytes cut from a torn tail, kept
-CONSUMERS_DIR = "consumers"  # <name>.json checkpoints, .lock, .owner
+CONSUMERS_DIR = "consumers"  # <name>.json checkpoints, .lock, .owner, .error
 EXTERNAL_DIR = "external"  # inside consumers/: registrations of checkpoints kept elsewhere
 
 _WRITES = os.O_WRONLY | os.O_RDWR

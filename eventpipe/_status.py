@@ -8,10 +8,12 @@ import os
 import time
 from typing import Any
 
+import orjson
+
 from ._checksum import sum_name
 from ._compress import load_state
 from ._inotify import inotify_usage
-from ._layout import COMPRESS_LOCK, QUARANTINE_DIR, WRITER_LOCK, Folder
+from ._layout import COMPRESS_LOCK, CONSUMERS_DIR, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._log import EventLog
 from ._registry import ConsumerPosition, consumer_positions
 from ._segment import SegmentFile, list_segments
@@ -87,8 +89,13 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             st = log.segments.lstat(s.name)  # a link planted here is not followed
             sizes.append(0 if st is None else st.st_size)  # 0: compressed or pruned meanwhile
         # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
-        consumers = [_consumer_entry(pos, head, now)
-                     for pos in consumer_positions(log.folder, log.log_id)]
+        consumers = []
+        for pos in consumer_positions(log.folder, log.log_id):
+            entry = _consumer_entry(pos, head, now)
+            stop = _last_stop(log.folder, pos)
+            if stop is not None:
+                entry["last_stop"] = stop
+            consumers.append(entry)
         try:
             with log.folder.sub(QUARANTINE_DIR) as quarantine:
                 quarantined = len(quarantine.names())
@@ -147,6 +154,26 @@ def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, A
         if known.checkpoint is not None else None
     entry["running_pids"] = flock_holders(lock) if lock is not None else []
     return entry
+
+
+def _last_stop(root: Folder, pos: ConsumerPosition) -> dict[str, Any] | None:
+    """What stopped the consumer last (its ``<name>.error``, left when a handler error or an
+    unstorable state stopped it and removed by its next checkpoint); None if nothing did."""
+    known = pos.consumer
+    name = f"{known.name}.error"
+    try:
+        if known.external:
+            if known.checkpoint is None:
+                return None
+            with Folder.open(os.path.dirname(known.checkpoint)) as folder:
+                raw = folder.read_bytes(name)
+        else:
+            with root.sub(CONSUMERS_DIR) as folder:
+                raw = folder.read_bytes(name)
+        doc = orjson.loads(raw) if raw is not None else None
+    except (StorageError, orjson.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _sealing(root: Folder, folder: Folder, segs: list[SegmentFile],
@@ -221,6 +248,10 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
                          f"{c.get('lag', 0):>10,}  checkpoint "
                          f"{c.get('checkpoint_age_seconds', 0):.1f}s ago  {running}")
+        stop = c.get("last_stop")
+        if stop:
+            lines.append(f"  {'':<20} stopped by: {stop.get('error')} (pid {stop.get('pid')}, "
+                         f"{max(0.0, time.time() - float(stop.get('time') or 0)):.0f}s ago)")
         if c.get("external"):
             lines.append(f"  {'':<20} external checkpoint {c.get('checkpoint') or '?'} "
                          f"(registered in {c.get('registration')})")

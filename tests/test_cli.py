@@ -957,3 +957,30 @@ def test_corrupt_log_exits_3(cli: Cli, ten: Path) -> None:
     r = cli("read", ten)
     assert r.code == 3
     assert "CorruptLogError" in r.err
+
+
+def test_status_says_what_stopped_a_consumer_until_it_goes_on(
+        cli: Cli, log_path: Path, tmp_path: Path) -> None:
+    fill(log_path, 5)
+    handler = tmp_path / "picky.py"
+    handler.write_text("import os\n"
+                       "def count(state, event, offset):\n"
+                       "    if offset == 3 and not os.environ.get('FIXED'):\n"
+                       "        raise KeyError('events')\n"
+                       "    return (state or 0) + 1\n")
+    r = cli("consume", log_path, "--name", "picky", "--handler", f"{handler}:count",
+            "--catch-up")
+    assert r.code == 3
+    doc = json.loads(cli("status", log_path, "--json").out)
+    [entry] = doc["consumers"]
+    assert entry["offset"] == 3 and "KeyError" in entry["last_stop"]["error"]
+    assert entry["last_stop"]["offset"] == 3
+    assert "stopped by: " in cli("status", log_path).text
+    os.environ["FIXED"] = "1"
+    try:
+        assert cli("consume", log_path, "--name", "picky", "--handler", f"{handler}:count",
+                   "--catch-up").code == 0
+    finally:
+        del os.environ["FIXED"]
+    [entry] = json.loads(cli("status", log_path, "--json").out)["consumers"]
+    assert entry["offset"] == 5 and "last_stop" not in entry

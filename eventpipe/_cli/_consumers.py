@@ -92,8 +92,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.set_defaults(func=cmd_reset)
 
     q = one("delete", "remove its checkpoint and registration (refused while it runs)",
-            "Remove a consumer's checkpoint (and NAME.json.prev, .corrupt, .owner; the lock "
-            "file unless another process has it open) and, for an external one, its "
+            "Remove a consumer's checkpoint (and NAME.json.prev, .corrupt, .owner, .error; the "
+            "lock file unless another process has it open) and, for an external one, its "
             "registration: retention stops waiting for it, and a consumer started under the "
             "name again begins afresh. Refused (exit 3) while a process holds the name.")
     q.set_defaults(func=cmd_delete)
@@ -451,8 +451,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
                     for suffix in ("", ".prev", ".corrupt"):
                         if folder.unlink(target.filename + suffix):
                             removed.append(folder.path_of(target.filename + suffix))
-                    if folder.unlink(f"{target.name}.owner"):
-                        removed.append(folder.path_of(f"{target.name}.owner"))
+                    for note in (f"{target.name}.owner", f"{target.name}.error"):
+                        if folder.unlink(note):
+                            removed.append(folder.path_of(note))
                     lock = folder.path_of(f"{target.name}.lock")
                     others, complete = openers(lock)
                     others = [p for p in others if p != os.getpid()]
