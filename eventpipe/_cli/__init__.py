@@ -37,7 +37,7 @@ from ..errors import (
     NotAnEventLogError,
     OffsetOutOfRangeError,
 )
-from . import _admin, _consume, _consumers, _demo, _events
+from . import _admin, _consume, _consumers, _demo, _doctor, _events
 from ._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eventpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # the order `eventpipe --help` lists
-    for group in (_events, _consume, _admin, _consumers, _demo):
+    for group in (_events, _consume, _admin, _consumers, _doctor, _demo):
         group.add_commands(sub)
     return parser
 
