@@ -270,7 +270,12 @@ class Appender:
     # ------------------------------------------------------------------------------ commit
 
     def commit(self, blobs: list[bytes], counts: Sequence[int], size: int, n: int) -> range:
-        """Write ``blobs`` (``counts`` events each, ``size`` bytes, ``n`` events) and commit."""
+        """Write ``blobs`` (``counts`` events each, ``size`` bytes, ``n`` events) and commit.
+
+        ``size`` and ``n`` could be derived from ``blobs`` and ``counts``; every caller has
+        them already (it checked the batch against the limits), and summing again would
+        cost a pass over the batch on the hot path of every append.
+        """
         # The hot path of every append: kept to the syscalls it needs (flock, header pread,
         # 1-byte pread for a torn tail, data pwrite, header pwrite, unlock), with the header
         # decoded and encoded inline and the options read from attributes set up front.
