@@ -90,12 +90,20 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             sizes.append(0 if st is None else st.st_size)  # 0: compressed or pruned meanwhile
         # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
         consumers = []
-        for pos in consumer_positions(log.folder, log.log_id):
-            entry = _consumer_entry(pos, head, now)
-            stop = _last_stop(log.folder, pos)
-            if stop is not None:
-                entry["last_stop"] = stop
-            consumers.append(entry)
+        try:
+            inside: Folder | None = log.folder.sub(CONSUMERS_DIR)
+        except StorageError:
+            inside = None  # no consumer yet (or not a folder: verify says so)
+        try:
+            for pos in consumer_positions(log.folder, log.log_id):
+                entry = _consumer_entry(pos, head, now)
+                stop = _last_stop(inside, pos)
+                if stop is not None:
+                    entry["last_stop"] = stop
+                consumers.append(entry)
+        finally:
+            if inside is not None:
+                inside.close()
         try:
             with log.folder.sub(QUARANTINE_DIR) as quarantine:
                 quarantined = len(quarantine.names())
@@ -156,7 +164,7 @@ def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, A
     return entry
 
 
-def _last_stop(root: Folder, pos: ConsumerPosition) -> dict[str, Any] | None:
+def _last_stop(inside: Folder | None, pos: ConsumerPosition) -> dict[str, Any] | None:
     """What stopped the consumer last (its ``<name>.error``, left when a handler error or an
     unstorable state stopped it and removed by its next checkpoint); None if nothing did."""
     known = pos.consumer
@@ -167,9 +175,10 @@ def _last_stop(root: Folder, pos: ConsumerPosition) -> dict[str, Any] | None:
                 return None
             with Folder.open(os.path.dirname(known.checkpoint)) as folder:
                 raw = folder.read_bytes(name)
+        elif inside is not None:
+            raw = inside.read_bytes(name)
         else:
-            with root.sub(CONSUMERS_DIR) as folder:
-                raw = folder.read_bytes(name)
+            return None
         doc = orjson.loads(raw) if raw is not None else None
     except (StorageError, orjson.JSONDecodeError):
         return None

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ._main import Cli, in_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, and an ignored signal
@@ -99,3 +101,9 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.01)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """``main(argv)`` in this process, stdout and stderr captured as text."""
+    return in_process(monkeypatch, capsys)

@@ -9,24 +9,21 @@ run in this process through ``main([...])``, exit codes checked against README's
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventpipe import Consumer, EventLog
-from eventpipe._cli import main
 from eventpipe._registry import registration_path
 from eventpipe._status import log_status
 
+from ._main import Cli
 from ._wait import wait_until
 from .conftest import ROOT, Children
 
@@ -34,39 +31,9 @@ COUNTER = str(ROOT / "examples" / "counter_consumer.py") + ":handle"
 SEG = 10  # events per segment
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Cli = Callable[..., Result]
-
-
 @pytest.fixture(autouse=True)
 def _plain_segments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVENTPIPE_COMPRESSION", "none")  # children inherit it
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """``main(argv)`` in this process, stdout and stderr captured."""
-
-    def call(*args: str | Path) -> Result:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code if isinstance(exc.code, int) else 0
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return call
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ forget`` releases the hold."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,15 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventpipe import Consumer, EventLog
-from eventpipe._cli import main
 from eventpipe._registry import (
     KnownConsumer,
     known_checkpoints,
@@ -32,6 +28,7 @@ from eventpipe._registry import (
 )
 from eventpipe._status import log_status
 
+from ._main import Cli
 from ._unprivileged import NOBODY, run_unprivileged
 from .conftest import ROOT, Children
 
@@ -40,31 +37,6 @@ SEG = 10  # events per segment: bases are multiples of 10
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
-    """``main(argv)`` in this process, stdout and stderr captured."""
-
-    def call(*args: str | Path) -> Result:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code if isinstance(exc.code, int) else 0
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return call
 
 
 def _env() -> dict[str, str]:
@@ -144,7 +116,7 @@ def test_automatic_retention_keeps_what_an_external_consumer_at_150_needs(
 
 
 def test_explicit_prune_holds_back_for_an_external_consumer_and_status_lists_it(
-        cli: Callable[..., Result], log_path: Path, tmp_path: Path) -> None:
+        cli: Cli, log_path: Path, tmp_path: Path) -> None:
     checkpoint = external_at_150(log_path, tmp_path)
     r = cli("prune", log_path, "--before", "290")
     assert r.code == 0, r.err
@@ -168,7 +140,7 @@ def test_explicit_prune_holds_back_for_an_external_consumer_and_status_lists_it(
 
 
 def test_forget_releases_the_hold_and_keeps_the_checkpoint(
-        cli: Callable[..., Result], log_path: Path, tmp_path: Path) -> None:
+        cli: Cli, log_path: Path, tmp_path: Path) -> None:
     checkpoint = external_at_150(log_path, tmp_path)
     assert cli("prune", log_path, "--before", "290").code == 0
     assert bases(log_path)[0] == 150
@@ -186,7 +158,7 @@ def test_forget_releases_the_hold_and_keeps_the_checkpoint(
 
 
 def test_forget_is_refused_while_the_consumer_runs(
-        cli: Callable[..., Result], log_path: Path, tmp_path: Path,
+        cli: Cli, log_path: Path, tmp_path: Path,
         children: Children) -> None:
     folder = tmp_path / "elsewhere"
     append(log_path, 30, 0)
@@ -210,7 +182,7 @@ def test_forget_is_refused_while_the_consumer_runs(
 
 
 def test_a_registered_consumer_without_a_checkpoint_holds_everything_until_forgotten(
-        cli: Callable[..., Result], log_path: Path, tmp_path: Path) -> None:
+        cli: Cli, log_path: Path, tmp_path: Path) -> None:
     append(log_path, 100, 0)
     checkpoint = tmp_path / "elsewhere" / "newbie.json"  # not written yet
     register_external(str(log_path), "newbie", str(checkpoint), 0o644, 0o755)
@@ -252,7 +224,7 @@ def _planted(log: Path, tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["not-json", "foreign", "points-elsewhere", "renamed"])
 def test_an_invalid_registration_is_reported_with_its_path_and_holds_everything(
-        cli: Callable[..., Result], log_path: Path, tmp_path: Path, kind: str) -> None:
+        cli: Cli, log_path: Path, tmp_path: Path, kind: str) -> None:
     append(log_path, 100, 0)
     planted = _planted(log_path, tmp_path, kind)
     [known] = known_checkpoints(str(log_path))
