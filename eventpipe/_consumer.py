@@ -547,12 +547,18 @@ class Consumer:
             stop = self._head_at_least_offset()
         first = self.offset - 1 if self._verify is not None else self.offset
         position = self._next_position
-        for stored in self.log.chunks(first, stop, position=position):
-            chunk = self._verify_against(stored) if self._verify is not None else stored
-            if chunk.first_offset == self._skip_offset and chunk.lines:
-                chunk = self._skip_dead_lettered(chunk)
-            if not (yield from self._consume_chunk(chunk, yields)):
-                break
+        try:
+            for stored in self.log.chunks(first, stop, position=position):
+                chunk = self._verify_against(stored) if self._verify is not None else stored
+                if chunk.first_offset == self._skip_offset and chunk.lines:
+                    chunk = self._skip_dead_lettered(chunk)
+                if not (yield from self._consume_chunk(chunk, yields)):
+                    break
+        except OffsetOutOfRangeError:
+            # The reader reads the header again: a head cut back between the look above
+            # and that read says "beyond the head". Say what happened, whichever read saw it.
+            self._head_at_least_offset()
+            raise
 
     def _consume_chunk(self, chunk: LineChunk, yields: bool) -> _Steps:
         """Fold one chunk's events; returns False when stop() was called."""
