@@ -24,12 +24,13 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import _header, _meta, _recovery
+from . import _header, _meta, _recovery, _timeindex
 from ._config import LogConfig
 from ._fsutil import os_errors, write_all
 from ._header import ROLLING, Header, boot_id, encode_header
 from ._layout import HEAD_FILE, SEGMENTS_DIR, WRITER_LOCK, Folder
 from ._segment import list_segments, segment_name, segment_path
+from ._timeindex import ENTRY_SIZE, GRAIN_NS, pack_entry, times_name
 from .errors import (
     CorruptLogError,
     DurabilityError,
@@ -55,6 +56,7 @@ _unpack_record = _header.unpack_record
 _PAD = bytes(_header.COPY_AT - _header.RECORD_SIZE)
 _join = b"".join
 _crc32 = zlib.crc32
+_time_ns = time.time_ns
 
 # Every appender of this process, so a forked child can drop the parent's writer state: flock
 # belongs to the open file description, which a child shares, so an inherited lock fd would
@@ -73,22 +75,24 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _WriterState:
     """File descriptors and bookkeeping a process needs to append; created on first append."""
 
-    __slots__ = ("checked", "dirty", "head_fd", "lock_fd", "seg_base", "seg_fd", "unsynced_from")
+    __slots__ = ("checked", "dirty", "head_fd", "lock_fd", "seg_base", "seg_fd", "times_fd",
+                 "unsynced_from")
 
     def __init__(self, lock_fd: int, head_fd: int) -> None:
         self.lock_fd = lock_fd
         self.head_fd = head_fd
         self.seg_fd = -1
+        self.times_fd = -1  # the active segment's time index (see _timeindex)
         self.seg_base = -1
         self.checked = False  # active segment checked against the header once per process
         self.dirty = False  # written since the last fsync (sync="interval")
         self.unsynced_from = 0  # first offset this process appended since its last fsync
 
     def close(self) -> None:
-        for fd in (self.seg_fd, self.head_fd, self.lock_fd):
+        for fd in (self.seg_fd, self.times_fd, self.head_fd, self.lock_fd):
             if fd >= 0:
                 os.close(fd)
-        self.seg_fd = self.head_fd = self.lock_fd = -1
+        self.seg_fd = self.times_fd = self.head_fd = self.lock_fd = -1
 
 
 class _Part:
@@ -130,6 +134,7 @@ class Appender:
         self._always = config.sync == "always"
         self._lock_timeout = config.lock_timeout
         self._boot = boot_id()
+        self.clock_steps_back = 0  # appends whose clock read earlier than a stored time
         _LIVE.add(self)
 
     # ------------------------------------------------------------------------------ opening
@@ -298,8 +303,8 @@ class Appender:
                 try:
                     raw = _pread(w.head_fd, _RECORD, 0)
                     if len(raw) == _RECORD:
-                        magic, head, base, committed, synced, boot, flags, crc = \
-                            _unpack_record(raw)
+                        magic, head, base, committed, synced, boot, flags, tcount, tlast, \
+                            crc = _unpack_record(raw)
                     else:
                         magic = b""
                     if (magic != _MAGIC or crc != _crc32(raw[:_BODY]) or base != w.seg_base
@@ -307,29 +312,45 @@ class Appender:
                             or _pread(w.seg_fd, 1, committed)):
                         # Damage, another writer rolled, a writer died leaving a torn tail or
                         # mid-roll, or the first append of this process or this boot.
-                        head, base, committed, synced, boot, flags = self._prepare(w)
+                        head, base, committed, synced, boot, flags, tcount, tlast = \
+                            self._prepare(w)
                 except OSError as exc:
                     if isinstance(exc, StorageError):
                         raise
                     raise StorageError.from_os_error(exc, "read log header",
                                                      path=self.head_path) from exc
+                # The append time, under the lock so times rise with offsets across writers;
+                # never below the last one stored, whatever the clock did.
+                now = _time_ns()
+                if now < tlast:
+                    self.clock_steps_back += 1
+                    now = tlast
                 if (committed + size <= self._max_bytes
                         and head - base + n <= self._max_events):
                     seg_fd = w.seg_fd
+                    new_tcount, new_tlast = tcount, tlast
                     try:
                         position = committed
                         for blob in blobs:
                             if _pwrite(seg_fd, blob, position) != len(blob):
                                 write_all(seg_fd, blob, position)  # short write: finish or raise
                             position += len(blob)
+                        if not tcount or now - tlast >= GRAIN_NS:
+                            # A time entry for this batch (see _timeindex for the grain).
+                            write_all(w.times_fd, pack_entry(head - base, now),
+                                      tcount * ENTRY_SIZE)
+                            if self._always:
+                                os.fdatasync(w.times_fd)
+                            new_tcount, new_tlast = tcount + 1, now
                         if self._always:
                             os.fdatasync(seg_fd)
                             synced = position
                     except BaseException as exc:
-                        h = Header(head, base, committed, synced, boot)
+                        h = Header(head, base, committed, synced, boot, 0, tcount, tlast)
                         self._undo(w, h, [])
                         self._raise_write_error(exc, h)
-                    body = _pack_body(_MAGIC, head + n, base, position, synced, self._boot, 0)
+                    body = _pack_body(_MAGIC, head + n, base, position, synced, self._boot, 0,
+                                      new_tcount, new_tlast)
                     record = body + _crc32(body).to_bytes(4, "little")
                     header = _join((record, _PAD, record))
                     try:
@@ -342,12 +363,13 @@ class Appender:
                             w.unsynced_from = head
                     except BaseException as exc:
                         self._after_failed_publish(
-                            w, Header(head, base, committed, synced, boot), header,
-                            range(head, head + n), [], exc)
+                            w, Header(head, base, committed, synced, boot, 0, tcount, tlast),
+                            header, range(head, head + n), [], exc)
                     done = range(head, head + n)
                 else:
                     done = self._commit_across_segments(
-                        w, Header(head, base, committed, synced, boot), blobs, counts)
+                        w, Header(head, base, committed, synced, boot, 0, tcount, tlast),
+                        blobs, counts, now)
             finally:
                 try:
                     _flock(w.lock_fd, _LOCK_UN)
@@ -356,7 +378,7 @@ class Appender:
         return done
 
     def _publish(self, w: _WriterState, before: Header, header: bytes, done: range,
-                 created: list[tuple[int, int]]) -> None:
+                 created: list[tuple[int, int, int]]) -> None:
         """Write ``header``: the commit point, after which the append of ``done`` happened;
         from then on this process appends to the last of the ``created`` segments, if any."""
         try:
@@ -371,15 +393,17 @@ class Appender:
         self._adopt(w, created)
 
     @staticmethod
-    def _adopt(w: _WriterState, created: list[tuple[int, int]]) -> None:
+    def _adopt(w: _WriterState, created: list[tuple[int, int, int]]) -> None:
         if created:
             os.close(w.seg_fd)
-            for _, fd in created[:-1]:
+            os.close(w.times_fd)
+            for _, fd, times_fd in created[:-1]:
                 os.close(fd)
-            w.seg_base, w.seg_fd = created[-1]
+                os.close(times_fd)
+            w.seg_base, w.seg_fd, w.times_fd = created[-1]
 
     def _after_failed_publish(self, w: _WriterState, before: Header, header: bytes,
-                              done: range, created: list[tuple[int, int]],
+                              done: range, created: list[tuple[int, int, int]],
                               exc: BaseException) -> NoReturn:
         # Whether the commit happened is what the header now says, not where the exception
         # came from (a KeyboardInterrupt may land just after the pwrite returned).
@@ -415,10 +439,12 @@ class Appender:
 
     def _prepare(self, w: _WriterState) -> Header:
         """Read the committed header and make the active segment match it. Holds the lock."""
+        rebuilt = False
         try:
             h = _header.read_header(w.head_fd, self.head_path, retries=2)
         except CorruptLogError:
             h = self._rebuild(w)
+            rebuilt = True
         if h.flags & ROLLING:
             # A writer died while creating segments: remove what it left past the active one.
             self._remove_orphans(h)
@@ -442,11 +468,36 @@ class Appender:
             raise CorruptLogError(
                 f"active segment is {size} bytes but the header commits {h.committed}",
                 path=path, offset=h.head)
+        h = self._check_times(w, h, rebuilt)
         if h.boot != self._boot:
             # From now on this boot vouches for the committed bytes (see _header).
             h = h._replace(boot=self._boot)
             self._write_header(w, h)
         w.checked = True
+        return h
+
+    def _check_times(self, w: _WriterState, h: Header, rebuilt: bool) -> Header:
+        """Make the active segment's time index match header ``h``: entries past its count
+        (a killed writer's) are cut; entries it counts that fail their checks (a power loss
+        under a sync policy that had not synced them, or damage) are cut with a warning, and
+        later events share the last valid time. A rebuilt header keeps every valid entry."""
+        events = h.head - h.segment_base
+        found = _timeindex.read_entries(w.times_fd, limit=events,
+                                        claimed=None if rebuilt else h.tcount)
+        keep = len(found.rels)
+        tlast = max(h.tlast, found.times[-1] if found.times else 0)
+        if keep != h.tcount or tlast != h.tlast:
+            if not rebuilt and found.damaged_at is not None:
+                _timeindex.log.warning(
+                    "%s: time index holds %d valid entries of the %d committed; events from "
+                    "offset %d get the time of the last valid one",
+                    self._segments_folder().path_of(times_name(h.segment_base)), keep,
+                    h.tcount, h.segment_base + (found.rels[-1] if found.rels else 0))
+            h = h._replace(tcount=keep, tlast=tlast)
+            self._write_header(w, h)
+        with os_errors("cut time index", times_name(h.segment_base)):
+            if os.fstat(w.times_fd).st_size > keep * ENTRY_SIZE:
+                os.ftruncate(w.times_fd, keep * ENTRY_SIZE)
         return h
 
     def _write_header(self, w: _WriterState, h: Header) -> None:
@@ -478,9 +529,17 @@ class Appender:
             raise CorruptLogError(
                 "the header names an active segment that does not exist", path=path
             ) from None
+        try:
+            times_fd = self._segments_folder().open_shared(times_name(base),
+                                                           self.config.file_mode)
+        except BaseException:
+            os.close(fd)
+            raise
         if w.seg_fd >= 0:
             os.close(w.seg_fd)
-        w.seg_fd, w.seg_base = fd, base
+        if w.times_fd >= 0:
+            os.close(w.times_fd)
+        w.seg_fd, w.times_fd, w.seg_base = fd, times_fd, base
 
     def _quarantine(self, fd: int, base: int, start: int, end: int) -> None:
         if end > start:
@@ -530,13 +589,16 @@ class Appender:
         return parts
 
     def _commit_across_segments(
-        self, w: _WriterState, h: Header, blobs: list[bytes], counts: Sequence[int]
+        self, w: _WriterState, h: Header, blobs: list[bytes], counts: Sequence[int], now: int
     ) -> range:
-        """Write a batch that rolls the active segment; one header rewrite commits it all."""
+        """Write a batch that rolls the active segment; one header rewrite commits it all.
+
+        ``now`` is the batch's append time (already at least ``h.tlast``)."""
         cfg = self.config
         parts = self._plan(h, blobs, counts)
         done = range(h.head, h.head + sum(counts))
-        created: list[tuple[int, int]] = []  # (base, fd) of new segment files
+        created: list[tuple[int, int, int]] = []  # (base, fd, time index fd) of new segments
+        tcount, tlast = h.tcount, h.tlast
         try:
             if len(parts) > 1:
                 # Say a roll is under way before creating files past the active segment, so a
@@ -547,21 +609,34 @@ class Appender:
                     os.fdatasync(w.head_fd)
             for part in parts:
                 if part.base == h.segment_base:
-                    fd = w.seg_fd
+                    fd, times_fd = w.seg_fd, w.times_fd
                 else:
-                    fd = self._new_segment(h, part.base)
-                    created.append((part.base, fd))
+                    fd, times_fd = self._new_segment(h, part.base)
+                    created.append((part.base, fd, times_fd))
                 position = part.position
                 for piece in part.pieces:
                     write_all(fd, piece, position)
                     position += len(piece)
+                if part.base != h.segment_base:
+                    write_all(times_fd, pack_entry(0, now), 0)
+                    tcount, tlast = 1, now
+                elif part.count and (not tcount or now - tlast >= GRAIN_NS):
+                    write_all(times_fd, pack_entry(h.head - h.segment_base, now),
+                              tcount * ENTRY_SIZE)
+                    tcount, tlast = tcount + 1, now
+                if part.base == h.segment_base and len(parts) > 1:
+                    # Sealed from here on: its time index holds exactly its entries (a
+                    # killed writer's leftover past them goes).
+                    os.ftruncate(times_fd, tcount * ENTRY_SIZE)
             if cfg.sync != "none":
                 # Sealed segments are synced whatever the policy's interval: it is once per
                 # roll, and it keeps "interval" from ever losing more than the active segment.
-                for fd in [w.seg_fd] + [fd for _, fd in created[:-1]]:
+                for fd in [w.seg_fd, w.times_fd] + [f for _, sf, tf in created[:-1]
+                                                     for f in (sf, tf)]:
                     os.fdatasync(fd)
                 if cfg.sync == "always" and created:
                     os.fdatasync(created[-1][1])
+                    os.fdatasync(created[-1][2])
                 self._segments_folder().fsync()
         except BaseException as exc:
             self._undo(w, h, created)
@@ -571,7 +646,7 @@ class Appender:
         last = parts[-1]
         last_size = last.position + sum(map(len, last.pieces))
         synced = last_size if self._always else (0 if created else h.synced)
-        after = Header(done.stop, last.base, last_size, synced, self._boot, 0)
+        after = Header(done.stop, last.base, last_size, synced, self._boot, 0, tcount, tlast)
         self._publish(w, h, encode_header(after), done, created)
         if created:
             self._on_roll()  # checksum (and compress) the sealed segments
@@ -584,6 +659,10 @@ class Appender:
         must not leave one behind, or it would sit inside the committed range.
         """
         segments = self._segments_folder()
+        for name in segments.names():
+            base = _timeindex.parse_times_name(name)
+            if base is not None and base > h.segment_base:
+                segments.unlink(name)
         for seg in list_segments(segments):
             if seg.base <= h.segment_base:
                 continue
@@ -596,14 +675,25 @@ class Appender:
                     os.close(fd)
             segments.unlink(seg.name)
 
-    def _new_segment(self, h: Header, base: int) -> int:
+    def _new_segment(self, h: Header, base: int) -> tuple[int, int]:
+        """Create segment ``base`` and its time index; returns both descriptors."""
         path = segment_path(self.segments_dir, base)
         mode = self.config.file_mode
         segments = self._segments_folder()
         for attempt in range(2):
             try:
-                return segments.open_file(segment_name(base),
-                                          os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+                fd = segments.open_file(segment_name(base),
+                                        os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+                try:
+                    # A leftover index of a writer killed mid-roll is cut, not believed.
+                    times_fd = segments.open_shared(times_name(base), mode)
+                    os.ftruncate(times_fd, 0)
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        segments.unlink(segment_name(base))
+                    raise
+                return fd, times_fd
             except StorageError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
@@ -618,16 +708,21 @@ class Appender:
 
     # ------------------------------------------------------------------------------ failures
 
-    def _undo(self, w: _WriterState, h: Header, created: list[tuple[int, int]]) -> None:
+    def _undo(self, w: _WriterState, h: Header, created: list[tuple[int, int, int]]) -> None:
         """Cut back an append that failed before its commit; the log is as before it."""
         # If cutting back fails too, the next writer's _prepare quarantines the leftover,
         # and the ROLLING flag makes it remove leftover segments: readers never see either.
         with contextlib.suppress(OSError):
             os.ftruncate(w.seg_fd, h.committed)
-        for base, fd in created:
+        with contextlib.suppress(OSError):
+            os.ftruncate(w.times_fd, h.tcount * ENTRY_SIZE)
+        for base, fd, times_fd in created:
             os.close(fd)
+            os.close(times_fd)
             with contextlib.suppress(OSError):
                 self._segments_folder().unlink(segment_name(base))
+            with contextlib.suppress(OSError):
+                self._segments_folder().unlink(times_name(base))
 
     def _raise_write_error(self, exc: BaseException, h: Header) -> NoReturn:
         """Re-raise the error of a failed (and undone) append, OSErrors as StorageError."""
@@ -692,6 +787,7 @@ class Appender:
         if h.segment_base != w.seg_base:
             self._open_active(w, h.segment_base)
         os.fdatasync(w.seg_fd)
+        os.fdatasync(w.times_fd)
         _flock(w.lock_fd, _LOCK_EX)
         try:
             now = _header.read_header(w.head_fd, self.head_path)

@@ -1,9 +1,10 @@
 """The ``head`` file: the single commit point of a log.
 
-Two identical copies of a 52-byte record, at byte 0 and byte 512 of ``<log>/head``::
+Two identical copies of a 64-byte record, at byte 0 and byte 512 of ``<log>/head``::
 
-    magic "EPH2" | head u64 | active segment base u64 | committed bytes u64
-                 | synced bytes u64 | boot u64 | flags u32 | crc32 u32
+    magic "EPH3" | head u64 | active segment base u64 | committed bytes u64
+                 | synced bytes u64 | boot u64 | flags u32
+                 | time entries u32 | last time u64 | crc32 u32
 
 A writer, holding the writer lock, writes event bytes into the active segment first and rewrites
 the header second; readers read the header first and segment bytes up to ``committed`` second.
@@ -17,14 +18,17 @@ byte, so every committed byte is there and damage is damage (reported, never cut
 reboot only ``synced..committed`` may legitimately be missing (a power loss under
 ``sync="none"/"interval"``). ``flags`` has ``ROLLING`` set while a writer creates new segments,
 so a writer killed mid-roll is the only case that needs a listing to find what it left.
+``tcount`` is how many entries of the active segment's time index are committed and ``tlast``
+the latest time any entry holds (see ``_timeindex``): the floor for the next append's time.
 
 Both copies are written by one ``pwrite`` inside one page, which a signal cannot tear. A
 concurrent reader may still copy the bytes while they change (Linux gives no atomicity between
 buffered reads and writes), so readers check the CRC and re-read on a mismatch; a copy that
 stays invalid (a flipped bit on disk) is replaced by the other one.
 
-Logs written before this format hold one 32-byte ``EPH1`` record (no ``synced``, ``boot`` or
-``flags``); they read as a header with ``synced=0, boot=0``, and the next writer upgrades them.
+Logs written before this format hold an ``EPH2`` record (no times: they read as
+``tcount=0, tlast=0``) or one 32-byte ``EPH1`` record (no ``synced``, ``boot`` or ``flags``
+either; read as ``synced=0, boot=0``); the next writer upgrades them.
 """
 
 from __future__ import annotations
@@ -46,12 +50,14 @@ __all__ = [
     "read_header",
 ]
 
-_RECORD = struct.Struct("<4sQQQQQI")  # the part the CRC covers
-_WHOLE = struct.Struct("<4sQQQQQII")
+_RECORD = struct.Struct("<4sQQQQQIIQ")  # the part the CRC covers
+_WHOLE = struct.Struct("<4sQQQQQIIQI")
+_V2 = struct.Struct("<4sQQQQQII")
 _V1 = struct.Struct("<4sQQQI")
-MAGIC = b"EPH2"
+MAGIC = b"EPH3"
+MAGIC_V2 = b"EPH2"
 MAGIC_V1 = b"EPH1"
-RECORD_SIZE = _WHOLE.size  # 52
+RECORD_SIZE = _WHOLE.size  # 64
 BODY_SIZE = _RECORD.size
 COPY_AT = 512  # the second copy: another disk sector than the first
 HEADER_SIZE = COPY_AT + RECORD_SIZE  # what a reader reads, and a writer writes, at byte 0
@@ -76,27 +82,37 @@ class Header(NamedTuple):
     synced: int = 0  # bytes of the active segment known to be durable
     boot: int = 0  # the boot that wrote this header (0: unknown)
     flags: int = 0
+    tcount: int = 0  # committed entries in the active segment's time index
+    tlast: int = 0  # the latest time stored (ns since the epoch; 0: none yet)
 
 
 def encode_header(h: Header) -> bytes:
     """The bytes a writer puts at byte 0 of ``head``: both copies of ``h``."""
-    body = pack_body(MAGIC, h.head, h.segment_base, h.committed, h.synced, h.boot, h.flags)
+    body = pack_body(MAGIC, h.head, h.segment_base, h.committed, h.synced, h.boot, h.flags,
+                     h.tcount, h.tlast)
     record = body + _crc32(body).to_bytes(4, "little")
     return record + _PAD + record
 
 
 def _decode_record(raw: bytes) -> Header | None:
-    if len(raw) >= RECORD_SIZE and raw[:4] == MAGIC:
-        _magic, head, base, committed, synced, boot, flags, crc = unpack_record(raw[:RECORD_SIZE])
-        if crc != _crc32(raw[:BODY_SIZE]) or base > head or synced > committed:
-            return None
-        return Header(head, base, committed, synced, boot, flags)
-    if len(raw) >= _V1.size and raw[:4] == MAGIC_V1:
-        _magic, head, base, committed, crc = _V1.unpack(raw[: _V1.size])
-        if crc != _crc32(raw[: _V1.size - 4]) or base > head:
-            return None
-        return Header(head, base, committed)
-    return None
+    magic = raw[:4]
+    if magic == MAGIC and len(raw) >= RECORD_SIZE:
+        fields: tuple[int | bytes, ...] = unpack_record(raw[:RECORD_SIZE])
+    elif magic == MAGIC_V2 and len(raw) >= _V2.size:
+        fields = _V2.unpack(raw[: _V2.size])
+    elif magic == MAGIC_V1 and len(raw) >= _V1.size:
+        fields = _V1.unpack(raw[: _V1.size])
+    else:
+        return None
+    crc = fields[-1]
+    h = Header(*fields[1:-1])  # type: ignore[arg-type]  # the formats' ints, in order
+    if (crc != _crc32(raw[: _SIZES[magic] - 4]) or h.segment_base > h.head
+            or h.synced > h.committed):
+        return None
+    return h
+
+
+_SIZES = {MAGIC: RECORD_SIZE, MAGIC_V2: _V2.size, MAGIC_V1: _V1.size}
 
 
 def decode_header(raw: bytes) -> Header | None:

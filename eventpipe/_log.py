@@ -23,6 +23,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any, NoReturn, Self
 
 import orjson
@@ -42,6 +43,7 @@ from ._record import Record
 from ._retention import PruneReport, prune
 from ._segindex import SegmentIndex
 from ._segment import LineChunk, read_chunks, segment_path
+from ._timeindex import TimeIndex, to_ns
 from .errors import (
     CorruptLogError,
     EventPipeError,
@@ -104,6 +106,8 @@ class EventLog:
             """Where segments start (a cached listing); see
             :class:`~eventpipe._segindex.SegmentIndex`. Whatever removes or seals segments in
             this process calls its ``invalidate()``."""
+            self.time_index = TimeIndex(lambda: self.segments)
+            """Append times by offset, and offsets by time (see :mod:`eventpipe._timeindex`)."""
             self.log_id = self._open_or_create()
         except BaseException:
             self.folder.close()
@@ -395,7 +399,9 @@ class EventLog:
             if kept != fd:  # another thread opened it meanwhile
                 os.close(fd)
                 fd = kept
-        return _header.read_header(fd, self._head_path)
+        h = _header.read_header(fd, self._head_path)
+        self.time_index.note(h.segment_base, h.tcount)
+        return h
 
     def check_replaced(self) -> None:
         """Follow the log's header if it was replaced by a copy of itself; raise if the log went.
@@ -454,6 +460,7 @@ class EventLog:
             finally:
                 os.close(fresh)
         self.segment_index.invalidate()
+        self.time_index.forget()
 
     def _read_header(self) -> Header:
         """Old name of :meth:`committed_header`, kept while callers move to it."""
@@ -572,16 +579,65 @@ class EventLog:
             offset = want
             relisted = False
 
-    def read(self, start: int = 0, stop: int | None = None) -> Iterator[Record]:
+    def read(self, start: int = 0, stop: int | None = None, *,
+             since: datetime | int | float | None = None,
+             until: datetime | int | float | None = None) -> Iterator[Record]:
         """Decoded events from offset ``start`` up to ``stop`` (default: the head now).
 
-        Finds the start from segment names alone and never decodes skipped events.
-        Raises as :meth:`chunks`, and CorruptLogError naming the offset of an undecodable event
-        (after yielding every event before it).
+        ``since`` and ``until`` narrow that to events appended at or after ``since`` and
+        before ``until`` (a datetime, naive meaning local time; int nanoseconds or float
+        seconds since the epoch): see :meth:`offset_at`. Finds the start from segment names
+        and time indexes alone and never decodes skipped events. Raises as :meth:`chunks`, and
+        CorruptLogError naming the offset of an undecodable event (after yielding every event
+        before it).
         """
+        if since is not None:
+            start = max(start, self.offset_at(since))
+        if until is not None:
+            end = self.offset_at(until)
+            stop = end if stop is None else min(stop, end)
+            if start > end:
+                return iter(())
         # Each chunk is decoded into a list by C code and the lists are chained by C code, so
         # no Python frame runs per event (a generator resumed per event costs ~15% of a read).
         return itertools.chain.from_iterable(self._decoded_chunks(start, stop))
+
+    @property
+    def clock_steps_back(self) -> int:
+        """How many of this process's appends found the clock earlier than a time already
+        stored (a clock stepped back): they were given that stored time instead, so times
+        never decrease by offset."""
+        return self._appender.clock_steps_back
+
+    def offset_at(self, when: datetime | int | float) -> int:
+        """The first offset appended at or after ``when``; the head if every event is older.
+
+        ``when`` is a datetime (naive means local time), int nanoseconds or float seconds
+        since the epoch. Costs a few reads of small index files whatever the log's length:
+        it bisects the segments by their first time, then one segment's time index. Events
+        written before eventpipe kept times count as older than any time.
+        """
+        self._check_open()
+        time_ns = to_ns(when)
+        h = self.committed_header()
+        bases = [b for b in self.segment_index.bases(h.segment_base) if b <= h.segment_base]
+        return self.time_index.offset_at(time_ns, bases, h.head)
+
+    def time_of(self, offset: int) -> int | None:
+        """When the event at ``offset`` was appended (ns since the epoch, UTC); None when
+        unknown (written before eventpipe kept times). OffsetOutOfRangeError if it is not
+        stored."""
+        self._check_open()
+        h = self.committed_header()
+        if offset < 0 or offset >= h.head:
+            raise OffsetOutOfRangeError(f"no event at this offset (head {h.head})",
+                                        path=self.path, offset=offset)
+        if offset >= h.segment_base:
+            return self.time_index.time_of(h.segment_base, offset)
+        found = self.segment_index.locate(offset, h.segment_base)
+        if found is None:
+            raise self._not_stored(offset, None)
+        return self.time_index.time_of(found[0], offset)
 
     def _decoded_chunks(self, start: int, stop: int | None) -> Iterator[list[Record]]:
         for chunk in self.chunks(start, stop):
@@ -597,16 +653,19 @@ class EventLog:
         # a whole chunk's worth (tens of thousands) would keep claiming fresh pages.
         step = _DECODE_SLICE
         lines, first = chunk.lines, chunk.first_offset
+        times = self.time_index.times(chunk.segment_base, first, len(lines))
         try:
             for i in range(0, len(lines), step):
                 yield list(map(Record, zip(itertools.count(first + i),
-                                           map(_loads, lines[i : i + step]), strict=False)))
+                                           map(_loads, lines[i : i + step]),
+                                           times[i : i + step], strict=False)))
         except orjson.JSONDecodeError:
             error = self._decode_error(chunk)
             bad = (error.offset or first) - first
             done = bad - bad % step  # events of earlier slices were yielded already
             yield list(map(Record, zip(itertools.count(first + done),
-                                       map(_loads, lines[done:bad]), strict=False)))
+                                       map(_loads, lines[done:bad]), times[done:bad],
+                                       strict=False)))
             raise error from None
 
     def read_raw(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:

@@ -21,7 +21,7 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "META_FILE", "new_meta", "read_meta"
            "stored_file_mode", "upgrade"]
 
 FORMAT_NAME = "eventpipe-log"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the EPH3 header and time indexes
 
 
 def new_meta(file_mode: int) -> bytes:

@@ -110,7 +110,8 @@ def check_active(fd: int, path: str, h: Header) -> Header:
                 "the log back to offset %d (sync=%s never made them durable)",
                 path, head, h.head - 1, good_end, h.committed, head,
                 "none or interval")
-    return Header(head, h.segment_base, good_end, min(h.synced, good_end), boot_id(), 0)
+    return h._replace(head=head, committed=good_end, synced=min(h.synced, good_end),
+                      boot=boot_id(), flags=0)
 
 
 def rebuild_header(fd: int, path: str, base: int) -> Header:

@@ -36,6 +36,7 @@ from ._header import HEADER_SIZE, Header, decode_header
 from ._layout import CONSUMERS_DIR, Folder
 from ._ownership import group_name, user_name
 from ._segment import SegmentFile, list_segments, segment_path
+from ._timeindex import ENTRY_SIZE, parse_entries, times_name
 from .errors import EventPipeError, StorageError, UnsafePathError
 
 __all__ = ["Problem", "check_layout", "verify_log"]
@@ -457,6 +458,7 @@ def verify_log(
                                 "the active segment named by the header is missing"))
     summary["head"] = header.head
     summary["first_offset"] = segs[0].base if segs else header.head
+    last_time = 0
     for i, listed in enumerate(segs):
         if progress is not None:
             progress(i, len(segs))
@@ -483,6 +485,8 @@ def verify_log(
         summary["events"] += _check_segment(seg, content, next_base - seg.base, problems,
                                             folder, sealed)
         summary["segments"] += 1
+        last_time = _check_times(folder, seg.base, next_base - seg.base,
+                                 None if sealed else header, last_time, problems)
     if progress is not None:
         progress(len(segs), len(segs))
     first_checkpoint_problem = len(problems)
@@ -490,6 +494,39 @@ def verify_log(
     problems[first_checkpoint_problem:] = [
         p._replace(kind="checkpoint") for p in problems[first_checkpoint_problem:]]
     return problems, summary
+
+
+def _check_times(folder: str, base: int, events: int, active: Header | None, last_time: int,
+                 problems: list[Problem]) -> int:
+    """Check segment ``base``'s time index (``active``: the header, when it is the active
+    segment); returns the last time it holds (or ``last_time``)."""
+    path = os.path.join(folder, times_name(base))
+    try:
+        raw = _read_inside(path, 2)
+    except FileNotFoundError:
+        if active is not None and active.tcount:
+            problems.append(Problem(path, base, f"time index is missing; the header counts "
+                                                f"{active.tcount} entries"))
+        return last_time  # a segment written before eventpipe kept times
+    except OSError as exc:
+        problems.append(Problem(path, base, f"time index unreadable: {_reason(exc)}"))
+        return last_time
+    claimed = None if active is None else active.tcount
+    found = parse_entries(raw, limit=events, claimed=claimed)
+    whole = len(found.rels) * ENTRY_SIZE
+    if found.damaged_at is not None or (active is None and whole != len(raw)):
+        first = base + found.rels[-1] if found.rels else base
+        problems.append(Problem(
+            path, first, f"time index is damaged at entry {len(found.rels)} (byte {whole}): "
+            f"a bad checksum, a time or offset out of order, or a partial entry; the times of "
+            f"events from offset {first} are not known exactly"))
+    if found.times and found.times[0] < last_time:
+        problems.append(Problem(path, base, "time index starts earlier than the previous "
+                                            "segment's last time"))
+    if active is not None and found.times and found.times[-1] > active.tlast:
+        problems.append(Problem(path, base, "time index holds a time later than the header's "
+                                            "last time"))
+    return found.times[-1] if found.times else last_time
 
 
 def _reason(exc: OSError) -> str:

@@ -419,7 +419,7 @@ def test_foreign_marker_file_is_refused(tmp_path: Path, meta: bytes, alone: bool
     assert_unchanged(before, folder)
 
 
-@pytest.mark.parametrize("version", [3, 99])
+@pytest.mark.parametrize("version", [4, 99])
 def test_newer_format_version_is_refused_untouched(
     log_path: Path, version: int
 ) -> None:

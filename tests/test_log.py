@@ -36,7 +36,7 @@ def segment_names(log_path: Path) -> list[str]:
 def header(log_path: Path) -> tuple[int, int, int]:
     raw = (log_path / "head").read_bytes()
     magic, head, base, committed = struct.unpack("<4sQQQ", raw[:28])
-    assert magic == b"EPH2" and raw[:52] == raw[512:564]  # two identical copies
+    assert magic == b"EPH3" and raw[:64] == raw[512:576]  # two identical copies
     return head, base, committed
 
 
@@ -48,11 +48,11 @@ def test_append_and_read_back(log_path: Path) -> None:
         assert log.append_many(events(3)) == range(1, 4)
         assert log.head == 4
         recs = list(log.read())
-        assert recs[0] == Record((0, {"a": 1}))
+        assert recs[0] == Record((0, {"a": 1})) and recs[0].time is not None
         assert recs[0].offset == 0 and recs[0].event == {"a": 1}
         assert [r.event for r in recs[1:]] == events(3)
         assert list(log.read_raw(1, 2)) == [b'{"ts":1700000000,"name":"event0"}']
-        assert repr(recs[0]) == "Record(offset=0, event={'a': 1})"
+        assert repr(recs[0]) == f"Record(offset=0, event={{'a': 1}}, time={recs[0].time})"
 
 
 def test_reads_from_any_offset_across_rolled_and_compressed_segments(log_path: Path) -> None:

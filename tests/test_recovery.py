@@ -181,5 +181,5 @@ def test_an_old_format_header_reads_and_is_upgraded(tmp_path: Path) -> None:
         assert lg.append({"i": 5}) == 5
     # The writer marked the log as the new format before writing the new header in it, so an
     # older eventpipe refuses it (UnsupportedFormatError) rather than misread that header.
-    assert json.loads((log / "eventpipe.json").read_bytes()) == {**meta, "version": 2}
-    assert (log / "head").read_bytes()[:4] == b"EPH2"
+    assert json.loads((log / "eventpipe.json").read_bytes()) == {**meta, "version": 3}
+    assert (log / "head").read_bytes()[:4] == b"EPH3"

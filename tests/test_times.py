@@ -1,0 +1,317 @@
+"""Append times: every record's time, offsets by time, and their crash safety (``_timeindex``).
+
+The "fake clock" is eventpipe's own clock function (``eventpipe._appender._time_ns``) replaced in
+the process under test: nothing of the file system or the lock is faked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import eventpipe._appender as appender
+from eventpipe import EventLog, verify_log
+
+from .conftest import ROOT, Children
+
+MS = 1_000_000
+T0 = 1_800_000_000 * 1_000_000_000  # 2027-01-15, well clear of "now"
+
+
+class FakeClock:
+    def __init__(self, start: int) -> None:
+        self.now = start
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+    fake = FakeClock(T0)
+    monkeypatch.setattr(appender, "_time_ns", fake)
+    yield fake
+
+
+def times(log: EventLog, start: int = 0) -> list[int | None]:
+    return [r.time for r in log.read(start)]
+
+
+def rises(values: list[int | None]) -> bool:
+    known = [v for v in values if v is not None]
+    return all(a <= b for a, b in itertools.pairwise(known))
+
+
+def test_every_record_read_followed_or_consumed_has_its_append_time(log_path: Path) -> None:
+    before = time.time_ns()
+    with EventLog(log_path, segment_max_events=7) as log:
+        log.append({"i": 0})
+        log.append_many([{"i": i} for i in range(1, 20)])
+        after = time.time_ns()
+        recs = list(log.read())
+        assert all(r.time is not None and before <= r.time <= after for r in recs)
+        assert rises([r.time for r in recs])
+        assert recs[5].datetime == datetime.fromtimestamp(recs[5].time / 1e9, tz=UTC)
+        assert [log.time_of(r.offset) for r in recs] == [r.time for r in recs]
+        follower = log.follow(0, poll_interval=0.05)
+        followed = []
+        for rec in follower:
+            followed.append(rec)
+            if len(followed) == 20:
+                follower.stop()
+        assert [r.time for r in followed] == [r.time for r in recs]
+
+
+def test_batches_get_their_commit_time_and_fast_ones_share_a_millisecond(
+        log_path: Path, clock: FakeClock) -> None:
+    with EventLog(log_path) as log:
+        log.append_many([{"i": 0}, {"i": 1}])
+        clock.now += MS // 2  # within the grain: shares the last entry's time
+        log.append({"i": 2})
+        clock.now += MS
+        log.append({"i": 3})
+        clock.now += 7 * MS
+        log.append_many([{"i": 4}, {"i": 5}])
+        assert times(log) == [T0, T0, T0, T0 + MS + MS // 2, T0 + 8 * MS + MS // 2,
+                              T0 + 8 * MS + MS // 2]
+
+
+def test_a_clock_stepped_back_gives_equal_times_never_earlier(
+        log_path: Path, clock: FakeClock) -> None:
+    with EventLog(log_path, segment_max_events=3) as log:
+        log.append({"i": 0})
+        clock.now += 5 * MS
+        log.append({"i": 1})
+        clock.now = T0 - 3600 * 10**9  # an hour back
+        log.append({"i": 2})
+        log.append_many([{"i": i} for i in range(3, 8)])  # and across a segment roll
+        clock.now = T0 + 10 * MS
+        log.append({"i": 8})
+        assert times(log) == [T0] + [T0 + 5 * MS] * 7 + [T0 + 10 * MS]
+        assert log.clock_steps_back == 2
+    assert verify_log(log_path)[0] == []
+
+
+def test_the_floor_carries_across_writer_processes(log_path: Path, clock: FakeClock) -> None:
+    # This process appends "in the future"; another process with the true clock appends next:
+    # its events get this process's last time, not its own earlier one.
+    with EventLog(log_path) as log:
+        log.append({"i": 0})
+    script = ("import sys; from eventpipe import EventLog\n"
+              "with EventLog(sys.argv[1]) as log:\n"
+              "    log.append({'i': 1}); print(log.clock_steps_back)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script, str(log_path)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert time.time_ns() < T0 and out.strip() == "1"  # it saw its clock behind the log's
+    with EventLog(log_path) as log:
+        assert times(log) == [T0, T0]
+
+
+WRITER = """
+import sys
+from eventpipe import EventLog
+path, wid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with EventLog(path, segment_max_events=50, sync="none") as log:
+    i = 0
+    while i < n:
+        if i % 3:
+            log.append({"w": wid, "seq": i}); i += 1
+        else:
+            log.append_many([{"w": wid, "seq": i + k} for k in range(4)]); i += 4
+"""
+
+
+def test_times_rise_by_offset_across_concurrent_writer_processes(
+        log_path: Path, children: Children) -> None:
+    with EventLog(log_path):
+        pass
+    procs = [children.popen([sys.executable, "-c", WRITER, str(log_path), str(w), "400"])
+             for w in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    with EventLog(log_path) as log:
+        recs = list(log.read())
+    assert len(recs) == 4 * 400 and all(r.time is not None for r in recs)
+    assert rises([r.time for r in recs])
+    for w in range(4):
+        assert [r.event["seq"] for r in recs if r.event["w"] == str(w)] == list(range(400))
+    assert verify_log(log_path)[0] == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", None])
+def test_offset_at_is_exact_at_batch_boundaries(
+        log_path: Path, clock: FakeClock, compression: str | None) -> None:
+    rng = random.Random(7)
+    starts: list[int] = []
+    stamps: list[int] = []
+    with EventLog(log_path, segment_max_events=40, compression=compression) as log:
+        for k in range(60):
+            clock.now = T0 + k * 2 * MS
+            starts.append(log.head)
+            stamps.append(clock.now)
+            log.append_many([{"k": k, "j": j} for j in range(rng.randint(1, 9))])
+        head = log.head
+        assert log.compress() >= 0
+        for k, (start, t) in enumerate(zip(starts, stamps, strict=True)):
+            following = starts[k + 1] if k + 1 < len(starts) else head
+            assert log.offset_at(t) == start
+            assert log.offset_at(t - 1) == start
+            assert log.offset_at(t + 1) == following
+            assert [r.event["k"] for r in log.read(since=t, until=t + 1)] == \
+                [k] * (following - start)
+        assert log.offset_at(0) == 0 and log.offset_at(stamps[-1] + 1) == head
+        when = datetime.fromtimestamp(stamps[30] / 1e9, tz=UTC)
+        assert log.offset_at(when) == starts[30]
+        assert log.offset_at(stamps[30] / 1e9) in (starts[30], starts[31])  # float: ~1 µs
+        assert [r.offset for r in log.read(since=stamps[10], until=stamps[20])] == \
+            list(range(starts[10], starts[20]))
+        assert [r.offset for r in log.read(5, 30, since=stamps[2])] == \
+            list(range(max(5, starts[2]), 30))
+    if compression:
+        assert any(n.endswith(".jsonl.gz") for n in os.listdir(log_path / "segments"))
+
+
+def test_a_log_written_before_times_reads_with_unknown_times(
+        log_path: Path, clock: FakeClock) -> None:
+    with EventLog(log_path, segment_max_events=4, compression=None) as log:
+        log.append_many([{"i": i} for i in range(10)])
+    # Make it what the previous version wrote: no time indexes, an EPH2 header, format 2.
+    for name in os.listdir(log_path / "segments"):
+        if name.endswith(".times"):
+            os.unlink(log_path / "segments" / name)
+    raw = (log_path / "head").read_bytes()
+    fields = struct.unpack("<4sQQQQQIIQI", raw[:64])
+    body = struct.pack("<4sQQQQQI", b"EPH2", *fields[1:7])
+    record = body + zlib.crc32(body).to_bytes(4, "little")
+    (log_path / "head").write_bytes(record + bytes(512 - len(record)) + record)
+    meta = (log_path / "eventpipe.json").read_text().replace('"version": 3', '"version": 2')
+    (log_path / "eventpipe.json").write_text(meta)
+    with EventLog(log_path) as log:
+        assert times(log) == [None] * 10 and log.time_of(9) is None
+        assert log.offset_at(0) == 10  # unknown times count as older than any time
+        clock.now += MS
+        log.append({"i": 10})  # into the old active segment (8..): its index starts at 10
+        log.append_many([{"i": i} for i in range(11, 14)])
+        assert times(log) == [None] * 10 + [T0 + MS] * 4
+        assert log.offset_at(T0) == 10 and log.offset_at(T0 + MS + 1) == 14
+    assert verify_log(log_path)[0] == []
+
+
+def test_verify_finds_a_damaged_time_index_and_readers_keep_reading(
+        log_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    with EventLog(log_path, segment_max_events=10, compression=None) as log:
+        for k in range(25):
+            clock.now += 2 * MS
+            log.append({"k": k})
+    index = log_path / "segments" / f"{10:020d}.times"
+    raw = bytearray(index.read_bytes())
+    assert len(raw) == 10 * 16
+    raw[4 * 16 + 6] ^= 0x40  # a flipped bit in entry 4's time
+    index.write_bytes(bytes(raw))
+    problems, _ = verify_log(log_path)
+    assert [(p.path, p.offset) for p in problems] == [(str(index), 13)]
+    assert "time index is damaged at entry 4" in problems[0].problem
+    with EventLog(log_path) as log:
+        got = times(log)
+    assert [r for r in got[:14]] == [T0 + 2 * MS * (k + 1) for k in range(14)]
+    assert got[14:20] == [T0 + 2 * MS * 14] * 6  # the last valid time, never a wrong one
+    assert "time index damaged" in caplog.text
+
+
+def test_an_index_entry_a_killed_writer_left_past_the_count_is_never_believed(
+        log_path: Path, clock: FakeClock) -> None:
+    with EventLog(log_path) as log:
+        log.append({"i": 0})
+    index = log_path / "segments" / f"{0:020d}.times"
+    # What a writer killed between the entry and the header leaves: an entry the header does
+    # not count, claiming offset 1 at a later time.
+    rel_and_time = struct.pack("<IQ", 1, T0 + 50 * MS)
+    with open(index, "ab") as f:
+        f.write(rel_and_time + zlib.crc32(rel_and_time).to_bytes(4, "little"))
+    with EventLog(log_path) as log:
+        assert log.time_of(0) == T0
+        clock.now += MS // 4  # within the grain: event 1 shares entry 0's time
+        log.append({"i": 1})
+        assert times(log) == [T0, T0]
+    assert index.stat().st_size == 16
+    assert verify_log(log_path)[0] == []
+
+
+def test_entries_lost_from_the_active_index_are_cut_and_later_times_still_rise(
+        log_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    with EventLog(log_path) as log:
+        for k in range(6):
+            clock.now += 2 * MS
+            log.append({"k": k})
+    index = log_path / "segments" / f"{0:020d}.times"
+    os.truncate(index, 3 * 16)  # what a power loss can do to entries not yet on disk
+    assert verify_log(log_path)[0] != []
+    with EventLog(log_path) as log:
+        clock.now += 2 * MS
+        log.append({"k": 6})
+        got = times(log)
+    assert got == [T0 + 2 * MS, T0 + 4 * MS] + [T0 + 6 * MS] * 4 + [T0 + 14 * MS]
+    assert "time index holds 3 valid entries of the 6 committed" in caplog.text
+    assert verify_log(log_path)[0] == []
+
+
+KILLED_WRITER = """
+import sys
+from eventpipe import EventLog
+print("ready", flush=True)
+with EventLog(sys.argv[1], segment_max_bytes=600, sync="none", compression=None) as log:
+    i = 0
+    while True:
+        if i % 2:
+            log.append({"i": i, "pad": "x" * (i % 40)})
+        else:
+            log.append_many([{"i": i, "j": j} for j in range(i % 5 + 1)])
+        i += 1
+"""
+
+
+@pytest.mark.parametrize("rounds", [pytest.param(12, id="12"),
+                                    pytest.param(150, id="150", marks=pytest.mark.slow)])
+def test_times_stay_whole_and_rising_across_kill_9(
+        log_path: Path, children: Children, rounds: int) -> None:
+    rng = random.Random(rounds)
+    with EventLog(log_path):
+        pass
+    for _ in range(rounds):
+        proc = children.popen([sys.executable, "-c", KILLED_WRITER, str(log_path)])
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.0, 0.08))  # a random moment to kill at, not a synchronisation
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with EventLog(log_path, segment_max_bytes=600) as log:
+            log.append({"after": True})
+    with EventLog(log_path) as log:
+        got = times(log)
+        assert all(t is not None for t in got) and rises(got)
+        # offset_at agrees with the times read, at every distinct time.
+        for t in sorted(set(got), key=lambda v: v or 0)[:: max(1, len(set(got)) // 40)]:
+            assert log.offset_at(t) == got.index(t)
+    assert verify_log(log_path)[0] == []
+
+
+def test_relative_and_iso_times_parse(log_path: Path) -> None:
+    from eventpipe._timeindex import to_ns
+
+    when = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    assert to_ns(when) == int(when.timestamp()) * 10**9
+    assert to_ns(when + timedelta(microseconds=3)) == to_ns(when) + 3000
+    with pytest.raises(TypeError):
+        to_ns(True)
