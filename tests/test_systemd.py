@@ -352,13 +352,16 @@ def container(tmp_path: Path) -> Iterator[tuple[Container, Path]]:
         yield from _container(tmp_path)
 
 
-def _container(tmp_path: Path) -> Iterator[tuple[Container, Path]]:
+def _container(tmp_path: Path, binds: list[str] | None = None
+               ) -> Iterator[tuple[Container, Path]]:
+    """Boot the container; ``binds`` (nspawn options) replace nspawn_binds' checkout, venv and
+    handler binds (the folder bound at /var/lib/eventpipe is always there)."""
     if os.geteuid() != 0:
         skip_or_fail("booting a systemd-nspawn container needs root")
     for tool in ("systemd-nspawn", "nsenter", "systemctl"):
         if shutil.which(tool) is None:
             skip_or_fail(f"{tool} is not installed (run .ci/install-systemd.sh)")
-    if sys.prefix == sys.base_prefix:
+    if binds is None and sys.prefix == sys.base_prefix:
         skip_or_fail("the tests must run from a virtualenv (it is bound into the container)")
     data = tmp_path / "var-lib-eventpipe"
     handlers = tmp_path / "handlers"
@@ -369,7 +372,9 @@ def _container(tmp_path: Path) -> Iterator[tuple[Container, Path]]:
     (handlers / "counter_handler.py").chmod(0o644)
     console = tmp_path / "console.txt"
     cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "--volatile=yes", "-D", "/",
-           f"--machine=eventpipe-test-{os.getpid()}", *nspawn_binds(data, handlers),
+           f"--machine=eventpipe-test-{os.getpid()}",
+           *(nspawn_binds(data, handlers) if binds is None
+             else [*binds, f"--bind={data}:/var/lib/eventpipe"]),
            "-b", "--", "systemd.mask=systemd-firstboot.service"]
     with open(console, "wb") as out:
         nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
