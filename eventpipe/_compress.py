@@ -437,7 +437,8 @@ class Compressor:
 
     # ------------------------------------------------------------------------- passes
 
-    def run_pass(self, *, blocking: bool = True, compress: bool | None = None) -> int:
+    def run_pass(self, *, blocking: bool = True, compress: bool | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> int:
         """Checksum and compress sealed segments; returns how many were compressed.
 
         A blocking pass (an explicit request: ``EventLog.compress()``) re-checks every
@@ -445,6 +446,11 @@ class Compressor:
         first damaged one; a non-blocking one walks on from the watermark, and returns 0 at
         once if another process holds the compress lock. ``compress`` overrides the log's
         compression option for this pass.
+
+        ``on_progress(done, total)`` (a blocking pass only) is called in this thread with the
+        segments that need work (a checksum, or compression), once the lock is held and the
+        listing made, then after each of them. A blocking pass saves ``compress.state`` after
+        each segment it works on, so an interrupted one (KeyboardInterrupt) keeps its work.
         """
         compress = self._compress if compress is None else compress
         if blocking:
@@ -453,7 +459,8 @@ class Compressor:
         elif not self.pending(compress):
             return 0
         result = self._try_pass(blocking=blocking, compress=compress, full=blocking,
-                                pause=self._past_deadline)
+                                pause=self._past_deadline,
+                                on_progress=on_progress if blocking else None)
         if result is None:
             return 0
         if result.damaged:
@@ -461,7 +468,8 @@ class Compressor:
         return result.compressed
 
     def _try_pass(self, *, blocking: bool, compress: bool, full: bool,
-                  pause: Callable[[], bool]) -> _PassResult | None:
+                  pause: Callable[[], bool],
+                  on_progress: Callable[[int, int], None] | None = None) -> _PassResult | None:
         """One pass under the compress lock; None if another process (or thread) holds it."""
         # flock excludes other processes only: threads of this one (the background pass and an
         # explicit compress()) share the lock file's state, so they take a thread lock first.
@@ -471,7 +479,7 @@ class Compressor:
             if not self._lock.acquire(blocking=blocking):
                 return None
             try:
-                return self._pass(compress, full, pause)
+                return self._pass(compress, full, pause, on_progress)
             finally:
                 self._lock.release()
         finally:
@@ -528,7 +536,8 @@ class Compressor:
 
     # --------------------------------------------------------------------- one pass
 
-    def _pass(self, compress: bool, full: bool, pause: Callable[[], bool]) -> _PassResult:
+    def _pass(self, compress: bool, full: bool, pause: Callable[[], bool],
+              on_progress: Callable[[int, int], None] | None = None) -> _PassResult:
         limit = self._sealed_below()
         state = load_state(self._root)
         result = _PassResult()
@@ -537,7 +546,8 @@ class Compressor:
                 or state.first_base > state.summed_below):
             # No state yet (a log of an earlier version, or its first roll), or one the header
             # contradicts, or an explicit request: from a listing.
-            state = self._full_walk(limit, compress, state, pause, abandon, result)
+            state = self._full_walk(limit, compress, state, pause, abandon, result,
+                                    on_progress)
         else:
             self._walk(limit, compress, state, pause, abandon, result)
         return result
@@ -674,8 +684,16 @@ class Compressor:
 
     def _full_walk(self, limit: int, compress: bool, old: SealState | None,
                    pause: Callable[[], bool], abandon: Callable[[], bool],
-                   result: _PassResult) -> SealState:
-        """Every sealed segment from a listing: (re)builds the state."""
+                   result: _PassResult,
+                   on_progress: Callable[[int, int], None] | None = None) -> SealState:
+        """Every sealed segment from a listing: (re)builds the state.
+
+        The state is saved after each segment worked on (not after those found done: a walk
+        over sealed segments writes nothing), each time claiming only the segments walked so
+        far, so an interrupted walk (KeyboardInterrupt, a kill) keeps its work and the state's
+        byte count stays true to the disk. What a save costs (a small file, fsync, rename)
+        is little beside a segment's checksum or gzip copy.
+        """
         folder = self._folder
         clean_stale(folder)
         segs = [s for s in list_segments(folder) if s.base < limit]
@@ -684,8 +702,28 @@ class Compressor:
                           errors=old.errors if old is not None else [])
         end = limit
         plain_from: int | None = None  # the first segment left plain (and not damaged)
+
+        def needs_work(base: int) -> bool:
+            return not folder.exists(sum_name(base)) or (
+                compress and folder.exists(segment_name(base)))
+
+        total = sum(map(needs_work, (s.base for s in segs))) if on_progress else 0
+        if on_progress is not None:
+            on_progress(0, total)
+
+        def walked(upto: int, *, show: bool = True) -> None:
+            """The segments below ``upto`` are walked: save, and say so."""
+            state.summed_below = upto
+            state.gzipped_below = upto if plain_from is None else min(plain_from, upto)
+            self._save(state, result)
+            if on_progress is not None and show:
+                on_progress(min(result.done, total), total)
+
+        seg = None
+        bytes_below = 0  # state.sealed_bytes before ``seg``
         try:
             for seg, nxt in zip(segs, nexts, strict=True):
+                bytes_below = state.sealed_bytes
                 if pause():
                     end, result.complete = seg.base, False
                     break
@@ -699,13 +737,27 @@ class Compressor:
                     except _Damaged as d:
                         self._record_damage(seg.base, d, state, result, counted=False)
                         result.done += 1
+                        walked(nxt)
                         continue
                     has_plain = folder.exists(segment_name(seg.base))
+                    state.sealed_bytes += visible_size(folder, seg.base)
+                    if has_plain and plain_from is None:
+                        plain_from = seg.base
+                    walked(nxt)
+                    continue
                 state.sealed_bytes += visible_size(folder, seg.base)
                 if has_plain and plain_from is None:
                     plain_from = seg.base
         except _Stopped:
-            end, result.complete = seg.base, False
+            end, result.complete = seg.base if seg is not None else limit, False
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, an error): keep what the walk did up to the
+            # segment it was on, which is not counted in the state yet.
+            if seg is not None and state.summed_below < seg.base:
+                state.sealed_bytes = bytes_below
+                with contextlib.suppress(Exception):
+                    walked(seg.base, show=False)
+            raise
         state.summed_below = end
         state.gzipped_below = end if plain_from is None else min(plain_from, end)
         self._save(state, result)

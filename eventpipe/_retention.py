@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from ._checksum import TMP_SUFFIX, read_sum, sum_name
@@ -163,6 +163,7 @@ def prune(
     force: bool = False,
     dry_run: bool = False,
     blocking: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PruneReport:
     """Remove old sealed segments; see the module docstring. Returns what was done.
 
@@ -172,6 +173,8 @@ def prune(
     ``force``: also remove what known consumers have not processed.
     ``blocking`` False (the automatic retention after a compressor pass): return at once if
     another process holds the compress lock, and go by the compressor's state, not a listing.
+    ``on_progress(done, total)``: called in this thread with the segments to remove, once
+    chosen, then after each removal (not for a dry run, which removes nothing).
     """
     criteria = _Criteria(max_age, max_bytes, before)
     if dry_run:
@@ -184,7 +187,8 @@ def prune(
         first = state.first_base if state is not None else log.committed_header().segment_base
         return PruneReport([], 0, first, ["another process is compressing; try later"])
     try:
-        report = _prune_locked(log, force, criteria, incremental=not blocking)
+        report = _prune_locked(log, force, criteria, incremental=not blocking,
+                               on_progress=on_progress)
     finally:
         lock.release()
     if report.removed:
@@ -192,8 +196,8 @@ def prune(
     return report
 
 
-def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
-                  incremental: bool) -> PruneReport:
+def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *, incremental: bool,
+                  on_progress: Callable[[int, int], None] | None = None) -> PruneReport:
     header = log.committed_header()
     active = header.segment_base
     state = load_state(log.folder)
@@ -210,11 +214,16 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *,
     if not chosen:
         return report
     folder = log.segments
-    for seg in chosen:  # oldest first: a crash half-way leaves the state's first one gone
+    if on_progress is not None:
+        on_progress(0, len(chosen))
+    # Oldest first: a crash half-way leaves the state's first one gone.
+    for i, seg in enumerate(chosen, 1):
         for name in (segment_name(seg.base), segment_name(seg.base, compressed=True),
                      sum_name(seg.base), sum_name(seg.base) + TMP_SUFFIX,
                      segment_name(seg.base, compressed=True) + TMP_SUFFIX):
             folder.unlink(name)
+        if on_progress is not None:
+            on_progress(i, len(chosen))
     folder.fsync()
     _log.info("%s: retention removed %d segment(s) (offsets %d..%d, %d bytes); the log now "
               "starts at offset %d", log.path, len(chosen), chosen[0].base,

@@ -510,3 +510,74 @@ def test_a_roll_costs_the_compressor_the_same_whatever_the_segment_count(
     assert len(sums_read) <= 5 * 20, f"{len(sums_read)} .sum files opened in 20 rolls"
     first = int(segment_names(log_path)[0][:20])
     assert first >= 15, "retention by bytes removed about one segment per roll"
+
+
+# ------------------------------------------------ issue 11: explicit compress, day to day
+
+
+def _plain_log(log_path: Path, segments: int, *, event_bytes: int = 100,
+               per_segment: int = 1) -> None:
+    """A log of ``segments`` sealed segments, checksummed and left plain (compression off)."""
+    with EventLog(log_path, segment_max_events=per_segment, sync="none",
+                  compression=None) as log:
+        for i in range(segments * per_segment + 1):  # the last one opens the active one
+            # Random text: gzip works for it (repeated text would compress in no time).
+            log.append({"i": i, "pad": os.urandom(event_bytes // 2).hex()})
+        assert log._compression().finish(120)
+    assert unfinished(log_path) == list(range(0, segments * per_segment, per_segment))
+
+
+def test_compress_on_a_terminal_shows_progress_and_elsewhere_none(log_path: Path) -> None:
+    from ._terminal import stderr_on_a_terminal
+
+    _plain_log(log_path, 30)
+    rc, out, shown = stderr_on_a_terminal(
+        [sys.executable, "-m", "eventpipe", "compress", str(log_path)], env())
+    assert rc == 0, shown
+    assert out == b"compressed 30 segments\n"
+    assert b"\r  0/30 segments compressed" in shown, shown
+    assert b"30/30 segments compressed, " in shown and b"/s" in shown, shown
+    assert unfinished(log_path) == []
+
+    log_path2 = log_path.with_name("piped")
+    _plain_log(log_path2, 5)
+    piped = cli("compress", log_path2)
+    assert piped.returncode == 0 and piped.stdout == b"compressed 5 segments\n"
+    assert b"segments" not in piped.stderr, piped.stderr
+
+
+def test_an_interrupted_compress_keeps_its_work_and_a_true_state(log_path: Path) -> None:
+    """SIGINT part-way through ``eventpipe compress``: compress.state has been saved after
+    each segment, so it says which segments are gzip, its byte count matches the disk, and
+    the next compress does only the rest."""
+    total = 40
+    _plain_log(log_path, total, event_bytes=20_000, per_segment=40)  # 40 x ~800 KB
+    # compression off for the command's own log options: its close() then only checksums
+    # (an explicit compress compresses whatever the option).
+    proc = subprocess.Popen([sys.executable, "-m", "eventpipe", "compress", str(log_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env(compression="none", compression_level="9"))
+    try:
+        wait_until(lambda: sum(n.endswith(".jsonl.gz") for n in segment_names(log_path)) >= 3,
+                   timeout=60)
+        proc.send_signal(2)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    doc = state(log_path)
+    names = set(segment_names(log_path))
+    gz = sorted(int(n[:20]) for n in names if n.endswith(".jsonl.gz"))
+    assert 3 <= len(gz) < total, names
+    assert gz == list(range(0, len(gz) * 40, 40))  # oldest first, no gap
+    assert doc["compressed_below"] == len(gz) * 40, doc  # the watermark says so
+    below = [b for b in range(0, total * 40, 40) if b < doc["checksummed_below"]]
+    on_disk = sum((log_path / "segments" / (f"{b:020d}.jsonl.gz" if b in gz
+                                            else f"{b:020d}.jsonl")).stat().st_size
+                  for b in below)
+    assert doc["sealed_bytes"] == on_disk, (doc, on_disk)
+    again = cli("compress", log_path)
+    assert again.stdout == f"compressed {total - len(gz)} segments\n".encode(), again.stderr
+    assert unfinished(log_path) == []

@@ -132,3 +132,27 @@ def test_an_explicit_prune_recounts_the_state(log_path: Path) -> None:
         report = log.prune(before=15)
         assert report.removed == list(range(15))
         assert_state_matches_the_disk(log_path)
+
+
+def test_prune_on_a_terminal_shows_progress_but_not_beside_json(log_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ._terminal import stderr_on_a_terminal
+    from .test_compressor import env
+
+    with EventLog(log_path, segment_max_events=1, sync="none") as log:
+        roll(log, 40, 0)
+    cmd = [sys.executable, "-m", "eventpipe", "prune", str(log_path)]
+    rc, out, shown = stderr_on_a_terminal([*cmd, "--before", "20"], env())
+    assert rc == 0, shown
+    assert out.startswith(b"removed 20 segments"), out
+    assert b"\r  0/20 segments removed" in shown and b"20/20 segments removed" in shown, shown
+    rc, out, shown = stderr_on_a_terminal([*cmd, "--before", "30", "--json"], env())
+    assert rc == 0 and json.loads(out)["removed"] == list(range(20, 30)), out
+    assert b"segments" not in shown, shown
+    piped = subprocess.run([*cmd, "--before", "35"], capture_output=True, env=env(),
+                           timeout=120, check=False)
+    assert piped.returncode == 0 and piped.stdout.startswith(b"removed 5 segments")
+    assert b"segments" not in piped.stderr, piped.stderr
+    assert_state_matches_the_disk(log_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ..errors import ConfigError
 from ._common import EXIT_FAILED, EXIT_OK, err, progress_printer, write_json
@@ -64,8 +65,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .._verify import verify_log
 
-    progress = progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
-    problems, summary = verify_log(args.path, progress=progress)
+    problems, summary = verify_log(args.path, progress=_progress(args, "segments"))
     warnings = summary.pop("warnings", [])
     if args.json:
         doc = {"ok": not problems, "problems": [p._asdict() for p in problems],
@@ -85,14 +85,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+def _progress(args: argparse.Namespace, unit: str) -> Callable[[int, int], None] | None:
+    """The progress line, on a terminal only, and never beside a JSON report."""
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    return progress_printer(sys.stderr, unit)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .._log import EventLog
+    from .._retention import prune
 
     if args.max_age is None and args.max_bytes is None and args.before is None:
         raise ConfigError("prune needs --max-age, --max-bytes or --before", option="prune")
     with EventLog(args.path, create=False) as log:
-        report = log.prune(max_age=args.max_age, max_bytes=args.max_bytes,
-                           before=args.before, force=args.force, dry_run=args.dry_run)
+        # EventLog.prune with a progress line: the retention call it makes.
+        report = prune(log, max_age=args.max_age, max_bytes=args.max_bytes,
+                       before=args.before, force=args.force, dry_run=args.dry_run,
+                       on_progress=_progress(args, "segments removed"))
     if args.json:
         write_json(report._asdict())
     else:
@@ -108,6 +118,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
     with EventLog(args.path, create=False) as log:
-        done = log.compress()
+        # EventLog.compress with a progress line: the pass it runs.
+        done = log._compression().run_pass(blocking=True, compress=True,
+                                           on_progress=_progress(args, "segments compressed"))
     print(f"compressed {done} segments")
     return EXIT_OK

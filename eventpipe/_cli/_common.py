@@ -106,15 +106,43 @@ def counter(stream: TextIO, what: str) -> Callable[[int], None]:
     return show
 
 
-def progress_printer(stream: TextIO) -> Callable[[int, int], None]:
-    """A "done/total segments" line, redrawn at most five times a second and at the end."""
+def progress_printer(stream: TextIO, unit: str = "segments", *,
+                     end_line: bool = True) -> Callable[[int, int], None]:
+    """The one progress line of long commands on a terminal (verify, compress, prune, consume
+    --catch-up): "done/total <unit>, the rate, the time left at that rate", redrawn at most
+    five times a second and when ``done`` reaches ``total`` (then ended with a newline unless
+    ``end_line`` is False: a caller whose total moves ends the line itself). The rate counts
+    from the first call, so a caller starting part-way (a consumer's checkpoint) is measured
+    from there."""
+    first: list[tuple[int, float]] = []
     last = [0.0]
 
     def show(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= 0.2 or done == total:
-            last[0] = now
-            end = "\n" if done == total else ""
-            print(f"\r  {done}/{total} segments", end=end, file=stream, flush=True)
+        if not first:
+            first.append((done, now))
+        finished = done >= total
+        if now - last[0] < 0.2 and not finished:
+            return
+        last[0] = now
+        text = f"\r  {done:,}/{total:,} {unit}"
+        elapsed = now - first[0][1]
+        rate = (done - first[0][0]) / elapsed if elapsed > 0 else 0.0
+        if rate > 0:
+            text += f", {rate:,.0f}/s" if rate >= 10 else f", {rate:.1f}/s"
+            if not finished:
+                text += f", {_duration((total - done) / rate)} left"
+        end = "\n" if finished and end_line else ""
+        print(text + "   ", end=end, file=stream, flush=True)
 
     return show
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a person: "42 s", "3 min 05 s", "2 h 07 min"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

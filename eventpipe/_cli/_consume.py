@@ -10,14 +10,13 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import orjson
 
 from ..errors import ConfigError
-from ._common import EXIT_INTERRUPTED, EXIT_OK, err, write_json
+from ._common import EXIT_INTERRUPTED, EXIT_OK, err, progress_printer, write_json
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -218,15 +217,12 @@ def _catch_up_progress(consumer: Any, stream: TextIO) -> Iterator[None]:
         yield
         return
     done = threading.Event()
-    start, started = consumer.offset, time.monotonic()
+    show = progress_printer(stream, "events", end_line=False)
 
     def draw() -> None:
+        show(consumer.offset, consumer.log.head)  # the rate counts from here
         while not done.wait(0.5):
-            offset, head = consumer.offset, consumer.log.head
-            rate = (offset - start) / max(time.monotonic() - started, 1e-9)
-            left = f", {(head - offset) / rate:,.0f} s left" if rate > 0 else ""
-            print(f"\r  {offset:,}/{head:,} events, {rate:,.0f}/s{left}   ", end="",
-                  file=stream, flush=True)
+            show(consumer.offset, consumer.log.head)
 
     thread = threading.Thread(target=draw, name="eventpipe-progress", daemon=True)
     thread.start()
