@@ -13,8 +13,10 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
+from ._timeindex import TIME_FORMS, parse_time
 from .errors import ConfigError
 
 __all__ = ["CONSUMER_OPTIONS", "ENV_PREFIX", "LOG_OPTIONS", "LogConfig", "Option", "resolve"]
@@ -160,17 +162,23 @@ LOG_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _parse_start(text: str) -> str | int:
+def _parse_start(text: str) -> str | int | datetime:
     t = text.strip().lower()
-    return t if t in ("earliest", "latest") else _parse_int(t)
+    if t in ("earliest", "latest"):
+        return t
+    try:
+        return _parse_int(t)
+    except ValueError:
+        return parse_time(text)
 
 
 def _start(value: Any) -> str | None:
     if isinstance(value, str) and value in ("earliest", "latest"):
         return None
-    if _int_at_least(0)(value) is None:
+    if isinstance(value, datetime) or _int_at_least(0)(value) is None:
         return None
-    return f"must be \"earliest\", \"latest\" or an offset >= 0, got {value!r}"
+    return (f"must be \"earliest\", \"latest\", an offset >= 0 or a time ({TIME_FORMS}), "
+            f"got {value!r}")
 
 
 def _optional_path(value: Any) -> str | None:
@@ -201,7 +209,11 @@ CONSUMER_OPTIONS: tuple[Option, ...] = (
            "If another process holds the name, wait and take over when it exits."),
     Option("start", "earliest", _parse_start, _start,
            "Where a consumer without a checkpoint begins: \"earliest\" (the first stored "
-           "offset), \"latest\" (the head when it takes the name) or an offset."),
+           "offset), \"latest\" (the head when it takes the name), an offset, or a time "
+           "(a datetime; in text ISO 8601 or -15m): the first event appended at or after it."),
+    Option("pass_time", False, _parse_bool, _is(bool, "True or False"),
+           "Call the handler as handler(state, event, offset, time), time being the event's "
+           "append time (ns since the epoch, UTC; None if unknown)."),
 )
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Generator
+from datetime import datetime
 from itertools import count
 from types import FrameType
 from typing import Any, NamedTuple, NoReturn, Self
@@ -43,6 +44,7 @@ from ._fsutil import make_dirs
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
 from ._namelock import NameLock
+from ._record import Record
 from ._registry import register_external
 from ._segment import LineChunk
 from ._systemd import SystemdNotifier
@@ -59,9 +61,10 @@ from .errors import (
     StateNotStorableError,
 )
 
-__all__ = ["CONSUMER_OPTIONS", "Consumer", "Handler", "checkpoint_at"]
+__all__ = ["CONSUMER_OPTIONS", "Consumer", "Handler", "TimedHandler", "checkpoint_at"]
 
 Handler = Callable[[Any, Any, int], Any]
+TimedHandler = Callable[[Any, Any, int, "int | None"], Any]
 Hook = Callable[["Consumer"], None]
 
 _loads = orjson.loads
@@ -106,9 +109,12 @@ _Steps = Generator[_Request, bool | None, Any]
 class Consumer:
     """Follows a log from its own persisted position, folding events into a state.
 
-    ``handler(state, event, offset)`` returns the new state, which must be JSON-serialisable.
-    ``initial_state`` is the state before the first event. ``options`` are those of
-    :data:`CONSUMER_OPTIONS`, layered over ``EVENTPIPE_*`` environment variables.
+    ``handler(state, event, offset)`` returns the new state, which must be JSON-serialisable;
+    with ``pass_time=True`` it is called as ``handler(state, event, offset, time)``, ``time``
+    being the event's append time (ns since the epoch, UTC; None for events written before
+    eventpipe kept times). ``initial_state`` is the state before the first event.
+    ``options`` are those of :data:`CONSUMER_OPTIONS`, layered over ``EVENTPIPE_*`` environment
+    variables.
     ``on_caught_up`` runs once the first catch-up is done, ``on_idle`` each time everything
     known has been handled.
 
@@ -121,7 +127,7 @@ class Consumer:
         self,
         log_or_path: EventLog | str | os.PathLike[str],
         name: str,
-        handler: Handler,
+        handler: Handler | TimedHandler,
         initial_state: Any = None,
         *,
         on_caught_up: Hook | None = None,
@@ -149,11 +155,12 @@ class Consumer:
                 self.log.close()
             raise
 
-    def _setup(self, name: str, handler: Handler, initial_state: Any,
+    def _setup(self, name: str, handler: Handler | TimedHandler, initial_state: Any,
                on_caught_up: Hook | None, on_idle: Hook | None) -> None:
         opts = self.options
         self.name = name
-        self.handler = handler
+        self.handler: Callable[..., Any] = handler
+        self._pass_time: bool = opts["pass_time"]
         self.on_caught_up = on_caught_up
         self.on_idle = on_idle
         try:
@@ -377,7 +384,11 @@ class Consumer:
         none (a restart finds the same start)."""
         start = self.options["start"]
         first = self.log.first_offset
-        offset = first if start == "earliest" else self.log.head if start == "latest" else start
+        if isinstance(start, datetime):
+            offset = max(first, self.log.offset_at(start))
+        else:
+            offset = (first if start == "earliest" else self.log.head if start == "latest"
+                      else start)
         if offset == 0 and start != "latest":
             return None
         if start == "earliest":
@@ -494,7 +505,7 @@ class Consumer:
             if cp is not None and stop > start:
                 state = _loads(orjson.dumps(state))  # cp.state may be changed in place
             for record in self.log.read(start, stop):
-                state = self.handler(state, record.event, record.offset)
+                state = self._call(state, record)
             try:
                 encode_state(state)
             except ValueError as why:
@@ -525,10 +536,29 @@ class Consumer:
 
     # ---------------------------------------------------------------------------- processing
 
+    def _call(self, state: Any, record: Record) -> Any:
+        """The handler on one record, outside the hot loop (replays, checks)."""
+        if self._pass_time:
+            return self.handler(state, record.event, record.offset, record.time)
+        return self.handler(state, record.event, record.offset)
+
     @property
     def lag(self) -> int:
         """Events committed to the log and not yet handled by this consumer."""
         return max(0, self.log.head - self.offset)
+
+    @property
+    def lag_seconds(self) -> float | None:
+        """How long ago the next unhandled event was appended (0.0 when none is waiting);
+        None when its time is unknown (written before eventpipe kept times) or it is no
+        longer stored."""
+        if self.log.head <= self.offset:
+            return 0.0
+        try:
+            appended = self.log.time_of(self.offset)
+        except EventPipeError:
+            return None
+        return None if appended is None else max(0.0, (time.time_ns() - appended) / 1e9)
 
     def _process(self, stop: int | None, yields: bool) -> _Steps:
         """Handle events from ``offset`` up to ``stop`` (the head now if None).
@@ -587,10 +617,18 @@ class Consumer:
                 # event than the stop check (so a handler or signal can stop precisely).
                 # Decoding each event just before its call keeps one decoded event alive at a
                 # time (a list of a sub-batch's events costs ~8% of a fast catch-up).
-                for o, event in zip(count(first), map(_loads, sub), strict=False):
-                    state = handler(state, event, o)
-                    if stop_flag[0]:
-                        break
+                if self._pass_time:
+                    times = self.log.time_index.times(chunk.segment_base, first, len(sub))
+                    for o, event, t in zip(count(first), map(_loads, sub), times,
+                                           strict=False):
+                        state = handler(state, event, o, t)
+                        if stop_flag[0]:
+                            break
+                else:
+                    for o, event in zip(count(first), map(_loads, sub), strict=False):
+                        state = handler(state, event, o)
+                        if stop_flag[0]:
+                            break
                 done = o - first + 1
             except Exception as exc:
                 # Where did it come from? Decoding line `o - first + 1` (the handler returned
@@ -677,7 +715,8 @@ class Consumer:
             except HandlerError:
                 continue  # the rebuild failed (a downstream outage?): counts as a failed try
             try:
-                state = self.handler(before, event, offset)
+                state = (self.handler(before, event, offset, self.log.time_of(offset))
+                         if self._pass_time else self.handler(before, event, offset))
             except Exception as again:
                 exc = again
                 continue
@@ -712,12 +751,12 @@ class Consumer:
         cp = load_checkpoint(self._folder, self.checkpoint_file, self.name)
         state, start = (cp.state, cp.offset) if cp is not None else (
             _loads(self._initial_json), 0)
-        handler = self.handler
+        call = self._call
         sd = self.systemd
         clock = time.monotonic
         for record in self.log.read(start, offset):
             try:
-                state = handler(state, record.event, record.offset)
+                state = call(state, record)
             except Exception as exc:
                 raise HandlerError(
                     f"handler of consumer {self.name!r} raised {type(exc).__name__}: {exc} "

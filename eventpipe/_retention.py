@@ -33,6 +33,7 @@ from ._compress import SealState, load_state, save_state, visible_size
 from ._layout import COMPRESS_LOCK, FlockFile
 from ._registry import consumer_positions, describe
 from ._segment import list_segments, segment_name
+from ._timeindex import times_name
 from .errors import CorruptLogError
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *, incrementa
     # Oldest first: a crash half-way leaves the state's first one gone.
     for i, seg in enumerate(chosen, 1):
         for name in (segment_name(seg.base), segment_name(seg.base, compressed=True),
-                     sum_name(seg.base), sum_name(seg.base) + TMP_SUFFIX,
+                     sum_name(seg.base), sum_name(seg.base) + TMP_SUFFIX, times_name(seg.base),
                      segment_name(seg.base, compressed=True) + TMP_SUFFIX):
             folder.unlink(name)
         if on_progress is not None:

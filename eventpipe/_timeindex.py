@@ -31,11 +31,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import re
 import struct
 import threading
 import zlib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import NamedTuple
 
@@ -46,10 +47,12 @@ __all__ = [
     "ENTRY_SIZE",
     "GRAIN_NS",
     "TIMES_SUFFIX",
+    "TIME_FORMS",
     "Entries",
     "TimeIndex",
     "pack_entry",
     "parse_entries",
+    "parse_time",
     "parse_times_name",
     "read_entries",
     "times_name",
@@ -318,3 +321,34 @@ class TimeIndex:
                 if found is not None:
                     return found
         return head
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE = re.compile(r"-?(\d+(?:\.\d+)?)\s*([smhdw])(?:\s+ago)?")
+TIME_FORMS = ("an ISO 8601 time (2026-12-01T10:00, 2026-12-01 10:00:00+01:00, ...Z; "
+              "without a zone: local time), a time ago (-30s, 15m, -2h, 1d ago, -1w; "
+              "--since=-15m on a command line), @<seconds since the epoch>, or now")
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """The aware datetime ``text`` names: see :data:`TIME_FORMS`. ValueError otherwise."""
+    t = text.strip()
+    current = now or datetime.now(UTC)
+    if t.lower() == "now":
+        return current
+    m = _RELATIVE.fullmatch(t)
+    if m:
+        return current - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    if t.startswith("@"):
+        try:
+            return datetime.fromtimestamp(float(t[1:]), tz=UTC)
+        except (ValueError, OverflowError):
+            pass
+    else:
+        try:
+            when = datetime.fromisoformat(t)
+        except ValueError:
+            pass
+        else:
+            return when if when.tzinfo is not None else when.astimezone()
+    raise ValueError(f"not a time: {text!r}; give {TIME_FORMS}")

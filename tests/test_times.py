@@ -7,6 +7,7 @@ the process under test: nothing of the file system or the lock is faked.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
@@ -24,10 +25,12 @@ import pytest
 import eventpipe._appender as appender
 from eventpipe import EventLog, verify_log
 
+from ._main import Cli
 from .conftest import ROOT, Children
 
 MS = 1_000_000
 T0 = 1_800_000_000 * 1_000_000_000  # 2027-01-15, well clear of "now"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class FakeClock:
@@ -315,3 +318,93 @@ def test_relative_and_iso_times_parse(log_path: Path) -> None:
     assert to_ns(when + timedelta(microseconds=3)) == to_ns(when) + 3000
     with pytest.raises(TypeError):
         to_ns(True)
+
+
+def iso(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns // 10**9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") \
+        + f".{time_ns // 1000 % 10**6:06d}+00:00"
+
+
+def stamped_log(path: Path, clock: FakeClock, *, compression: str | None,
+                start: int = T0) -> list[int]:
+    """30 events, one every 10 ms of the fake clock from ``start``, over several segments;
+    their times."""
+    stamps = []
+    with EventLog(path, segment_max_events=8, compression=compression) as log:
+        for k in range(30):
+            clock.now = start + k * 10 * MS
+            stamps.append(clock.now)
+            log.append({"k": k})
+        if compression:
+            log.compress()
+    return stamps
+
+
+@pytest.mark.parametrize("compression", ["gzip", None])
+def test_cli_read_since_and_until(log_path: Path, clock: FakeClock, cli: Cli,
+                                  compression: str | None) -> None:
+    stamps = stamped_log(log_path, clock, compression=compression)
+    assert any(n.endswith(".gz") for n in os.listdir(log_path / "segments")) == bool(compression)
+    r = cli("read", log_path, "--since", iso(stamps[5]), "--until", iso(stamps[12]))
+    assert (r.code, [json.loads(x)["k"] for x in r.out.splitlines()]) == (0, list(range(5, 12)))
+    r = cli("read", log_path, "--since", iso(stamps[5] + 1000), "--from", "3", "--to", "9")
+    assert (r.code, [json.loads(x)["k"] for x in r.out.splitlines()]) == (0, [6, 7, 8])
+    r = cli("read", log_path, "--since", f"@{stamps[27] / 1e9:.6f}", "--with-times")
+    got = [json.loads(x) for x in r.out.splitlines()]
+    assert r.code == 0 and [g["offset"] for g in got] == [27, 28, 29]
+    assert [g["time"] for g in got] == [iso(t).replace("+00:00", "Z") for t in stamps[27:]]
+    assert [g["event"] for g in got] == [{"k": 27}, {"k": 28}, {"k": 29}]
+    r = cli("read", log_path, "--until", iso(stamps[0]))
+    assert (r.code, r.out) == (0, "")
+    local = datetime.fromtimestamp(stamps[20] / 1e9).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    r = cli("read", log_path, "--since", local)  # no zone: local time
+    assert (r.code, len(r.out.splitlines())) == (0, 10)
+    r = cli("read", log_path, "--since", "yesterday-ish")
+    assert r.code == 2 and "--since" in r.err and "ISO 8601" in r.err
+    r = cli("read", log_path, "--until", "now", "--follow")
+    assert r.code == 2 and "--follow" in r.err
+
+
+def test_relative_times_count_back_from_now(log_path: Path, cli: Cli) -> None:
+    with EventLog(log_path) as log:
+        log.append({"old": True})
+    for ago in ("--since=-15m", "--since=15m", "--since=1d ago"):
+        r = cli("read", log_path, ago)
+        assert (r.code, r.out) == (0, '{"old":true}\n'), ago
+    r = cli("read", log_path, "--until=-15m")
+    assert (r.code, r.out) == (0, "")
+    r = cli("read", log_path, "--since=now")
+    assert (r.code, r.out) == (0, "")
+
+
+def test_a_consumer_gets_times_lag_seconds_and_can_start_at_a_time(
+        log_path: Path, clock: FakeClock) -> None:
+    from eventpipe import Consumer
+
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    stamps = stamped_log(log_path, clock, compression="gzip", start=an_hour_ago)
+    seen: dict[int, int | None] = {}  # (a retry replays events 4..6 from the checkpoint)
+    failed: set[int] = set()
+
+    def handler(state: int, event: dict[str, int], offset: int, t: int | None) -> int:
+        if offset == 7 and offset not in failed:  # fails once: the retry gets the time too
+            failed.add(offset)
+            raise RuntimeError("once")
+        seen[offset] = t
+        return state + 1
+
+    start = EPOCH + timedelta(microseconds=stamps[4] // 1000)  # at or just before event 4
+    with Consumer(log_path, "timed", handler, 0, pass_time=True, start=start,
+                  on_error="retry", retry_backoff=0.001) as c:
+        assert c.lag == 26 and c.lag_seconds is not None
+        assert c.lag_seconds == pytest.approx(3600, abs=60)
+        assert c.catch_up() == 26
+        assert c.lag_seconds == 0.0
+    assert seen == {k: stamps[k] for k in range(4, 30)} and failed == {7}
+    # A time from the environment, as a unit's env file gives it: ISO 8601 text.
+    os.environ["EVENTPIPE_START"] = iso(stamps[25] - 1)
+    try:
+        with Consumer(log_path, "from-env", lambda s, e, o: [*s, o], []) as c:
+            assert c.catch_up() == [25, 26, 27, 28, 29]
+    finally:
+        del os.environ["EVENTPIPE_START"]

@@ -10,11 +10,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import BinaryIO
 
 import orjson
 
-from ..errors import CorruptLogError
+from ..errors import ConfigError, CorruptLogError
 from ._common import EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, counter, err, stdout, write_json
 
 _APPEND_BATCH = 1000
@@ -35,9 +36,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="first offset (negative: that many before the head; default: the "
                         "first stored event)")
     p.add_argument("--to", type=int, default=None, help="stop before this offset")
+    p.add_argument("--since", metavar="TIME",
+                   help="first event appended at or after TIME: ISO 8601 (2026-12-01T10:00, "
+                        "local time without a zone), -15m / -2h / -1d ago, @EPOCH, now")
+    p.add_argument("--until", metavar="TIME",
+                   help="stop before the first event appended at or after TIME")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--with-offsets", action="store_true",
                    help='print {"offset": N, "event": ...} objects')
+    p.add_argument("--with-times", action="store_true",
+                   help='print {"offset": N, "time": "2026-12-01T10:00:00.123456Z", "event": '
+                        '...} objects (time null if unknown)')
     p.add_argument("--poll-interval", type=float, default=1.0)
     p.add_argument("--no-notifications", action="store_true",
                    help="poll only (network filesystems)")
@@ -227,15 +236,37 @@ def _reader_gone(fd: int) -> bool:
     return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
+def _time_arg(flag: str, text: str | None) -> datetime | None:
+    from .._timeindex import parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}", option=flag.lstrip("-")) from None
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
+    since, until = _time_arg("--since", args.since), _time_arg("--until", args.until)
+    if until is not None and args.follow:
+        raise ConfigError("--until ends a read: it cannot be given with --follow",
+                          option="until")
     out = stdout()
     with EventLog(args.path, create=False) as log:
         if args.from_ is None:
             start = log.first_offset  # "from the start" of a pruned log is its first event
         else:
             start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
+        if since is not None:
+            start = max(start, log.offset_at(since))
+        if until is not None:
+            end = log.offset_at(until)
+            args.to = end if args.to is None else min(args.to, end)
+            if args.to <= start:
+                return EXIT_OK
         if args.follow:
             out_fd = sys.stdout.fileno()
 
@@ -250,13 +281,18 @@ def cmd_read(args: argparse.Namespace) -> int:
                 args.to, while_waiting=reader_still_there)
         else:
             chunks = log.chunks(start, args.to)
-        source = ((c.first_offset, c.lines) for c in chunks)
-        for first, stored in source:
+        source = ((c.segment_base, c.first_offset, c.lines) for c in chunks)
+        for base, first, stored in source:
             bad = _first_invalid(stored)
             # Print every good event before a bad one, then fail: damaged bytes (say in the
             # active segment, which has no checksum yet) are never printed as an event.
             lines = stored if bad is None else stored[:bad]
-            if args.with_offsets:
+            if args.with_times:
+                times = log.time_index.times(base, first, len(lines))
+                data = b"".join(b'{"offset":%d,"time":%s,"event":%s}\n'
+                                % (first + i, _iso(t), line)
+                                for i, (line, t) in enumerate(zip(lines, times, strict=True)))
+            elif args.with_offsets:
                 # Byte-level framing: no decode and re-encode of stored events.
                 data = b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
                                 for i, line in enumerate(lines))
@@ -272,6 +308,14 @@ def cmd_read(args: argparse.Namespace) -> int:
                 out.flush()
     out.flush()
     return EXIT_OK
+
+
+def _iso(time_ns: int | None) -> bytes:
+    """A JSON string of the UTC time ``time_ns`` (to the microsecond), or null."""
+    if time_ns is None:
+        return b"null"
+    when = datetime.fromtimestamp(time_ns // 10**9, tz=UTC)
+    return b'"%s.%06dZ"' % (when.strftime("%Y-%m-%dT%H:%M:%S").encode(), time_ns // 1000 % 10**6)
 
 
 def _first_invalid(lines: list[bytes]) -> int | None:
