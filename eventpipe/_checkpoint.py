@@ -18,6 +18,12 @@ Format version 2 ends each file with a CRC-32 of everything before it, so an edi
 checkpoint (an offset changed by hand would apply events twice) is refused rather than trusted;
 version 1 files (no checksum) are still read. A state is stored only if it reads back equal to
 itself (see :func:`encode_state`): JSON types with string keys, 64-bit integers, finite floats.
+
+A consumer with a dead-letter log names it in every checkpoint (``dead_letter``: its absolute
+path and log id), so ``eventpipe status`` and ``consumers`` can count the consumer's entries
+there. The field was added within version 2: a file without it (written before) reads as
+``None`` (not known), and earlier eventpipe versions, which ignore fields they do not know,
+read files that have it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -46,6 +52,7 @@ from .errors import (
 
 __all__ = [
     "Checkpoint",
+    "DeadLetterLog",
     "checkpoint_file",
     "encode_state",
     "load_checkpoint",
@@ -169,6 +176,14 @@ def remove_temp_files(folder: Folder, filename: str) -> int:
     return folder.remove_stale_temps(filename) + folder.remove_stale_temps(filename + ".prev")
 
 
+class DeadLetterLog(NamedTuple):
+    """The dead-letter log a consumer puts failed events in: its absolute path, and its log id
+    (so that another log found at the path later is not taken for it)."""
+
+    path: str
+    log_id: str
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a consumer persisted: its state and where it is in which log."""
@@ -186,6 +201,9 @@ class Checkpoint:
     # reading from there, so it is never written twice and the event is not handled again.
     dead_letter_from: int | None = None
     version: int = FORMAT_VERSION  # of the file it was read from
+    # The consumer's dead-letter log, if it has one (None also for files written before this
+    # field was: not known).
+    dead_letter: DeadLetterLog | None = None
 
     def to_bytes(self) -> bytes:
         """The file's content. Raises ValueError (saying why) for a state that cannot be
@@ -201,6 +219,9 @@ class Checkpoint:
             "fingerprint": self.fingerprint,
             "dead_letter_from": self.dead_letter_from,
             "updated_at": self.updated_at,
+            **({} if self.dead_letter is None else
+               {"dead_letter": {"path": self.dead_letter.path,
+                                "log_id": self.dead_letter.log_id}}),
         })
         body = b"%s,\"state\":%s" % (head[:-1], encode_state(self.state))
         return b"%s%s%d}" % (body, _CHECKSUM_KEY, zlib.crc32(body + b"}"))
@@ -296,6 +317,7 @@ def _parse(raw: bytes) -> Checkpoint:
         dead_letter_from=(_typed(doc, "dead_letter_from", int, optional=True)
                           if version >= 2 else None),
         version=version,
+        dead_letter=_dead_letter(doc.get("dead_letter")),
     )
     if cp.offset < 0 or (cp.offset > 0 and None in (cp.segment, cp.position, cp.fingerprint)):
         raise ValueError("offset and position fields are inconsistent")
@@ -304,6 +326,15 @@ def _parse(raw: bytes) -> Checkpoint:
             cp.dead_letter_from is not None and cp.dead_letter_from < 0):
         raise ValueError("a position field is negative")
     return cp
+
+
+def _dead_letter(value: Any) -> DeadLetterLog | None:
+    """The ``dead_letter`` field: absent or null (not known), or {"path", "log_id"}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("field 'dead_letter' has the wrong type")
+    return DeadLetterLog(_typed(value, "path", str), _typed(value, "log_id", str))
 
 
 def _typed(doc: dict[str, Any], key: str, kind: Any, *, optional: bool = False) -> Any:

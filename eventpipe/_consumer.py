@@ -471,7 +471,8 @@ class Consumer:
             save_checkpoint(
                 self._folder, self.checkpoint_file,
                 Checkpoint(self.name, self.log.log_id, self.offset, self.state, seg, pos, crc,
-                           stamp, dead_letter_from),
+                           stamp, dead_letter_from, dead_letter=None if self._dead_letters
+                           is None else self._dead_letters.where),
                 self.log.config.file_mode,
             )
         except StateNotStorableError as exc:

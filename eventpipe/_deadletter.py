@@ -5,6 +5,9 @@ names the consumer, the consumed log (path and log id) and the event's offset, a
 event and the error; it always fits the dead-letter log's ``max_event_bytes``. Exactly-once is
 the consumer's part (a marked checkpoint before each append, see ``Consumer._dead_letter``);
 this module finds an entry from a given head, and builds and appends entries.
+
+The consumer names its dead-letter log in each checkpoint (``Checkpoint.dead_letter``), which
+is how ``eventpipe status`` finds it; :func:`count_entries` counts what is there.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections import Counter
 from typing import Any
 
+from ._checkpoint import Checkpoint, DeadLetterLog
 from ._log import EventLog
 from .errors import ConfigError, EventPipeError, NotAnEventLogError
 
-__all__ = ["DeadLetters"]
+__all__ = ["DeadLetterCounts", "DeadLetters", "count_entries"]
 
 # A dead-letter entry quotes at most this much of the error and of its traceback (characters):
 # the entry must fit the dead-letter log's max_event_bytes whatever the failure.
@@ -63,6 +68,11 @@ class DeadLetters:
     @property
     def head(self) -> int:
         return self.log.head
+
+    @property
+    def where(self) -> DeadLetterLog:
+        """What a checkpoint records of this dead-letter log (see ``Checkpoint.dead_letter``)."""
+        return DeadLetterLog(self.log.path, self.log.log_id)
 
     def holds(self, offset: int, start: int) -> bool:
         """Whether an entry of ours for ``offset`` lies at or after offset ``start``."""
@@ -120,3 +130,52 @@ class DeadLetters:
 
 def _clip(text: str) -> str:
     return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "...(cut)"
+
+
+def count_entries(where: DeadLetterLog) -> Counter[tuple[str, str]] | None:
+    """The entries of the dead-letter log ``where`` still stored, counted by (consumed log's
+    id, consumer name): one read serves every consumer sharing the log.
+
+    Reads the whole dead-letter log: the cost grows with it (entries, their quoted events and
+    tracebacks), not with the consumed logs. Entries retention removed from it are not
+    counted. None when it cannot be told: nothing at the path, another log there now (its log
+    id differs), or a read that fails (unreadable, damaged, or cut by retention meanwhile).
+    Opens the log read-only: no file in it is created or written.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    try:
+        with EventLog(where.path, create=False) as log:
+            if log.log_id != where.log_id:
+                return None
+            for record in log.read(log.first_offset):
+                e = record.event
+                if isinstance(e, dict):
+                    log_id, name = e.get("log_id"), e.get("consumer")
+                    if isinstance(log_id, str) and isinstance(name, str):
+                        counts[log_id, name] += 1
+    except (EventPipeError, OSError):
+        return None
+    return counts
+
+
+class DeadLetterCounts:
+    """Each consumer's entries in its dead-letter log, for one report: every dead-letter log
+    is read once, however many consumers share it (see :func:`count_entries` for the cost)."""
+
+    def __init__(self) -> None:
+        self._read: dict[DeadLetterLog, Counter[tuple[str, str]] | None] = {}
+
+    def fields(self, checkpoint: Checkpoint | None) -> dict[str, Any]:
+        """``dead_letter_log`` (its path) and ``dead_letters`` (the consumer's entries there)
+        for a consumer's report; each None when not known: no checkpoint, no dead-letter log
+        named in it (none configured, or a checkpoint written before eventpipe recorded it),
+        or a dead-letter log that cannot be read."""
+        where = checkpoint.dead_letter if checkpoint is not None else None
+        if checkpoint is None or where is None:
+            return {"dead_letter_log": None, "dead_letters": None}
+        if where not in self._read:
+            self._read[where] = count_entries(where)
+        counts = self._read[where]
+        return {"dead_letter_log": where.path,
+                "dead_letters": None if counts is None
+                else counts[checkpoint.log_id, checkpoint.name]}

@@ -43,6 +43,9 @@ _CONSUMER_GAUGES: tuple[tuple[str, str, str], ...] = (
      "running_pids"),
     ("eventpipe_consumer_error", "1 when the consumer's checkpoint cannot be read or used.",
      "error"),
+    # No sample for a consumer whose count is not known (no dead-letter log, or unreadable).
+    ("eventpipe_consumer_dead_letters",
+     "The consumer's entries in its dead-letter log (those still stored).", "dead_letters"),
 )
 
 

@@ -12,6 +12,7 @@ import orjson
 
 from ._checksum import sum_name
 from ._compress import load_state
+from ._deadletter import DeadLetterCounts
 from ._inotify import inotify_usage
 from ._layout import COMPRESS_LOCK, CONSUMERS_DIR, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._log import EventLog
@@ -90,6 +91,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             sizes.append(0 if st is None else st.st_size)  # 0: compressed or pruned meanwhile
         # In the log's consumers/ folder, and registered ones checkpointing elsewhere.
         consumers = []
+        dead_letters = DeadLetterCounts()
         try:
             inside: Folder | None = log.folder.sub(CONSUMERS_DIR)
         except StorageError:
@@ -97,6 +99,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             for pos in consumer_positions(log.folder, log.log_id):
                 entry = _consumer_entry(pos, head, now)
+                entry.update(dead_letters.fields(pos.checkpoint))
                 stop = _last_stop(inside, pos)
                 if stop is not None:
                     entry["last_stop"] = stop
@@ -261,6 +264,12 @@ def format_status(report: dict[str, Any]) -> str:
         if stop:
             lines.append(f"  {'':<20} stopped by: {stop.get('error')} (pid {stop.get('pid')}, "
                          f"{max(0.0, time.time() - float(stop.get('time') or 0)):.0f}s ago)")
+        if c.get("dead_letter_log"):
+            count = c.get("dead_letters")
+            lines.append(f"  {'':<20} dead letters: {count:,} in {c['dead_letter_log']}"
+                         if count is not None else
+                         f"  {'':<20} dead letters: ? ({c['dead_letter_log']} cannot be read, "
+                         "or holds another log now)")
         if c.get("external"):
             lines.append(f"  {'':<20} external checkpoint {c.get('checkpoint') or '?'} "
                          f"(registered in {c.get('registration')})")

@@ -147,3 +147,134 @@ def test_absurd_retry_backoff_fails_at_construction(tmp_path: Path) -> None:
         Consumer(tmp_path / "log", "c", skipping(set()), {"n": 0, "sum": 0},
                  on_error="retry", retry_backoff=1e300)
     assert exc.value.option == "retry_backoff"
+
+
+# ------------------------------------------ issue 11: dead-letter counts in status, consumers
+
+COUNTING = str(ROOT / "examples" / "counter_consumer.py") + ":handle"
+FAILS_ON_BAD = """
+def handle(state, event, offset):
+    if event.get("bad"):
+        raise ValueError(f"bad event at {offset}")
+    return (state or 0) + 1
+"""
+
+
+def _consume(log: Path, name: str, handler: str, *args: str | Path) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "eventpipe", "consume", str(log), "--name",
+                           name, "--handler", handler, "--catch-up", *map(str, args)],
+                          capture_output=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def _eventpipe(*args: str | Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "eventpipe", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_status_consumers_and_metrics_count_each_consumers_dead_letters(
+        tmp_path: Path) -> None:
+    """Consumers of two logs share one dead-letter log: each is shown its own entries (by
+    consumed log and name), one without a dead-letter log shows none (null, not 0), and a
+    dead-letter log replaced by another log is not counted."""
+    import json
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    a, b, dlq = tmp_path / "a", tmp_path / "b", tmp_path / "dlq"
+    (tmp_path / "fails.py").write_text(FAILS_ON_BAD)
+    handler = f"{tmp_path / 'fails.py'}:handle"
+    with EventLog(a) as log:
+        log.append_many([{"i": i, "bad": i in (2, 5, 7)} for i in range(10)])
+    with EventLog(b) as log:
+        log.append_many([{"i": i, "bad": i in (0, 1)} for i in range(4)])
+    dead = ("--on-error", "dead_letter", "--dead-letter", dlq)
+    _consume(a, "x", handler, *dead)
+    _consume(b, "x", handler, *dead)  # the same name, another log: not a's x's entries
+    with EventLog(a) as log:
+        log.append({"i": 10, "bad": True})
+    _consume(a, "z", handler, *dead)  # shares the dead-letter log: 4 entries of its own
+    _consume(a, "plain", COUNTING)  # no dead-letter log
+    assert len(entries(dlq)) == 3 + 2 + 4
+
+    status = json.loads(_eventpipe("status", a, "--json"))
+    by_name = {c["name"]: c for c in status["consumers"]}
+    assert by_name["x"]["dead_letters"] == 3 and by_name["x"]["dead_letter_log"] == str(dlq)
+    assert by_name["z"]["dead_letters"] == 4
+    assert by_name["plain"]["dead_letters"] is None
+    assert by_name["plain"]["dead_letter_log"] is None
+    text = _eventpipe("status", a)
+    assert f"dead letters: 3 in {dlq}" in text and f"dead letters: 4 in {dlq}" in text, text
+    assert text.count("dead letters") == 2, text
+
+    listed = json.loads(_eventpipe("consumers", a, "--json"))
+    by_name = {c["name"]: c for c in listed["consumers"]}
+    assert (by_name["x"]["dead_letters"], by_name["z"]["dead_letters"]) == (3, 4)
+    assert by_name["plain"]["dead_letters"] is None
+    assert f"dead letters: 3 in {dlq}" in _eventpipe("consumers", a)
+    assert json.loads(_eventpipe("consumers", b, "--json"))["consumers"][0][
+        "dead_letters"] == 2
+
+    metrics = {}
+    for family in text_string_to_metric_families(  # type: ignore[no-untyped-call]
+            _eventpipe("status", a, "--format", "prometheus")):
+        for s in family.samples:
+            if s.name == "eventpipe_consumer_dead_letters":
+                metrics[s.labels["consumer"]] = s.value
+    assert metrics == {"x": 3, "z": 4}  # no sample for "plain": not known, not 0
+
+    # Another log where the dead-letter log was: not counted (unknown), and status says so.
+    for p in sorted(dlq.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    dlq.rmdir()
+    with EventLog(dlq):
+        pass
+    status = json.loads(_eventpipe("status", a, "--json"))
+    x = next(c for c in status["consumers"] if c["name"] == "x")
+    assert (x["dead_letters"], x["dead_letter_log"]) == (None, str(dlq))
+    assert f"dead letters: ? ({dlq} cannot be read, or holds another log now)" in _eventpipe(
+        "status", a)
+
+
+
+def test_a_checkpoint_names_its_dead_letter_log_and_older_ones_read_as_unknown(
+        tmp_path: Path) -> None:
+    import dataclasses
+
+    from eventpipe import log_status
+    from eventpipe._checkpoint import (
+        FORMAT_VERSION,
+        DeadLetterLog,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from eventpipe._layout import Folder
+
+    log_path, dlq = tmp_path / "log", tmp_path / "dlq"
+    with EventLog(log_path) as log:
+        log.append_many([{"seq": i} for i in range(3)])
+        with Consumer(log, "c", skipping({1}), {"n": 0, "sum": 0}, on_error="dead_letter",
+                      dead_letter=dlq) as c:
+            c.catch_up()
+    with EventLog(dlq) as dl:
+        dl_id = dl.log_id
+    with Folder.open(str(log_path / "consumers")) as folder:
+        cp = load_checkpoint(folder, "c.json", "c")
+        assert cp is not None and cp.version == FORMAT_VERSION
+        assert cp.dead_letter == DeadLetterLog(str(dlq), dl_id)
+        assert b'"dead_letter":{' in (log_path / "consumers" / "c.json").read_bytes()
+        # `consumer reset` keeps it named.
+        _eventpipe("consumer", "reset", log_path, "c", "--to-offset", "1", "--keep-state")
+        again = load_checkpoint(folder, "c.json", "c")
+        assert again is not None and again.offset == 1 and again.dead_letter == cp.dead_letter
+        # A version 2 checkpoint written before the field existed: the same bytes without it.
+        save_checkpoint(folder, "c.json", dataclasses.replace(cp, dead_letter=None), 0o644)
+        assert b"dead_letter\":{" not in (log_path / "consumers" / "c.json").read_bytes()
+        old = load_checkpoint(folder, "c.json", "c")
+    assert old is not None and old.dead_letter is None and old.offset == cp.offset
+    (entry,) = log_status(log_path)["consumers"]
+    assert (entry["dead_letters"], entry["dead_letter_log"]) == (None, None)

@@ -54,3 +54,24 @@ def test_status_command_prints_them(tmp_path: Path) -> None:
                           cwd=ROOT, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert samples(proc.stdout)[("eventpipe_head", (("log", str(path)),))] == 5
+
+
+def test_dead_letter_counts_only_where_known(tmp_path: Path) -> None:
+    path, dlq = tmp_path / "log", tmp_path / "dlq"
+
+    def fails_on_odd(state: int, event: dict[str, int], offset: int) -> int:
+        if event["i"] % 2:
+            raise ValueError("odd")
+        return state + 1
+
+    with EventLog(path) as log:
+        log.append_many([{"i": i} for i in range(7)])
+        with Consumer(log, "dl", fails_on_odd, 0, on_error="dead_letter",
+                      dead_letter=dlq) as c:
+            c.catch_up()
+        with Consumer(log, "none", lambda s, e, o: s + 1, 0) as c:
+            c.catch_up()
+    got = samples(openmetrics(log_status(path)))
+    counts = {dict(labels)["consumer"]: v for (name, labels), v in got.items()
+              if name == "eventpipe_consumer_dead_letters"}
+    assert counts == {"dl": 3}  # "none" has no dead-letter log: no sample, not 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import os
 import sys
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._deadletter import DeadLetterCounts
 from .._status import openers
 from ..errors import ConfigError, EventPipeError, StorageError
 from ._common import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, err, write_json
@@ -49,7 +51,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "consumers", help="list the consumers a log knows of: offset, lag, state, pid",
         description="List every consumer the log knows of (checkpoints in <log>/consumers and "
                     "registered external ones): offset, lag in events, state size, last "
-                    "checkpoint, the pid holding the name, standbys waiting for it, and the "
+                    "checkpoint, the pid holding the name, standbys waiting for it, its "
+                    "entries in its dead-letter log (when its checkpoint names one), and the "
                     "error of a checkpoint that cannot be read. (`eventpipe consumers forget "
                     "PATH NAME` is `eventpipe consumer forget`.)")
     p.add_argument("path")
@@ -140,9 +143,12 @@ def _waiters(path: str) -> list[int]:
     return sorted(out)
 
 
-def _entry(pos: ConsumerPosition, head: int, now: float, *,
-           with_state: bool = False) -> dict[str, Any]:
-    """One consumer's facts, JSON-ready (see ``eventpipe consumers --help``)."""
+def _entry(pos: ConsumerPosition, head: int, now: float, *, with_state: bool = False,
+           dead_letters: DeadLetterCounts | None = None) -> dict[str, Any]:
+    """One consumer's facts, JSON-ready (see ``eventpipe consumers --help``).
+
+    ``dead_letters``, shared by the entries of one listing, reads each dead-letter log once.
+    """
     from .._status import flock_holders
 
     known, cp = pos.consumer, pos.checkpoint
@@ -173,6 +179,7 @@ def _entry(pos: ConsumerPosition, head: int, now: float, *,
     entry["running_pid"] = pids[0] if pids else None
     entry["running_pids"] = pids
     entry["standby_pids"] = standbys
+    entry.update((dead_letters or DeadLetterCounts()).fields(cp))
     if with_state and cp is not None:
         entry.update(log_id=cp.log_id, version=cp.version, segment=cp.segment,
                      position=cp.position, fingerprint=cp.fingerprint,
@@ -187,7 +194,9 @@ def cmd_consumers(args: argparse.Namespace) -> int:
     now = time.time()
     with EventLog(args.path, create=False) as log:
         head = log.head
-        entries = [_entry(pos, head, now) for pos in consumer_positions(log.folder, log.log_id)]
+        dead_letters = DeadLetterCounts()
+        entries = [_entry(pos, head, now, dead_letters=dead_letters)
+                   for pos in consumer_positions(log.folder, log.log_id)]
         path = log.path
     if args.json:
         write_json({"path": path, "head": head, "consumers": entries}, indent=True)
@@ -209,6 +218,11 @@ def cmd_consumers(args: argparse.Namespace) -> int:
             age = f"{e['checkpoint_age_seconds']:.1f}s ago"
             print(f"{e['name']:<20} {e['offset']:>12,} {e['lag']:>10,} {e['state_bytes']:>9,}B"
                   f"  {age:<16} {pid:>7}  {standbys}")
+        if e["dead_letter_log"] is not None:
+            print(f"  dead letters: {e['dead_letters']:,} in {e['dead_letter_log']}"
+                  if e["dead_letters"] is not None else
+                  f"  dead letters: ? ({e['dead_letter_log']} cannot be read, or holds "
+                  "another log now)")
         if e["external"]:
             print(f"  external checkpoint {e['checkpoint']}")
     return EXIT_OK
@@ -340,7 +354,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK if pos.error is None else EXIT_ERROR
     for key in ("name", "checkpoint", "registration", "offset", "lag", "head", "first_offset",
                 "state_bytes", "last_checkpoint_iso", "checkpoint_age_seconds", "segment",
-                "position", "fingerprint", "dead_letter_from", "version", "running_pid",
+                "position", "fingerprint", "dead_letter_from", "dead_letter_log",
+                "dead_letters", "version", "running_pid",
                 "standby_pids", "pending", "error"):
         if key in entry and entry[key] not in (None, [], False):
             print(f"{key:<22} {entry[key]}")
@@ -420,9 +435,12 @@ def cmd_reset(args: argparse.Namespace) -> int:
             with _holding_name(folder, target, log.config.file_mode, "reset"):
                 was, state, how = _plan(args, folder, target, log.log_id, to, new_state)
                 remove_temp_files(folder, target.filename)
-                save_checkpoint(folder, target.filename,
-                                checkpoint_at(log, target.name, to, state),
-                                log.config.file_mode)
+                # The dead-letter log the consumer named stays named (status counts there).
+                current, _ = _current(folder, target, log.log_id)
+                save_checkpoint(folder, target.filename, dataclasses.replace(
+                    checkpoint_at(log, target.name, to, state),
+                    dead_letter=current.dead_letter if current is not None else None),
+                    log.config.file_mode)
     print(f"reset consumer {target.name}: {was} -> offset {to:,} ({how}); the previous "
           f"checkpoint is kept as {target.filename}.prev")
     return EXIT_OK
