@@ -152,7 +152,7 @@ LOG_OPTIONS: tuple[Option, ...] = (
     Option("file_mode", 0o640, _parse_mode, _mode,
            "Mode of created files; folders get the same plus x where r (0o640 -> 0o750)."),
     Option("retention_max_age", None, _parse_optional_float, _optional(_positive_number),
-           "Remove sealed segments older than this many seconds (None: keep)."),
+           "Remove sealed segments whose last event is older than this many seconds (None: keep)."),
     Option("retention_max_bytes", None, _parse_optional_int, _optional(_int_at_least(1)),
            "Remove the oldest sealed segments beyond this total size (None: keep)."),
     Option("lock_timeout", None, _parse_optional_float, _optional(_positive_number),

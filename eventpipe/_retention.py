@@ -24,6 +24,7 @@ it names is gone), the listing is used too.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -136,23 +137,34 @@ def _walked(log: EventLog, state: SealState) -> Iterator[_Seg]:
         base = nxt
 
 
-def _choose(candidates: Iterator[_Seg], total: int,
+def _choose(log: EventLog, candidates: Iterator[_Seg], total: int,
             c: _Criteria) -> tuple[list[_Seg], _Seg | None]:
-    """The oldest segments the criteria want removed, and the first one kept (if any)."""
+    """The oldest segments the criteria want removed, and the first one kept (if any).
+
+    A segment's age is that of its last event, from its time index; the file's mtime (which
+    a copy or a restore changes) only for a segment written before eventpipe kept times.
+    """
     now = time.time()
     max_age, max_bytes, before = c
     chosen: list[_Seg] = []
     remaining = total
     for seg in candidates:
         wanted = ((before is not None and seg.next <= before)
-                  or (max_age is not None and seg.mtime is not None
-                      and now - seg.mtime > max_age)
+                  or (max_age is not None and _age(log, seg, now) > max_age)
                   or (max_bytes is not None and remaining > max_bytes))
         if not wanted:
             return chosen, seg
         chosen.append(seg)
         remaining -= seg.size
     return chosen, None
+
+
+def _age(log: EventLog, seg: _Seg, now: float) -> float:
+    """Seconds since segment ``seg``'s last event was appended (-inf if unknown)."""
+    last = log.time_index.last_time(seg.base)
+    if last is not None:
+        return now - last / 1e9
+    return now - seg.mtime if seg.mtime is not None else -math.inf
 
 
 def prune(
@@ -168,7 +180,8 @@ def prune(
 ) -> PruneReport:
     """Remove old sealed segments; see the module docstring. Returns what was done.
 
-    ``max_age``: remove segments last written more than this many seconds ago.
+    ``max_age``: remove segments whose last event was appended more than this many seconds
+    ago (by its time index; by the file's mtime for a segment written before times).
     ``max_bytes``: remove the oldest until all segments together take at most this much.
     ``before``: remove segments whose events all lie before this offset.
     ``force``: also remove what known consumers have not processed.
@@ -245,7 +258,7 @@ def _prune_locked(log: EventLog, force: bool, criteria: _Criteria, *, incrementa
 
 def _decide(log: EventLog, candidates: Iterator[_Seg], total: int, active: int, force: bool,
             criteria: _Criteria) -> tuple[PruneReport, list[_Seg]]:
-    chosen, kept = _choose(candidates, total, criteria)
+    chosen, kept = _choose(log, candidates, total, criteria)
     held_back = []
     if not force and chosen:
         for offset, why in _holds(log):

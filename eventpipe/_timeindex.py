@@ -293,6 +293,21 @@ class TimeIndex:
             self._first[base] = first
         return first
 
+    def last_time(self, base: int) -> int | None:
+        """The time of sealed segment ``base``'s last entry: when its last event was appended
+        (None: no times there). Reads only that entry."""
+        fd = self._open(base)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, ENTRY_SIZE, size - size % ENTRY_SIZE - ENTRY_SIZE) \
+                if size >= ENTRY_SIZE else b""
+        finally:
+            os.close(fd)
+        _rel, t, crc = _ENTRY.unpack(raw) if len(raw) == ENTRY_SIZE else (0, 0, -1)
+        return t if crc == _crc32(raw[:12]) and t > 0 else None
+
     def first_at_or_after(self, base: int, time_ns: int) -> int | None:
         """The first offset of segment ``base`` appended at or after ``time_ns``; None when
         every event there with a known time is earlier."""

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from eventpipe import Consumer, EventLog, HandlerError
 from eventpipe._header import HEADER_SIZE, decode_header
 
@@ -88,18 +90,48 @@ def test_a_segment_removed_behind_its_back_makes_it_recount_from_a_listing(
         assert 10 < first < 30, "removed what the limit asks, counted from the disk"
 
 
-def test_by_age_removes_the_oldest_run(log_path: Path) -> None:
+def test_by_age_goes_by_event_times_not_file_times(
+        log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eventpipe._appender as appender
+
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    monkeypatch.setattr(appender, "_time_ns", lambda: an_hour_ago)
+    with EventLog(log_path, segment_max_events=1, sync="none") as log:
+        roll(log, 8, 0)
+    monkeypatch.undo()  # the true clock from here on
+    with EventLog(log_path, segment_max_events=1, sync="none") as log:
+        roll(log, 22, 8)
+    # File times say the opposite of the events' (a restore, a cp): old for the recent
+    # segments, new for the old ones. Retention must not believe them.
+    old = time.time() - 7200
+    for base, _ in segments(log_path):
+        name = log_path / "segments" / f"{base:020d}.jsonl.gz"
+        if not name.exists():
+            name = log_path / "segments" / f"{base:020d}.jsonl"  # the active one
+        if base >= 8:
+            os.utime(name, (old, old))
+        else:
+            os.utime(name)
+    with EventLog(log_path, segment_max_events=1, sync="none",
+                  retention_max_age=1800) as log:
+        roll(log, 1, 30)
+        assert segments(log_path)[0][0] == 8
+        assert not any(n.startswith(f"{b:020d}") for b in range(8)
+                       for n in os.listdir(log_path / "segments"))
+        assert_state_matches_the_disk(log_path)
+
+
+def test_by_age_falls_back_to_file_times_without_event_times(log_path: Path) -> None:
     with EventLog(log_path, segment_max_events=1, sync="none") as log:
         roll(log, 30, 0)
     old = time.time() - 3600
     for base, _ in segments(log_path)[:8]:
         os.utime(log_path / "segments" / f"{base:020d}.jsonl.gz", (old, old))
-    os.utime(log_path / "segments" / f"{10:020d}.jsonl.gz", (old, old))  # not the oldest run
+        (log_path / "segments" / f"{base:020d}.times").unlink()  # as written before times
     with EventLog(log_path, segment_max_events=1, sync="none",
                   retention_max_age=1800) as log:
         roll(log, 1, 30)
         assert segments(log_path)[0][0] == 8
-        assert (log_path / "segments" / f"{10:020d}.jsonl.gz").exists()
         assert_state_matches_the_disk(log_path)
 
 
