@@ -553,13 +553,7 @@ class Consumer:
         """How long ago the next unhandled event was appended (0.0 when none is waiting);
         None when its time is unknown (written before eventpipe kept times) or it is no
         longer stored."""
-        if self.log.head <= self.offset:
-            return 0.0
-        try:
-            appended = self.log.time_of(self.offset)
-        except EventPipeError:
-            return None
-        return None if appended is None else max(0.0, (time.time_ns() - appended) / 1e9)
+        return self.log.lag_seconds(self.offset)
 
     def _process(self, stop: int | None, yields: bool) -> _Steps:
         """Handle events from ``offset`` up to ``stop`` (the head now if None).

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import itertools
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -622,6 +623,22 @@ class EventLog:
         h = self.committed_header()
         bases = [b for b in self.segment_index.bases(h.segment_base) if b <= h.segment_base]
         return self.time_index.offset_at(time_ns, bases, h.head)
+
+    def lag_seconds(self, offset: int, *, now: float | None = None) -> float | None:
+        """How long ago the event at ``offset`` was appended, for a reader whose next event
+        is ``offset``: 0.0 when it is at the head (nothing waits), None when the time is not
+        known (written before eventpipe kept times, or no longer stored). ``now`` defaults
+        to the current time (seconds since the epoch)."""
+        self._check_open()
+        if offset >= self.head:
+            return 0.0
+        try:
+            appended = self.time_of(offset)
+        except EventPipeError:
+            return None
+        if appended is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - appended / 1e9)
 
     def time_of(self, offset: int) -> int | None:
         """When the event at ``offset`` was appended (ns since the epoch, UTC); None when

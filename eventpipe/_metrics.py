@@ -37,6 +37,10 @@ _CONSUMER_GAUGES: tuple[tuple[str, str, str], ...] = (
      "offset"),
     ("eventpipe_consumer_lag_events", "Events committed and not yet checkpointed as handled.",
      "lag"),
+    # No sample when the time of the next event is not known (written before times).
+    ("eventpipe_consumer_lag_seconds",
+     "Seconds since the consumer's next unhandled event was appended (0: none waits).",
+     "lag_seconds"),
     ("eventpipe_consumer_checkpoint_age_seconds", "Seconds since the last checkpoint.",
      "checkpoint_age_seconds"),
     ("eventpipe_consumer_running", "Processes holding the consumer's name now.",

@@ -99,6 +99,8 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             for pos in consumer_positions(log.folder, log.log_id):
                 entry = _consumer_entry(pos, head, now)
+                if "offset" in entry:
+                    entry["lag_seconds"] = _rounded(log.lag_seconds(entry["offset"], now=now))
                 entry.update(dead_letters.fields(pos.checkpoint))
                 stop = _last_stop(inside, pos)
                 if stop is not None:
@@ -141,6 +143,10 @@ def _inotify() -> dict[str, Any]:
     followers poll instead of being woken (see :func:`eventpipe._changes.inotify_usage`)."""
     usage = inotify_usage()
     return {**dataclasses.asdict(usage), "warning": usage.warning}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _consumer_entry(pos: ConsumerPosition, head: int, now: float) -> dict[str, Any]:
@@ -257,8 +263,10 @@ def format_status(report: dict[str, Any]) -> str:
                          f"it  {running}  (if it was removed: eventpipe consumers forget "
                          f"{report['path']} {c['name']})")
         else:
+            behind = c.get("lag_seconds")
             lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
-                         f"{c.get('lag', 0):>10,}  checkpoint "
+                         f"{c.get('lag', 0):>10,}"
+                         f" ({'?' if behind is None else f'{behind:.1f}s'})  checkpoint "
                          f"{c.get('checkpoint_age_seconds', 0):.1f}s ago  {running}")
         stop = c.get("last_stop")
         if stop:

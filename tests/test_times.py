@@ -408,3 +408,67 @@ def test_a_consumer_gets_times_lag_seconds_and_can_start_at_a_time(
             assert c.catch_up() == [25, 26, 27, 28, 29]
     finally:
         del os.environ["EVENTPIPE_START"]
+
+
+def test_lag_in_seconds_in_status_consumers_and_metrics(
+        log_path: Path, clock: FakeClock, cli: Cli) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from eventpipe import Consumer
+
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    stamped_log(log_path, clock, compression=None, start=an_hour_ago)
+    # "behind" stops at event 9 (its handler fails there): its next event is an hour old.
+    with Consumer(log_path, "behind", lambda s, e, o: s + 1 if o < 9 else 1 / 0, 0,
+                  checkpoint_every=1) as c, pytest.raises(Exception, match="division"):
+        c.catch_up()
+    with Consumer(log_path, "current", lambda s, e, o: s + 1, 0) as c:
+        c.catch_up()
+    report = cli("status", log_path, "--json").json()
+    lags = {c["name"]: c["lag_seconds"] for c in report["consumers"]}
+    assert lags["current"] == 0.0
+    assert lags["behind"] == pytest.approx(3600, abs=60)  # event 9, appended an hour ago
+    listed = cli("consumers", log_path, "--json").json()["consumers"]
+    assert {c["name"]: c["lag_seconds"] for c in listed} == pytest.approx(lags, abs=5)
+    text = cli("consumers", log_path).out
+    assert "BEHIND" in text and "0.0s" in text
+    assert "(0.0s)" in cli("status", log_path).out
+    metrics = cli("status", log_path, "--format", "prometheus").out
+    got = {s.labels["consumer"]: s.value
+           for family in text_string_to_metric_families(metrics)  # type: ignore[no-untyped-call]
+           for s in family.samples if s.name == "eventpipe_consumer_lag_seconds"}
+    assert got["current"] == 0.0 and got["behind"] == pytest.approx(3600, abs=60)
+
+
+def test_consumer_reset_to_a_time(log_path: Path, clock: FakeClock, cli: Cli) -> None:
+    from eventpipe import Consumer
+
+    stamps = stamped_log(log_path, clock, compression="gzip")
+    with Consumer(log_path, "c", lambda s, e, o: s + 1, 0) as c:
+        c.catch_up()
+    r = cli("consumer", "reset", log_path, "c", "--to-time", iso(stamps[12] - 1000),
+            "--state", "12", "--dry-run")
+    assert r.code == 0 and "-> offset 12" in r.out
+    r = cli("consumer", "reset", log_path, "c", "--to-time", iso(stamps[12] - 1000),
+            "--state", "12")
+    assert r.code == 0, r.err
+    with Consumer(log_path, "c", lambda s, e, o: s + 1, 0) as c:
+        assert c.offset == 12 and c.catch_up() == 30
+    r = cli("consumer", "reset", log_path, "c", "--to-time", "not a time", "--keep-state")
+    assert r.code == 2 and "--to-time" in r.err
+
+
+def test_cli_consume_starts_at_a_time_and_passes_times(
+        log_path: Path, clock: FakeClock, tmp_path: Path) -> None:
+    stamps = stamped_log(log_path, clock, compression=None)
+    handler = tmp_path / "timed_handler.py"
+    handler.write_text("def handle(state, event, offset, t):\n"
+                       "    return state + [[offset, t]]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "eventpipe", "consume", str(log_path), "--name", "t",
+         "--handler", f"{handler}:handle", "--initial-state", "[]", "--catch-up",
+         "--print-state", "--pass-time", f"--start={iso(stamps[26] - 1000)}"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[k, stamps[k]] for k in range(26, 30)]

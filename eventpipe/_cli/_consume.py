@@ -58,7 +58,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--dead-letter", help="log path for events the handler fails on")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--start", help='where a consumer without a checkpoint begins: "earliest" '
-                                   '(default), "latest" or an offset')
+                                   '(default), "latest", an offset, or a time: the first '
+                                   'event appended at or after it (ISO 8601, local time '
+                                   'without a zone; --start=-15m ago; @EPOCH)')
+    p.add_argument("--pass-time", action="store_true",
+                   help="call the handler as handler(state, event, offset, time), time in ns "
+                        "since the epoch (None if unknown)")
     p.set_defaults(func=cmd_consume)
 
 
@@ -177,6 +182,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
             options[key] = value
     if args.standby:
         options["standby"] = True
+    if args.pass_time:
+        options["pass_time"] = True
     if args.no_notifications:
         options["notifications"] = False
     if args.start is not None:

@@ -33,17 +33,15 @@ import orjson
 
 from .._deadletter import DeadLetterCounts
 from .._status import openers
+from .._timeindex import parse_time
 from ..errors import ConfigError, EventPipeError, StorageError
 from ._common import EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_USAGE, err, write_json
 
 if TYPE_CHECKING:
+    from .._log import EventLog
     from .._registry import ConsumerPosition
 
 __all__ = ["add_commands", "legacy_alias"]
-
-# Dead-letter counts are not shown: where a consumer dead-letters is its own option (the
-# dead_letter path), recorded nowhere in the log, so nothing here can find that log.
-
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``consumers`` and ``consumer show|reset|delete|forget``."""
@@ -86,6 +84,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="the first stored offset (retention may have removed older ones)")
     to.add_argument("--to-latest", action="store_true", help="the head: skip everything")
     to.add_argument("--to-offset", type=int, metavar="N")
+    to.add_argument("--to-time", metavar="TIME",
+                    help="the first event appended at or after TIME (ISO 8601, local time "
+                         "without a zone; --to-time=-15m ago; @EPOCH; now)")
     state = q.add_mutually_exclusive_group()
     state.add_argument("--state", metavar="JSON", help="the state at the new offset")
     state.add_argument("--keep-state", action="store_true",
@@ -144,7 +145,8 @@ def _waiters(path: str) -> list[int]:
 
 
 def _entry(pos: ConsumerPosition, head: int, now: float, *, with_state: bool = False,
-           dead_letters: DeadLetterCounts | None = None) -> dict[str, Any]:
+           dead_letters: DeadLetterCounts | None = None,
+           log: EventLog | None = None) -> dict[str, Any]:
     """One consumer's facts, JSON-ready (see ``eventpipe consumers --help``).
 
     ``dead_letters``, shared by the entries of one listing, reads each dead-letter log once.
@@ -166,6 +168,8 @@ def _entry(pos: ConsumerPosition, head: int, now: float, *, with_state: bool = F
     else:
         entry.update(offset=None, lag=None, state_bytes=None, last_checkpoint=None,
                      checkpoint_age_seconds=None)
+    behind = log.lag_seconds(cp.offset, now=now) if log is not None and cp is not None else None
+    entry["lag_seconds"] = None if behind is None else round(behind, 3)
     entry["pending"] = bool(pos.pending)
     entry["error"] = pos.error
     entry["holds_retention_from"] = pos.hold
@@ -195,7 +199,7 @@ def cmd_consumers(args: argparse.Namespace) -> int:
     with EventLog(args.path, create=False) as log:
         head = log.head
         dead_letters = DeadLetterCounts()
-        entries = [_entry(pos, head, now, dead_letters=dead_letters)
+        entries = [_entry(pos, head, now, dead_letters=dead_letters, log=log)
                    for pos in consumer_positions(log.folder, log.log_id)]
         path = log.path
     if args.json:
@@ -204,20 +208,21 @@ def cmd_consumers(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no consumers known in {path} (head {head:,})")
         return EXIT_OK
-    print(f"{'NAME':<20} {'OFFSET':>12} {'LAG':>10} {'STATE':>10}  {'CHECKPOINT':<16} "
-          f"{'PID':>7}  STANDBYS")
+    print(f"{'NAME':<20} {'OFFSET':>12} {'LAG':>10} {'BEHIND':>9} {'STATE':>10}  "
+          f"{'CHECKPOINT':<16} {'PID':>7}  STANDBYS")
     for e in entries:
         pid = str(e["running_pid"]) if e["running_pid"] is not None else "-"
         standbys = ",".join(map(str, e["standby_pids"])) or "-"
         if e["offset"] is None:
             why = e["error"] or "no checkpoint yet"
-            print(f"{e['name']:<20} {'-':>12} {'-':>10} {'-':>10}  {'-':<16} {pid:>7}  "
-                  f"{standbys}")
+            print(f"{e['name']:<20} {'-':>12} {'-':>10} {'-':>9} {'-':>10}  {'-':<16} "
+                  f"{pid:>7}  {standbys}")
             print(f"  {'ERROR' if e['error'] else 'note'}: {why}")
         else:
             age = f"{e['checkpoint_age_seconds']:.1f}s ago"
-            print(f"{e['name']:<20} {e['offset']:>12,} {e['lag']:>10,} {e['state_bytes']:>9,}B"
-                  f"  {age:<16} {pid:>7}  {standbys}")
+            behind = "?" if e["lag_seconds"] is None else f"{e['lag_seconds']:.1f}s"
+            print(f"{e['name']:<20} {e['offset']:>12,} {e['lag']:>10,} {behind:>9} "
+                  f"{e['state_bytes']:>9,}B  {age:<16} {pid:>7}  {standbys}")
         if e["dead_letter_log"] is not None:
             print(f"  dead letters: {e['dead_letters']:,} in {e['dead_letter_log']}"
                   if e["dead_letters"] is not None else
@@ -347,12 +352,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         if pos is None:  # only a .prev left (a damaged checkpoint set aside, or a delete)
             pos = ConsumerPosition(KnownConsumer(target.name, target.checkpoint, False), None,
                                    "no checkpoint (only the previous one, .prev, is left)")
-    entry = _entry(pos, head, now, with_state=True)
+        entry = _entry(pos, head, now, with_state=True, log=log)
     entry.update(head=head, first_offset=first)
     if args.json:
         write_json(entry, indent=True)
         return EXIT_OK if pos.error is None else EXIT_ERROR
-    for key in ("name", "checkpoint", "registration", "offset", "lag", "head", "first_offset",
+    for key in ("name", "checkpoint", "registration", "offset", "lag", "lag_seconds", "head",
+                "first_offset",
                 "state_bytes", "last_checkpoint_iso", "checkpoint_age_seconds", "segment",
                 "position", "fingerprint", "dead_letter_from", "dead_letter_log",
                 "dead_letters", "version", "running_pid",
@@ -414,10 +420,19 @@ def cmd_reset(args: argparse.Namespace) -> int:
             new_state = orjson.loads(args.state)
         except orjson.JSONDecodeError as exc:
             raise ConfigError(f"--state is not JSON: {exc}", option="state") from None
+    when = None
+    if args.to_time is not None:
+        try:
+            when = parse_time(args.to_time)
+        except ValueError as exc:
+            raise ConfigError(f"--to-time: {exc}", option="to-time") from None
     with EventLog(args.path, create=False) as log:
         target = _target(log, args.name, args.checkpoint)
-        to = log.first_offset if args.to_earliest else log.head if args.to_latest \
-            else args.to_offset
+        if when is not None:
+            to = max(log.first_offset, log.offset_at(when))
+        else:
+            to = log.first_offset if args.to_earliest else log.head if args.to_latest \
+                else args.to_offset
         with _folder_of(log, target, create=not args.dry_run) as folder:
             # Decided once before taking the name (a refusal writes nothing, not even the
             # lock's owner note) and again holding it (a consumer may have run meanwhile).
