@@ -572,7 +572,9 @@ def test_an_interrupted_compress_keeps_its_work_and_a_true_state(log_path: Path)
     gz = sorted(int(n[:20]) for n in names if n.endswith(".jsonl.gz"))
     assert 3 <= len(gz) < total, names
     assert gz == list(range(0, len(gz) * 40, 40))  # oldest first, no gap
-    assert doc["compressed_below"] == len(gz) * 40, doc  # the watermark says so
+    # The watermark says so (one behind when the signal came between a segment's gzip copy
+    # and the save that counts it: the next pass finds that one done).
+    assert doc["compressed_below"] in (len(gz) * 40, (len(gz) - 1) * 40), doc
     below = [b for b in range(0, total * 40, 40) if b < doc["checksummed_below"]]
     on_disk = sum((log_path / "segments" / (f"{b:020d}.jsonl.gz" if b in gz
                                             else f"{b:020d}.jsonl")).stat().st_size
