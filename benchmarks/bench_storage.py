@@ -24,11 +24,15 @@ Rows:
   7  4 processes appending N/4 each, concurrently, vs 1 process appending N
   8  latency of single appends while 1 MiB segments roll and gzip in the background
   9  open + read the last event: log of --big events (default 10M) vs 10k events
+ 10  the writer lock: a raw flock pair vs filelock's acquire+release
+ 11  offset_at (issue 10's time lookup): log of --big events vs 10k events, the first lookup
+     on a fresh reader (caches empty) and lookups on a warm one
 
 ``--quick`` shrinks every size (a smoke test can run ``bench_storage.py --quick --runs 1
 --json``, a few seconds); ``--json`` prints the results as JSON on stdout instead of the table
-(progress always goes to stderr). ``--only 1,9`` runs some rows. Default runtime is about a
-minute on a 2-cpu VM, most of it rows 2, 7 and 8 (single appends) and building row 9's log.
+(progress always goes to stderr). ``--only 1,9`` runs some rows. Default runtime is about two
+minutes on a 2-cpu VM, most of it rows 2, 7 and 8 (single appends) and building the big logs of
+rows 9 and 11.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import functools
 import multiprocessing
 import os
 import queue
+import random
 import sqlite3
 import sys
 import time
@@ -85,16 +90,18 @@ class Sizes:
     latency: int  # row 8
     big: int  # row 9
     small: int  # row 9
-    open_repeats: int  # row 9
+    open_repeats: int  # rows 9 and 11
     latency_segment_bytes: int  # row 8
+    lookups: int  # row 11: times looked up per reader (plus one before all, one after all)
 
 
 FULL = Sizes(write=100_000, fsync=2_000, read=300_000, procs_total=100_000, procs=4,
              latency=200_000, big=10_000_000, small=10_000, open_repeats=20,
-             latency_segment_bytes=1 << 20)
+             latency_segment_bytes=1 << 20, lookups=20)
 QUICK = Sizes(write=10_000, fsync=200, read=30_000, procs_total=20_000, procs=4,
               latency=20_000, big=1_000_000, small=10_000, open_repeats=20,
-              latency_segment_bytes=64 << 10)  # so that quick runs roll segments too
+              latency_segment_bytes=64 << 10,  # so that quick runs roll segments too
+              lookups=5)
 
 
 def size(n: int) -> str:
@@ -556,7 +563,7 @@ def bench_open(opts: Options[Sizes]) -> list[Row]:
                            "read from the page cache")]
 
 
-# ---------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------- row 10: the lock
 
 
 def bench_lock(opts: Options[Sizes]) -> list[Row]:
@@ -598,6 +605,122 @@ def bench_lock(opts: Options[Sizes]) -> list[Row]:
                      "they exclude each other; the appender uses the raw one")]
 
 
+# ------------------------------------------------------------------------ row 11: offset_at
+
+OFFSET_AT_TARGET = 2.0  # issue 10: offset_at on 10M events at most 2x its cost on 10k
+
+
+def index_entries(log_path: str) -> int:
+    """Entries in a log's time indexes (``segments/*.times``, 16 bytes each)."""
+    return sum(e.stat().st_size // 16 for e in os.scandir(os.path.join(log_path, "segments"))
+               if e.name.endswith(".times"))
+
+
+def lookup_times(path: str, count: int, seed: int) -> list[int]:
+    """The times to look up in a log: those of ``count`` events at random offsets, one before
+    every event and one after every event (ns since the epoch)."""
+    rng = random.Random(seed)
+    with EventLog(path, compression=None) as log:
+        head = log.head
+        times = [log.time_of(rng.randrange(head)) for _ in range(count)]
+        first = log.time_of(0)
+    assert first is not None and all(t is not None for t in times), "events without times"
+    return [t for t in times if t is not None] + [first - 1_000_000_000,
+                                                  time.time_ns() + 3600 * 1_000_000_000]
+
+
+def check_offset_at(path: str, lookups: list[int]) -> None:
+    """Assert every lookup's answer is the first offset appended at or after its time."""
+    with EventLog(path, compression=None) as log:
+        head = log.head
+        for t in lookups:
+            got = log.offset_at(t)
+            if got < head:
+                found = log.time_of(got)
+                assert found is not None and found >= t, (t, got, found)
+            if got > 0:
+                before = log.time_of(got - 1)
+                assert before is not None and before < t, (t, got, before)
+        assert log.offset_at(lookups[-2]) == 0 and log.offset_at(lookups[-1]) == head
+
+
+def offset_at_costs(path: str, lookups: list[int], reps: int) -> tuple[float, float]:
+    """``(first, warm)``: over ``reps`` freshly opened EventLogs (opening is not timed), the
+    median seconds of the first ``offset_at`` on each (its caches empty), and of each lookup
+    once every time was looked up before on the same EventLog (its caches filled)."""
+    clock = time.perf_counter
+    first: list[float] = []
+    warm: list[float] = []
+    for r in range(reps):
+        log = EventLog(path, compression=None)
+        offset_at = log.offset_at
+        t = lookups[r % len(lookups)]
+        start = clock()
+        offset_at(t)
+        first.append(clock() - start)
+        for t in lookups:
+            offset_at(t)  # untimed: fills the caches of the segments these times are in
+        for t in lookups:
+            start = clock()
+            offset_at(t)
+            warm.append(clock() - start)
+        log.close()
+    return median(first), median(warm)
+
+
+def bench_offset_at(opts: Options[Sizes]) -> list[Row]:
+    big, small, reps = opts.sizes.big, opts.sizes.small, opts.sizes.open_repeats
+    count = opts.sizes.lookups
+    cold: dict[str, list[float]] = {"big": [], "small": []}
+    warm: dict[str, list[float]] = {"big": [], "small": []}
+    with fresh_dir(opts.dir) as tmp:
+        paths = {"big": os.path.join(tmp, "big"), "small": os.path.join(tmp, "small")}
+        # Appended over real time, in batches, so the time indexes are like a live log's: the
+        # big one as fast as append_many of 1000 events goes (an entry per batch that took
+        # >= 1 ms since the last entry), the small one a batch of 100 every millisecond or so.
+        progress(f"row 11: building a {big:,}-event log (append_many, batches of 1000)")
+        build = build_logs(big, [(paths["big"], {"compression": None})],
+                           label="row 11: building big log", batch=1000)
+        build_logs(small, [(paths["small"], {"compression": None})], batch=100, pause=0.001)
+        lookups = {k: lookup_times(p, count, seed=11) for k, p in paths.items()}
+        for k, p in paths.items():
+            check_offset_at(p, lookups[k])
+        entries = {k: index_entries(p) for k, p in paths.items()}
+        segments = segment_files(paths["big"])[0]
+        for run in range(opts.runs):
+            progress(f"row 11: offset_at, {reps} fresh readers x {len(lookups['big'])} "
+                     f"lookups each, run {run + 1}/{opts.runs}")
+            order = ("big", "small") if run % 2 == 0 else ("small", "big")
+            for k in order:
+                c, w = offset_at_costs(paths[k], lookups[k], reps)
+                cold[k].append(c)
+                warm[k].append(w)
+    what = (f"{len(lookups['big'])} times (those of {count} events at random offsets, one "
+            "before all, one after all)")
+    plural = "s" if segments != 1 else ""
+    logs = (f"big log: {segments} segment{plural}, {entries['big']:,} time index entries, "
+            f"built in {build:.1f} s; small log: 1 segment, {entries['small']:,} entries; both "
+            "read from the page cache")
+    return [
+        scale_row(f"offset_at, {short_count(big)}-event log, fresh reader", cold["big"],
+                  f"same on a {short_count(small)}-event log", cold["small"],
+                  target=OFFSET_AT_TARGET,
+                  extra={"entries_big": entries["big"], "entries_small": entries["small"]},
+                  note=f"the first offset_at on a just opened EventLog (its segment listing "
+                       f"and time index caches empty), median of {reps} readers per run, "
+                       f"looking up one of {what}; {logs}"),
+        scale_row(f"offset_at, {short_count(big)}-event log, warm reader", warm["big"],
+                  f"same on a {short_count(small)}-event log", warm["small"],
+                  target=OFFSET_AT_TARGET,
+                  note=f"each of the {what} looked up again on an EventLog that looked them "
+                       f"all up once (its caches hold those segments' entries), median over "
+                       f"{reps} readers per run"),
+    ]
+
+
+# ---------------------------------------------------------------------------------- main
+
+
 def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
     """Run the selected rows; returns the rows of each row number."""
     out: dict[int, list[Row]] = {}
@@ -606,6 +729,7 @@ def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
     single: list[tuple[int, Callable[[Options[Sizes]], list[Row]]]] = [
         (2, bench_append), (3, bench_buffered), (5, bench_fsync), (6, bench_read),
         (7, bench_processes), (8, bench_latency), (9, bench_open), (10, bench_lock),
+        (11, bench_offset_at),
     ]
     for number, fn in single:
         if number in only:
@@ -614,8 +738,9 @@ def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(argv, __doc__, FULL, QUICK, rows=10, quick_runs=3,
-                      big_help="events in row 9's big log (default 10_000_000, quick 1_000_000)",
+    return bench_main(argv, __doc__, FULL, QUICK, rows=11, quick_runs=3,
+                      big_help="events in the big logs of rows 9 and 11 (default 10_000_000, "
+                               "quick 1_000_000)",
                       run=run, title="eventpipe storage benchmarks",
                       ratios="ratio = ours/baseline throughput unless noted")
 

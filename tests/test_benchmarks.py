@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize(("script", "args", "rows"), [
-    ("bench_storage.py", ["--quick", "--runs", "1", "--big", "20000"], 10),
+    ("bench_storage.py", ["--quick", "--runs", "1", "--big", "20000"], 11),
     ("bench_consumer.py", ["--quick", "--runs", "1", "--big", "20000", "--only", "1,3,4"], 3),
     ("bench_segments.py", ["--quick", "--runs", "1"], 2),
 ])
