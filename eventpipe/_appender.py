@@ -281,9 +281,11 @@ class Appender:
         them already (it checked the batch against the limits), and summing again would
         cost a pass over the batch on the hot path of every append.
         """
-        # The hot path of every append: kept to the syscalls it needs (flock, header pread,
-        # 1-byte pread for a torn tail, data pwrite, header pwrite, unlock), with the header
-        # decoded and encoded inline and the options read from attributes set up front.
+        # One function on purpose: the hot path of every append, kept to the syscalls it
+        # needs (flock, header pread, 1-byte pread for a torn tail, data pwrite, a time entry
+        # pwrite at most once a millisecond, header pwrite, unlock), with the header decoded
+        # and encoded inline and the options read from attributes set up front; split into
+        # calls it costs a few % of append() (benchmarks/bench_storage.py row 2).
         with self.mutex:
             if self._failure is not None:
                 raise self._failure
@@ -608,26 +610,8 @@ class Appender:
                 if cfg.sync != "none":
                     os.fdatasync(w.head_fd)
             for part in parts:
-                if part.base == h.segment_base:
-                    fd, times_fd = w.seg_fd, w.times_fd
-                else:
-                    fd, times_fd = self._new_segment(h, part.base)
-                    created.append((part.base, fd, times_fd))
-                position = part.position
-                for piece in part.pieces:
-                    write_all(fd, piece, position)
-                    position += len(piece)
-                if part.base != h.segment_base:
-                    write_all(times_fd, pack_entry(0, now), 0)
-                    tcount, tlast = 1, now
-                elif part.count and (not tcount or now - tlast >= GRAIN_NS):
-                    write_all(times_fd, pack_entry(h.head - h.segment_base, now),
-                              tcount * ENTRY_SIZE)
-                    tcount, tlast = tcount + 1, now
-                if part.base == h.segment_base and len(parts) > 1:
-                    # Sealed from here on: its time index holds exactly its entries (a
-                    # killed writer's leftover past them goes).
-                    os.ftruncate(times_fd, tcount * ENTRY_SIZE)
+                tcount, tlast = self._write_part(w, h, part, len(parts) > 1, created, now,
+                                                 tcount, tlast)
             if cfg.sync != "none":
                 # Sealed segments are synced whatever the policy's interval: it is once per
                 # roll, and it keeps "interval" from ever losing more than the active segment.
@@ -651,6 +635,33 @@ class Appender:
         if created:
             self._on_roll()  # checksum (and compress) the sealed segments
         return done
+
+    def _write_part(self, w: _WriterState, h: Header, part: _Part, rolls: bool,
+                    created: list[tuple[int, int, int]], now: int, tcount: int,
+                    tlast: int) -> tuple[int, int]:
+        """Write one part of a batch (into the active segment, or a new one it adds to
+        ``created``) and its time entry; returns the time entry count and last time of the
+        segment written."""
+        if part.base == h.segment_base:
+            fd, times_fd = w.seg_fd, w.times_fd
+        else:
+            fd, times_fd = self._new_segment(h, part.base)
+            created.append((part.base, fd, times_fd))
+        position = part.position
+        for piece in part.pieces:
+            write_all(fd, piece, position)
+            position += len(piece)
+        if part.base != h.segment_base:
+            write_all(times_fd, pack_entry(0, now), 0)
+            return 1, now
+        if part.count and (not tcount or now - tlast >= GRAIN_NS):
+            write_all(times_fd, pack_entry(h.head - h.segment_base, now), tcount * ENTRY_SIZE)
+            tcount, tlast = tcount + 1, now
+        if rolls:
+            # Sealed from here on: its time index holds exactly its entries (a killed
+            # writer's leftover past them goes).
+            os.ftruncate(times_fd, tcount * ENTRY_SIZE)
+        return tcount, tlast
 
     def _remove_orphans(self, h: Header) -> None:
         """Remove segments past the active one: left by a writer that died mid-roll.

@@ -18,8 +18,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
 
 from ._checkpoint import Checkpoint, checkpoint_file, load_checkpoint
@@ -125,7 +126,6 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo pipeline; returns the verdict. Prints progress to ``out`` (stderr)."""
     out = out or sys.stderr
-    live = out.isatty()
     base = directory or tempfile.mkdtemp(prefix="eventpipe-demo-")
     path = os.path.join(base, "events")
     dlq = os.path.join(base, "dead-letter")
@@ -137,36 +137,19 @@ def run_demo(
           f"{base}", file=out)
     print("  (lag is read from each consumer's checkpoint file, as any other process would)",
           file=out)
-    procs = [ctx.Process(target=_consumer, args=(path, name, dlq), name=f"consumer {name}")
-             for name in PROJECTIONS]
-    procs += [ctx.Process(target=_writer, args=(path, w, rate / writers, stop, w),
-                          name=f"writer {w}") for w in range(writers)]
+    consumers = [ctx.Process(target=_consumer, args=(path, name, dlq), name=f"consumer {name}")
+                 for name in PROJECTIONS]
+    producers = [ctx.Process(target=_writer, args=(path, w, rate / writers, stop, w),
+                             name=f"writer {w}") for w in range(writers)]
     problems: list[str] = []
     started = time.monotonic()
     try:
-        for p in procs:
+        for p in consumers + producers:
             p.start()
         with EventLog(path) as log:
-            last_head, last_t = log.head, time.monotonic()
-            while time.monotonic() - started < seconds:
-                time.sleep(0.5 if live else 1.0)
-                head, now = log.head, time.monotonic()
-                # Lag as any other process sees it: from each consumer's last checkpoint
-                # (taken every 0.2 s here), so it reads a little high while they keep up.
-                lags = {n: head - (_offset(path, n) or 0) for n in PROJECTIONS}
-                line = (f"  {now - started:4.1f}s  head {head:>9,}  "
-                        f"{(head - last_head) / (now - last_t):>9,.0f} events/s  " + "  ".join(
-                            f"{n} lag {lag:,}" for n, lag in lags.items()))
-                print(("\r" + line) if live else line, end="" if live else "\n", file=out,
-                      flush=True)
-                last_head, last_t = head, now
-            if live:
-                print(file=out)
+            _show_progress(path, log, started, seconds, out)
             stop.set()
-            for p in procs[len(PROJECTIONS):]:
-                p.join(30)
-                if p.exitcode != 0:
-                    problems.append(f"{p.name} exited with {p.exitcode}")
+            problems += _joined(producers)
             head = log.head
             print(f"  writers stopped at {head:,} events; waiting for consumers to drain",
                   file=out)
@@ -175,45 +158,80 @@ def run_demo(
                 _offset(path, n) != head for n in PROJECTIONS
             ):
                 time.sleep(0.05)
-            for p in procs[: len(PROJECTIONS)]:
+            for p in consumers:
                 if p.pid is not None and p.is_alive():
                     os.kill(p.pid, signal.SIGTERM)
-                p.join(30)
-                if p.exitcode != 0:
-                    problems.append(f"{p.name} exited with {p.exitcode}")
+            problems += _joined(consumers)
             elapsed = time.monotonic() - started
-            # The check: fold the log here, independently, and compare.
-            expected: dict[str, dict[str, int]] = {n: {} for n in PROJECTIONS}
-            bad = []
-            for rec in log.read():
-                for name, fold in PROJECTIONS.items():
-                    try:
-                        expected[name] = fold(expected[name], rec.event, rec.offset)
-                    except ValueError:
-                        bad.append(rec.offset)
-        for name in PROJECTIONS:
-            cp = _checkpoint(path, name)
-            if cp is None or cp.offset != head:
-                problems.append(f"consumer {name} stopped at {cp and cp.offset}, head {head}")
-            elif cp.state != expected[name]:
-                problems.append(f"consumer {name}'s state differs from a fold of the log")
-        with EventLog(dlq) as dead:
-            lettered = sorted(r.event["offset"] for r in dead.read())
-        if lettered != bad:
-            problems.append(f"dead-letter log holds offsets {lettered[:5]}..., expected {bad[:5]}")
+            bad = _check(path, log, head, dlq, problems)
     finally:
         stop.set()
-        for p in procs:
+        for p in consumers + producers:
             if p.pid is None:
                 continue  # never started
             if p.is_alive():
                 p.kill()
             p.join()
-    result = DemoResult(base, head, elapsed, len(bad), not problems, problems)
+    result = DemoResult(base, head, elapsed, bad, not problems, problems)
     verdict = "OK" if result.ok else "FAILED"
     print(f"{verdict}: {head:,} events from {writers} writers in {elapsed:.1f}s; each consumer's "
-          f"checkpointed state equals a fold of the log; {len(bad)} malformed events "
+          f"checkpointed state equals a fold of the log; {bad} malformed events "
           "dead-lettered exactly once." if result.ok else
           f"{verdict}: " + "; ".join(problems), file=out)
     print(f"  files kept in {base} (try: eventpipe status {path})", file=out)
     return result
+
+
+def _show_progress(path: str, log: EventLog, started: float, seconds: float,
+                   out: TextIO) -> None:
+    """Print the head, the rate and each consumer's lag until ``seconds`` have passed (one
+    line rewritten in place on a terminal, a line a second otherwise)."""
+    live = out.isatty()
+    last_head, last_t = log.head, time.monotonic()
+    while time.monotonic() - started < seconds:
+        time.sleep(0.5 if live else 1.0)
+        head, now = log.head, time.monotonic()
+        # Lag as any other process sees it: from each consumer's last checkpoint (taken every
+        # 0.2 s here), so it reads a little high while they keep up.
+        lags = {n: head - (_offset(path, n) or 0) for n in PROJECTIONS}
+        line = (f"  {now - started:4.1f}s  head {head:>9,}  "
+                f"{(head - last_head) / (now - last_t):>9,.0f} events/s  " + "  ".join(
+                    f"{n} lag {lag:,}" for n, lag in lags.items()))
+        print(("\r" + line) if live else line, end="" if live else "\n", file=out, flush=True)
+        last_head, last_t = head, now
+    if live:
+        print(file=out)
+
+
+def _joined(procs: Sequence[BaseProcess]) -> list[str]:
+    """Wait for ``procs`` to end; what went wrong with any of them."""
+    problems = []
+    for p in procs:
+        p.join(30)
+        if p.exitcode != 0:
+            problems.append(f"{p.name} exited with {p.exitcode}")
+    return problems
+
+
+def _check(path: str, log: EventLog, head: int, dlq: str, problems: list[str]) -> int:
+    """Fold the log here, independently, and compare with each consumer's checkpoint and the
+    dead-letter log; appends to ``problems``. Returns the number of malformed events."""
+    expected: dict[str, dict[str, int]] = {n: {} for n in PROJECTIONS}
+    bad = []
+    for rec in log.read():
+        for name, fold in PROJECTIONS.items():
+            try:
+                expected[name] = fold(expected[name], rec.event, rec.offset)
+            except ValueError:
+                bad.append(rec.offset)
+    for name in PROJECTIONS:
+        cp = _checkpoint(path, name)
+        if cp is None or cp.offset != head:
+            problems.append(f"consumer {name} stopped at {cp and cp.offset}, head {head}")
+        elif cp.state != expected[name]:
+            problems.append(f"consumer {name}'s state differs from a fold of the log")
+    with EventLog(dlq) as dead:
+        lettered = sorted(r.event["offset"] for r in dead.read())
+    if lettered != bad:
+        problems.append(f"dead-letter log holds offsets {lettered[:5]}..., expected {bad[:5]}")
+    return len(bad)

@@ -112,6 +112,28 @@ def _links_on_the_way(path: str) -> list[tuple[str, os.stat_result]]:
     return found
 
 
+def _groups_of(uid: int, gid: int, where: str,
+               what: str) -> tuple[pwd.struct_passwd | None, int, list[int]]:
+    """The owner's passwd entry (None if unknown), the primary group to take (the folder's
+    ``gid``, or the owner's own for group root) and the supplementary groups (root's left
+    out). UnsafePathError when only root's group is left."""
+    try:
+        entry: pwd.struct_passwd | None = pwd.getpwuid(uid)
+    except KeyError:
+        entry = None
+    if gid == 0:
+        # Root's group reads files no member of a log's group should reach through it.
+        if entry is None or entry.pw_gid == 0:
+            raise UnsafePathError(
+                f"{what} is owned by {user_name(uid)} and group root: refusing to run as that "
+                "user in group root; give the folder its own group (chgrp)", path=where)
+        gid = entry.pw_gid
+    groups = [gid]
+    if entry is not None:
+        groups = [g for g in os.getgrouplist(entry.pw_name, gid) if g != 0]
+    return entry, gid, groups
+
+
 def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
     """As root, become the owner of the log folder at ``path``; a message saying so, or None.
 
@@ -136,21 +158,7 @@ def drop_to_owner(path: str | os.PathLike[str]) -> str | None:
     uid, gid = st.st_uid, st.st_gid
     if uid == 0:
         return None
-    try:
-        entry: pwd.struct_passwd | None = pwd.getpwuid(uid)
-    except KeyError:
-        entry = None
-    if gid == 0:
-        # Root's group reads files no member of a log's group should reach through it.
-        if entry is None or entry.pw_gid == 0:
-            raise UnsafePathError(
-                f"{'link' if steering else 'folder'} is owned by {user_name(uid)} and group "
-                "root: refusing to run as that "
-                "user in group root; give the folder its own group (chgrp)", path=where)
-        gid = entry.pw_gid
-    groups = [gid]
-    if entry is not None:
-        groups = [g for g in os.getgrouplist(entry.pw_name, gid) if g != 0]
+    entry, gid, groups = _groups_of(uid, gid, where, "link" if steering else "folder")
     try:
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from ._checksum import BLOCK_BYTES, read_sum, sum_path
 from ._layout import Folder
-from ._segment import CountKey, Seal, list_segments, segment_exists
+from ._segment import CountKey, Seal, list_bases, segment_exists
 from .errors import CorruptLogError
 
 __all__ = ["SegmentIndex"]
@@ -105,7 +105,7 @@ class SegmentIndex:
             cached, generation = self._bases, self._generation
         if cached and cached[-1] >= active_base:
             return cached
-        listed = tuple(s.base for s in list_segments(self.folder))
+        listed = tuple(list_bases(self.folder))
         with self._lock:
             if self._generation == generation:
                 self._bases = listed

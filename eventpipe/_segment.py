@@ -142,6 +142,20 @@ def list_segments(folder: Folder | str) -> list[SegmentFile]:
     return [found[b] for b in sorted(found)]
 
 
+def list_bases(folder: Folder) -> list[int]:
+    """The sorted bases of the segment files in ``folder`` (either form): what
+    :func:`list_segments` gives, without building a path per file (readers' listings)."""
+    found = set()
+    width = NAME_DIGITS
+    for name in folder.names():
+        if (name.endswith(PLAIN_SUFFIX) and len(name) == width + len(PLAIN_SUFFIX)) or (
+                name.endswith(GZIP_SUFFIX) and len(name) == width + len(GZIP_SUFFIX)):
+            stem = name[:width]
+            if stem.isdigit():
+                found.add(int(stem))
+    return sorted(found)
+
+
 def segment_exists(folder: Folder, base: int) -> bool:
     """Whether segment ``base`` is on disk in either form.
 

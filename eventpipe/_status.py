@@ -253,32 +253,39 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"WARNING    {inotify['warning']}")
     lines.append("consumers" + ("" if report["consumers"] else "  none"))
     for c in report["consumers"]:
-        running = f"running (pid {', '.join(map(str, c['running_pids']))})" \
-            if c["running_pids"] else "stopped"
-        if "error" in c:
-            lines.append(f"  {c['name']:<20} ERROR {c['error']} (retention keeps everything "
-                         "for it until fixed)")
-        elif c.get("pending"):
-            lines.append(f"  {c['name']:<20} no checkpoint yet: retention keeps everything for "
-                         f"it  {running}  (if it was removed: eventpipe consumers forget "
-                         f"{report['path']} {c['name']})")
-        else:
-            behind = c.get("lag_seconds")
-            lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
-                         f"{c.get('lag', 0):>10,}"
-                         f" ({'?' if behind is None else f'{behind:.1f}s'})  checkpoint "
-                         f"{c.get('checkpoint_age_seconds', 0):.1f}s ago  {running}")
-        stop = c.get("last_stop")
-        if stop:
-            lines.append(f"  {'':<20} stopped by: {stop.get('error')} (pid {stop.get('pid')}, "
-                         f"{max(0.0, time.time() - float(stop.get('time') or 0)):.0f}s ago)")
-        if c.get("dead_letter_log"):
-            count = c.get("dead_letters")
-            lines.append(f"  {'':<20} dead letters: {count:,} in {c['dead_letter_log']}"
-                         if count is not None else
-                         f"  {'':<20} dead letters: ? ({c['dead_letter_log']} cannot be read, "
-                         "or holds another log now)")
-        if c.get("external"):
-            lines.append(f"  {'':<20} external checkpoint {c.get('checkpoint') or '?'} "
-                         f"(registered in {c.get('registration')})")
+        lines += _consumer_lines(c, report["path"])
     return "\n".join(lines) + "\n"
+
+
+def _consumer_lines(c: dict[str, Any], path: str) -> list[str]:
+    """One consumer's lines in :func:`format_status`."""
+    lines = []
+    running = f"running (pid {', '.join(map(str, c['running_pids']))})" \
+        if c["running_pids"] else "stopped"
+    if "error" in c:
+        lines.append(f"  {c['name']:<20} ERROR {c['error']} (retention keeps everything "
+                     "for it until fixed)")
+    elif c.get("pending"):
+        lines.append(f"  {c['name']:<20} no checkpoint yet: retention keeps everything for "
+                     f"it  {running}  (if it was removed: eventpipe consumers forget "
+                     f"{path} {c['name']})")
+    else:
+        behind = c.get("lag_seconds")
+        lines.append(f"  {c['name']:<20} offset {c.get('offset', 0):>12,}  lag "
+                     f"{c.get('lag', 0):>10,}"
+                     f" ({'?' if behind is None else f'{behind:.1f}s'})  checkpoint "
+                     f"{c.get('checkpoint_age_seconds', 0):.1f}s ago  {running}")
+    stop = c.get("last_stop")
+    if stop:
+        lines.append(f"  {'':<20} stopped by: {stop.get('error')} (pid {stop.get('pid')}, "
+                     f"{max(0.0, time.time() - float(stop.get('time') or 0)):.0f}s ago)")
+    if c.get("dead_letter_log"):
+        count = c.get("dead_letters")
+        lines.append(f"  {'':<20} dead letters: {count:,} in {c['dead_letter_log']}"
+                     if count is not None else
+                     f"  {'':<20} dead letters: ? ({c['dead_letter_log']} cannot be read, "
+                     "or holds another log now)")
+    if c.get("external"):
+        lines.append(f"  {'':<20} external checkpoint {c.get('checkpoint') or '?'} "
+                     f"(registered in {c.get('registration')})")
+    return lines

@@ -310,10 +310,47 @@ class TimeIndex:
 
     def first_at_or_after(self, base: int, time_ns: int) -> int | None:
         """The first offset of segment ``base`` appended at or after ``time_ns``; None when
-        every event there with a known time is earlier."""
+        every event there with a known time is earlier.
+
+        Bisects the file with one-entry reads unless its entries are cached, so the first
+        lookup in a segment costs log2(entries) reads, not a read of them all."""
+        claimed = self._claimed(base)
+        with self._lock:
+            got = self._cache.get(base)
+        if got is None or (got.claimed is not None and got.claimed != claimed):
+            found = self._bisect_file(base, time_ns, claimed)
+            if found is not False:
+                return found
         rels, times = self.entries(base)
         i = bisect.bisect_left(times, time_ns)
         return None if i == len(times) else base + rels[i]
+
+    def _bisect_file(self, base: int, time_ns: int, claimed: int | None) -> int | bool | None:
+        """:meth:`first_at_or_after` by reading single entries; False when an entry read
+        fails its checks (the caller then reads the valid prefix, as every reader does)."""
+        fd = self._open(base)
+        if fd is None:
+            return None
+        try:
+            n = os.fstat(fd).st_size // ENTRY_SIZE
+            if claimed is not None:
+                n = min(n, claimed)
+            lo, hi, found = 0, n, None
+            while lo < hi:
+                mid = (lo + hi) // 2
+                raw = os.pread(fd, ENTRY_SIZE, mid * ENTRY_SIZE)
+                if len(raw) != ENTRY_SIZE:
+                    return False
+                rel, t, crc = _ENTRY.unpack(raw)
+                if crc != _crc32(raw[:12]):
+                    return False
+                if t >= time_ns:
+                    hi, found = mid, rel
+                else:
+                    lo = mid + 1
+        finally:
+            os.close(fd)
+        return None if found is None else base + found
 
     def offset_at(self, time_ns: int, bases: list[int], head: int) -> int:
         """The first offset appended at or after ``time_ns``, ``head`` if none: ``bases`` are

@@ -462,31 +462,12 @@ def verify_log(
     for i, listed in enumerate(segs):
         if progress is not None:
             progress(i, len(segs))
-        sealed = listed.base < header.segment_base
         next_base = segs[i + 1].base if i + 1 < len(segs) else header.head
-        try:
-            seg, content = _content(listed, sealed, header.committed, problems)
-        except FileNotFoundError:
-            # Removed by retention since we listed (it only removes sealed segments, oldest
-            # first, so the header has moved past it): no longer part of the log.
-            if sealed and _removed(folder, listed.base):
-                continue
-            if not sealed and _moved_on(head_path, listed.base) and _removed(folder,
-                                                                              listed.base):
-                continue
-            problems.append(Problem(listed.path, listed.base, "segment file is missing"))
-            continue
-        except OSError as exc:
-            problems.append(Problem(listed.path, listed.base,
-                                    f"segment unreadable: {_reason(exc)}"))
-            continue
-        if content is None:
-            continue
-        summary["events"] += _check_segment(seg, content, next_base - seg.base, problems,
-                                            folder, sealed)
-        summary["segments"] += 1
-        last_time = _check_times(folder, seg.base, next_base - seg.base,
-                                 None if sealed else header, last_time, problems)
+        events, last_time = _check_listed(listed, next_base, header, head_path, last_time,
+                                          problems)
+        if events is not None:
+            summary["events"] += events
+            summary["segments"] += 1
     if progress is not None:
         progress(len(segs), len(segs))
     first_checkpoint_problem = len(problems)
@@ -494,6 +475,32 @@ def verify_log(
     problems[first_checkpoint_problem:] = [
         p._replace(kind="checkpoint") for p in problems[first_checkpoint_problem:]]
     return problems, summary
+
+
+def _check_listed(listed: SegmentFile, next_base: int, header: Header, head_path: str,
+                  last_time: int, problems: list[Problem]) -> tuple[int | None, int]:
+    """Check one listed segment and its time index: (events it holds, or None when it was
+    not checked; the last time seen so far)."""
+    folder = os.path.dirname(listed.path)
+    sealed = listed.base < header.segment_base
+    try:
+        seg, content = _content(listed, sealed, header.committed, problems)
+    except FileNotFoundError:
+        # Removed by retention since we listed (it only removes sealed segments, oldest
+        # first, so the header has moved past it): no longer part of the log.
+        gone = _removed(folder, listed.base) and (sealed or _moved_on(head_path, listed.base))
+        if not gone:
+            problems.append(Problem(listed.path, listed.base, "segment file is missing"))
+        return None, last_time
+    except OSError as exc:
+        problems.append(Problem(listed.path, listed.base, f"segment unreadable: {_reason(exc)}"))
+        return None, last_time
+    if content is None:
+        return None, last_time
+    events = _check_segment(seg, content, next_base - seg.base, problems, folder, sealed)
+    last_time = _check_times(folder, seg.base, next_base - seg.base,
+                             None if sealed else header, last_time, problems)
+    return events, last_time
 
 
 def _check_times(folder: str, base: int, events: int, active: Header | None, last_time: int,
