@@ -43,8 +43,11 @@ if TYPE_CHECKING:
 
 __all__ = ["add_commands", "legacy_alias"]
 
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``consumers`` and ``consumer show|reset|delete|forget``."""
+    # Long on purpose: one declaration per command and flag, read top to bottom as the
+    # --help pages they make; there is no logic here to split.
     p = sub.add_parser(
         "consumers", help="list the consumers a log knows of: offset, lag, state, pid",
         description="List every consumer the log knows of (checkpoints in <log>/consumers and "
