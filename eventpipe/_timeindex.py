@@ -183,6 +183,7 @@ class TimeIndex:
         self._cache: dict[int, _Cached] = {}
         self._first: dict[int, int | None] = {}  # sealed segments' first entry time
         self._warned: set[int] = set()
+        self._probed: set[int] = set()  # segments looked up by time at least once
         self._active = (-1, 0)  # (base, committed entries) of the newest header noted
 
     def note(self, segment_base: int, tcount: int) -> None:
@@ -194,6 +195,7 @@ class TimeIndex:
         with self._lock:
             self._cache.clear()
             self._first.clear()
+            self._probed.clear()
             self._active = (-1, 0)
 
     def _claimed(self, base: int) -> int | None:
@@ -317,7 +319,11 @@ class TimeIndex:
         claimed = self._claimed(base)
         with self._lock:
             got = self._cache.get(base)
-        if got is None or (got.claimed is not None and got.claimed != claimed):
+            again = base in self._probed
+            self._probed.add(base)
+        if not again and (got is None or (got.claimed is not None and got.claimed != claimed)):
+            # The first lookup here: a few reads. A second one reads and caches the entries,
+            # so a reader that keeps asking about a segment bisects them in memory.
             found = self._bisect_file(base, time_ns, claimed)
             if found is not False:
                 return found
