@@ -325,7 +325,7 @@ class Appender:
                 # never below the last one stored, whatever the clock did.
                 now = _time_ns()
                 if now < tlast:
-                    self.clock_steps_back += 1
+                    self._clock_stepped_back(now, tlast)
                     now = tlast
                 if (committed + size <= self._max_bytes
                         and head - base + n <= self._max_events):
@@ -548,6 +548,14 @@ class Appender:
             _recovery.quarantine(
                 fd, segment_path(self.segments_dir, base), self.root, base, start, end,
                 file_mode=self.config.file_mode, dir_mode=self.config.dir_mode)
+
+    def _clock_stepped_back(self, now: int, stored: int) -> None:
+        self.clock_steps_back += 1
+        if self.clock_steps_back == 1:  # once per process: the clock, not the log, is wrong
+            _timeindex.log.warning(
+                "%s: the clock reads %.3f s earlier than the last append time stored; appends "
+                "get that stored time until the clock passes it (times never go back)",
+                self.path, (stored - now) / 1e9)
 
     # ------------------------------------------------------------------------------ rolling
 

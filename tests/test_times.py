@@ -92,7 +92,7 @@ def test_batches_get_their_commit_time_and_fast_ones_share_a_millisecond(
 
 
 def test_a_clock_stepped_back_gives_equal_times_never_earlier(
-        log_path: Path, clock: FakeClock) -> None:
+        log_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     with EventLog(log_path, segment_max_events=3) as log:
         log.append({"i": 0})
         clock.now += 5 * MS
@@ -104,6 +104,7 @@ def test_a_clock_stepped_back_gives_equal_times_never_earlier(
         log.append({"i": 8})
         assert times(log) == [T0] + [T0 + 5 * MS] * 7 + [T0 + 10 * MS]
         assert log.clock_steps_back == 2
+        assert caplog.text.count("the clock reads 3600.005 s earlier") == 1
     assert verify_log(log_path)[0] == []
 
 
