@@ -320,6 +320,19 @@ class ChangeNotifier:
         """
         self._signal()
 
+    @property
+    def pending(self) -> bool:
+        """True while a hint is posted that no wait has taken yet (the next wait returns True
+        at once). Reading it does not take the hint."""
+        with self._lock:
+            return self._pending
+
+    def waiting(self) -> tuple[int, int]:
+        """How many waits are blocked on this notifier now: ``(threads in wait(), coroutines
+        in wait_async())``. For diagnostics; the counts may change as soon as they are read."""
+        with self._lock:
+            return len(self._sync_waiters), len(self._async_waiters)
+
     def _signal(self) -> None:
         # Called from the watchdog observer thread for every matching event: keep it short.
         with self._lock:

@@ -418,6 +418,22 @@ class Compressor:
             self._note_error(exc)
             return False
 
+    def resume(self) -> None:
+        """After :meth:`finish`: let :meth:`kick` start the background thread again and
+        passes run without a deadline (a finished compressor would otherwise stop every later
+        pass, an explicit ``compress()`` included, at once)."""
+        with self._starting:
+            if self._thread is None:
+                self._stop.clear()
+                self._abandon.clear()
+                self._deadline = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is alive (idle or in a pass)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def close(self) -> None:
         """Stop the thread now: an in-flight segment is abandoned (its temp file removed)."""
         self._abandon.set()

@@ -253,11 +253,20 @@ class EventLog:
             counts.append(count)
         return self._commit_batch(blobs, counts)
 
-    def _append_lines(self, lines: bytes, count: int) -> range:
-        """Store ``count`` events given as compact JSON lines (each from :meth:`encode`, each
-        ending in a newline) as one atomic batch; for writers in this package that encode
-        ahead (the buffered writer, the CLI). The framing and sizes are checked, the JSON is
-        not parsed: that is why this is not public (a caller's non-JSON line would be stored).
+    def append_lines(self, lines: bytes, count: int) -> range:
+        """Store ``count`` events given as JSON lines, as one atomic batch; return their
+        offsets.
+
+        ``lines`` holds ``count`` JSON documents, each on one line ending in a newline: what
+        :meth:`encode` returns plus ``b"\\n"``, or JSON text the caller has checked (read
+        from a file, say). For writers that encode ahead (the buffered writer, ``eventpipe
+        append``). The framing is checked (UnserializableEventError unless the newlines make
+        exactly ``count`` lines) and so is each event's size (EventTooLargeError over
+        ``max_event_bytes``); nothing of the batch is written then. The JSON is not parsed,
+        for speed: a line that is not JSON would be stored, and reading it would raise
+        CorruptLogError. Re-encode text of unknown origin first (``eventpipe append``
+        re-encodes every line), or use :meth:`append_many`. Other errors are as for
+        :meth:`append`.
         """
         if lines.count(b"\n") != count or (lines and not lines.endswith(b"\n")):
             raise UnserializableEventError(
@@ -266,6 +275,9 @@ class EventLog:
         if len(lines) - count > self.config.max_event_bytes:
             self._check_sizes(lines.split(b"\n")[:-1], 0)
         return self._commit_batch([lines], [count])
+
+    # The name it had while internal, still called by BufferedWriter (eventpipe/_buffered.py).
+    _append_lines = append_lines
 
     def _check_sizes(self, payloads: list[bytes], first_index: int) -> None:
         limit = self.config.max_event_bytes
@@ -344,6 +356,43 @@ class EventLog:
         """
         self._check_open()
         return self._compression().run_pass(blocking=True, compress=True)
+
+    def finish_sealing(self, timeout: float = FINISH_TIMEOUT) -> bool:
+        """Do the sealing work left (checksums, compression, retention) now, in this thread,
+        as :meth:`close` does; True when none is left.
+
+        For a writer that wants its sealed segments done before it goes on or exits, with a
+        time limit of its choosing (:meth:`close` gives them 10 s). Stops the background
+        thread first, after its current segment; the next roll or :meth:`seal_soon` starts
+        it again. Never waits for the compress lock: if another process holds it, that
+        process does the work (whoever releases the lock looks for work sealed meanwhile),
+        and this returns False. Gives up at ``timeout`` seconds, returning False (a segment
+        half compressed is done again by the next pass). Errors are in :attr:`sealing_errors`.
+        """
+        self._check_open()
+        compressor = self._compression()
+        done = compressor.finish(timeout)
+        compressor.resume()
+        return done
+
+    @property
+    def sealing_errors(self) -> list[BaseException]:
+        """The last few errors (at most 10) of this process's sealing passes on this log,
+        oldest first, without tracebacks; a failed pass is retried at the next roll.
+        ``eventpipe status`` shows the last pass's errors of every process."""
+        compressor = self._compressor
+        if compressor is None or self._compressor_pid != os.getpid():
+            return []
+        return compressor.errors
+
+    @property
+    def sealing_in_background(self) -> bool:
+        """Whether this process's background sealing thread for this log is alive (started
+        by a roll, a writer opening the log, or :meth:`seal_soon`; stopped by
+        :meth:`finish_sealing` and :meth:`close`)."""
+        compressor = self._compressor
+        return (compressor is not None and self._compressor_pid == os.getpid()
+                and compressor.running)
 
     def prune(
         self,
@@ -463,19 +512,11 @@ class EventLog:
         self.segment_index.invalidate()
         self.time_index.forget()
 
-    def _read_header(self) -> Header:
-        """Old name of :meth:`committed_header`, kept while callers move to it."""
-        return self.committed_header()
-
     @property
     def head(self) -> int:
         """The next offset to be assigned: the number of events ever appended."""
         self._check_open()
         return self.committed_header().head
-
-    def _bases_stale(self) -> None:
-        """Old name of ``segment_index.invalidate()``, kept while callers move to it."""
-        self.segment_index.invalidate()
 
     def _not_stored(self, offset: int, base: int | None) -> EventPipeError:
         """Why ``offset`` (in segment ``base``, when known) is not on disk, judged on a fresh

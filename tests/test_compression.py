@@ -87,7 +87,7 @@ log = EventLog(sys.argv[1], segment_max_events=7, sync="none", retention_max_byt
 start = int(sys.argv[2])
 log.append_many([{"i": i, "pad": "y" * 150} for i in range(start, start + 300)])
 print("ready", flush=True)
-log._compression().finish(60)  # killed somewhere in here (or in the background pass before)
+log.finish_sealing(60)  # killed somewhere in here (or in the background pass before)
 print("done", flush=True)
 """
 
@@ -112,7 +112,7 @@ def test_background_passes_killed_at_random_moments_keep_the_watermark_true(
     with EventLog(log_path, segment_max_events=7, sync="none",
                   retention_max_bytes=60000) as log:
         log.append({"i": 3000, "pad": ""})
-        assert log._compression().finish(120)
+        assert log.finish_sealing(120)
         first = log.first_offset
         recs = list(log.read(first))
         assert [r.offset for r in recs] == list(range(first, 3002))

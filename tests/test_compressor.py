@@ -153,40 +153,59 @@ def test_short_lived_cli_writers_leave_every_sealed_segment_sealed_and_pruned(
 def test_finish_gives_up_at_its_timeout_and_the_next_finish_completes(log_path: Path) -> None:
     with EventLog(log_path, segment_max_events=1, sync="none") as log:
         log.append_many([{"i": i, "pad": "p" * 300} for i in range(600)])
-        compressor = log._compression()
         started = time.monotonic()
-        done = compressor.finish(0.3)
+        done = log.finish_sealing(0.3)
         elapsed = time.monotonic() - started
         assert not done, "600 segments (2400 fsyncs) cannot all be sealed in 0.3 s"
-        assert elapsed < 0.3 + 5.0, f"finish(0.3) took {elapsed:.2f} s"
+        assert elapsed < 0.3 + 5.0, f"finish_sealing(0.3) took {elapsed:.2f} s"
         assert unfinished(log_path), "work is left"
-        assert compressor._thread is None, "the background thread was stopped"
+        assert not log.sealing_in_background, "the background thread was stopped"
     with EventLog(log_path) as log:
-        assert log._compression().finish(300)
+        assert log.finish_sealing(300)
     assert unfinished(log_path) == []
 
 
+def test_after_finish_sealing_rolls_and_compress_seal_again(log_path: Path) -> None:
+    """finish_sealing() stops the background thread for its own work only: a later roll
+    starts it again, and an explicit compress() long after its timeout still works."""
+    with EventLog(log_path, segment_max_events=1, sync="none", compression=None) as log:
+        log.append_many([{"i": i} for i in range(5)])
+        assert log.finish_sealing(0.2)
+        assert unfinished(log_path, compressed=False) == []
+        time.sleep(0.3)  # past finish_sealing's timeout
+        log.append({"i": 5})  # seals segment 4's successor: kicks the compressor
+        wait_until(lambda: unfinished(log_path, compressed=False) == [], "the restarted pass")
+        assert log.sealing_in_background
+        assert log.compress() == 5
+    assert unfinished(log_path) == []
+
+
+BACKLOG_LEFT = r"""
+import os, sys
+from eventpipe import EventLog
+log = EventLog(sys.argv[1], segment_max_events=1, sync="none", compression=None)
+log.append_many([{"i": i, "pad": "p" * 300} for i in range(int(sys.argv[2]))])
+os._exit(0)  # as a writer killed: the sealing backlog is left (for A)
+"""
+
 READ_ONLY_FINISH = r"""
-import sys, time
+import os, sys
 from eventpipe import Consumer, EventLog
 log = EventLog(sys.argv[1])
-compressor = log._compression()
 print("go", flush=True)
-print("done" if compressor.finish(float(sys.argv[2])) else "left", flush=True)
-compressor.close()
-log.close()
+print("done" if log.finish_sealing(float(sys.argv[2])) else "left", flush=True)
+os._exit(0)  # nothing more: not close()'s own pass either
 """
 
 SEAL_AND_FINISH = r"""
-import sys, time
+import os, sys, time
 from eventpipe import Consumer, EventLog
-with EventLog(sys.argv[1], segment_max_events=1, sync="none") as log:
-    log.append_many([{"late": i} for i in range(3)])  # seals segments while the lock is held
-    compressor = log._compression()
-    started = time.monotonic()
-    done = compressor.finish(30)
-    print("done" if done else "left", round(time.monotonic() - started, 3), flush=True)
-    compressor.close()
+log = EventLog(sys.argv[1], segment_max_events=1, sync="none")
+log.append_many([{"late": i} for i in range(3)])  # seals segments while the lock is held
+started = time.monotonic()
+done = log.finish_sealing(30)
+print("done" if done else "left", round(time.monotonic() - started, 3), flush=True)
+os._exit(0)  # not close(), which would look for the work again: it is A's to do
 """
 
 
@@ -204,9 +223,10 @@ def test_a_finish_that_finds_the_lock_held_leaves_its_work_to_the_holder(
     """
     for backlog in (300, 1200, 4800):
         log_path = tmp_path / f"log{backlog}"
-        with EventLog(log_path, segment_max_events=1, sync="none", compression=None) as log:
-            log.append_many([{"i": i, "pad": "p" * 300} for i in range(backlog)])
-            log._compression().close()  # leave the backlog for A
+        backlog_left = subprocess.run(
+            [sys.executable, "-c", BACKLOG_LEFT, str(log_path), str(backlog)],
+            capture_output=True, timeout=120, env=env(), check=False)
+        assert backlog_left.returncode == 0, backlog_left.stderr
         holder = children.popen([sys.executable, "-c", READ_ONLY_FINISH, str(log_path), "600"],
                                 env=env())
         assert holder.stdout is not None and holder.stdout.readline() == b"go\n"
@@ -243,7 +263,7 @@ def test_a_reader_that_kicks_does_the_sealing_work_writers_left(log_path: Path) 
     with EventLog(log_path) as reader:  # reads only: a consumer's log
         reader.seal_soon()
         wait_until(lambda: unfinished(log_path) == [], "the reader's compressor")
-        assert reader._compression()._thread is not None
+        assert reader.sealing_in_background
     assert (log_path / "writer.lock").stat().st_mtime_ns == writer_lock
 
 
@@ -362,7 +382,6 @@ def test_a_damaged_gzip_segment_without_checksum_is_recorded_once_not_retried(
 def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path) -> None:
     with EventLog(log_path, segment_max_events=10, sync="none", compression=None) as log:
         log.append_many([{"i": i} for i in range(25)])
-        log._compression().close()
     seg = log_path / "segments"
     for name in os.listdir(seg):
         if not name.endswith(".jsonl"):
@@ -376,7 +395,7 @@ def test_errors_stay_few_and_status_in_another_process_shows_them(log_path: Path
             log.append({"roll": i})  # each append seals a segment and kicks the compressor
             wait_until((seg / f"{sealing:020d}.sum").exists, "the pass")
         assert unfinished(log_path, compressed=False) == [10]
-        errors = log._compression().errors
+        errors = log.sealing_errors
         assert 1 <= len(errors) <= ERRORS_KEPT, f"{len(errors)} errors kept"
         assert all(e.__traceback__ is None for e in errors), "errors pin their frames"
         sealing = json.loads(cli("status", log_path, "--json").stdout)["sealing"]
@@ -430,7 +449,6 @@ def test_a_compressor_killed_while_writing_a_checksum_leaves_nothing_behind(
         log_path: Path) -> None:
     with EventLog(log_path, segment_max_events=10, sync="none", compression=None) as log:
         log.append_many([{"i": i} for i in range(45)])
-        log._compression().close()
     seg = log_path / "segments"
     for name in os.listdir(seg):
         if name.endswith(".sum"):
@@ -523,7 +541,7 @@ def _plain_log(log_path: Path, segments: int, *, event_bytes: int = 100,
         for i in range(segments * per_segment + 1):  # the last one opens the active one
             # Random text: gzip works for it (repeated text would compress in no time).
             log.append({"i": i, "pad": os.urandom(event_bytes // 2).hex()})
-        assert log._compression().finish(120)
+        assert log.finish_sealing(120)
     assert unfinished(log_path) == list(range(0, segments * per_segment, per_segment))
 
 

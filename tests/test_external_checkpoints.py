@@ -67,7 +67,7 @@ def append(log: Path, count: int, first: int, **options: Any) -> None:
     with EventLog(log, segment_max_events=SEG, sync="none", **options) as lg:
         for i in range(first, first + count):
             lg.append({"i": i, "pad": "p" * 50})
-        assert lg._compression().finish(60)
+        assert lg.finish_sealing(60)
 
 
 def bases(log: Path) -> list[int]:

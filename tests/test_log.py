@@ -360,12 +360,12 @@ def test_a_missing_active_segment_is_reported_as_damage(log_path: Path) -> None:
 
 def test_append_lines_checks_framing_and_sizes(log_path: Path) -> None:
     with EventLog(log_path, max_event_bytes=20) as log:
-        assert log._append_lines(b'{"a":1}\n{"a":2}\n', 2) == range(0, 2)
+        assert log.append_lines(b'{"a":1}\n{"a":2}\n', 2) == range(0, 2)
         for lines, count in [(b'{"a":1}\n', 2), (b'{"a":1}', 1), (b'{"a":1}\n{"b":2}', 2)]:
             with pytest.raises(UnserializableEventError, match="newline-terminated"):
-                log._append_lines(lines, count)
+                log.append_lines(lines, count)
         with pytest.raises(ValueError, match="max_event_bytes"):
-            log._append_lines(b'{"a":1}\n{"big":"' + b"x" * 30 + b'"}\n', 2)
+            log.append_lines(b'{"a":1}\n{"big":"' + b"x" * 30 + b'"}\n', 2)
         assert [r.event for r in log.read()] == [{"a": 1}, {"a": 2}]
 
 

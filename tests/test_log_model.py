@@ -452,9 +452,8 @@ def test_explicit_compress_while_background_compression_runs() -> None:
             log.append_many(events)  # 119 sealed segments: kicks the background compressor
             log.compress()  # runs while the background pass is still going
             assert [r.event for r in log.read()] == events
-            compressor = log._compressor
-            assert compressor is not None
-            assert compressor.errors == [], f"background compression failed: {compressor.errors}"
+            errors = log.sealing_errors
+            assert errors == [], f"background compression failed: {errors}"
 
 
 

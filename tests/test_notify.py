@@ -56,11 +56,11 @@ def new_threads(before: set[threading.Thread]) -> set[threading.Thread]:
 
 
 def blocked_sync_waiters(n: ChangeNotifier) -> int:
-    return len(n._sync_waiters)
+    return n.waiting()[0]
 
 
 def blocked_async_waiters(n: ChangeNotifier) -> int:
-    return len(n._async_waiters)
+    return n.waiting()[1]
 
 
 @pytest.fixture
@@ -400,7 +400,7 @@ def test_changes_to_other_files_do_not_wake(watched: ChangeNotifier, log_dir: Pa
 
 def test_file_change_before_wait_is_kept(watched: ChangeNotifier, log_dir: Path) -> None:
     pwrite(log_dir / "head")
-    until(lambda: watched._pending)  # delivered while nobody waits
+    until(lambda: watched.pending)  # delivered while nobody waits
     assert watched.wait(0) is True
     assert watched.wait(0) is False
 

@@ -50,11 +50,10 @@ def assert_state_matches_the_disk(log: Path) -> None:
 
 
 def roll(log: EventLog, n: int, start: int) -> None:
-    """Append ``n`` events that each seal a segment, then finish the sealing work (which
-    stops this log's compressor: a test goes on with a new EventLog)."""
+    """Append ``n`` events that each seal a segment, then finish the sealing work."""
     for i in range(start, start + n):
         log.append({"i": i, "pad": "p" * 100})
-    assert log._compression().finish(60)
+    assert log.finish_sealing(60)
 
 
 def test_by_bytes_keeps_the_total_under_the_limit_and_its_count_true(log_path: Path) -> None:

@@ -138,7 +138,7 @@ def cmd_append(args: argparse.Namespace) -> int:
             # SIGTERM waits while a batch commits: all of it is stored, or none.
             masked = _block_sigterm()
             try:
-                offsets = log._append_lines(bytes(batch), batched)
+                offsets = log.append_lines(bytes(batch), batched)
             finally:
                 _unblock_sigterm(masked)
             batch.clear()
