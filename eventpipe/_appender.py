@@ -274,8 +274,13 @@ class Appender:
 
     # ------------------------------------------------------------------------------ commit
 
-    def commit(self, blobs: list[bytes], counts: Sequence[int], size: int, n: int) -> range:
+    def commit(self, blobs: list[bytes], counts: Sequence[int], size: int, n: int,
+               at: int | None = None) -> range:
         """Write ``blobs`` (``counts`` events each, ``size`` bytes, ``n`` events) and commit.
+
+        ``at`` gives the batch its append time (ns) instead of the clock: a copy of another
+        log keeps that log's times (it still never goes below the last time stored, and
+        gets an entry of its own whenever it differs from the last one).
 
         ``size`` and ``n`` could be derived from ``blobs`` and ``counts``; every caller has
         them already (it checked the batch against the limits), and summing again would
@@ -323,7 +328,7 @@ class Appender:
                                                      path=self.head_path) from exc
                 # The append time, under the lock so times rise with offsets across writers;
                 # never below the last one stored, whatever the clock did.
-                now = _time_ns()
+                now = _time_ns() if at is None else at
                 if now < tlast:
                     self._clock_stepped_back(now, tlast)
                     now = tlast
@@ -337,7 +342,8 @@ class Appender:
                             if _pwrite(seg_fd, blob, position) != len(blob):
                                 write_all(seg_fd, blob, position)  # short write: finish or raise
                             position += len(blob)
-                        if not tcount or now - tlast >= GRAIN_NS:
+                        if not tcount or now - tlast >= GRAIN_NS or (at is not None
+                                                                     and now != tlast):
                             # A time entry for this batch (see _timeindex for the grain).
                             write_all(w.times_fd, pack_entry(head - base, now),
                                       tcount * ENTRY_SIZE)
@@ -371,7 +377,7 @@ class Appender:
                 else:
                     done = self._commit_across_segments(
                         w, Header(head, base, committed, synced, boot, 0, tcount, tlast),
-                        blobs, counts, now)
+                        blobs, counts, now, at is not None)
             finally:
                 try:
                     _flock(w.lock_fd, _LOCK_UN)
@@ -599,11 +605,13 @@ class Appender:
         return parts
 
     def _commit_across_segments(
-        self, w: _WriterState, h: Header, blobs: list[bytes], counts: Sequence[int], now: int
+        self, w: _WriterState, h: Header, blobs: list[bytes], counts: Sequence[int], now: int,
+        exact: bool,
     ) -> range:
         """Write a batch that rolls the active segment; one header rewrite commits it all.
 
-        ``now`` is the batch's append time (already at least ``h.tlast``)."""
+        ``now`` is the batch's append time (already at least ``h.tlast``); ``exact``: it was
+        given (see :meth:`commit`), so it gets an entry whenever it differs from the last."""
         cfg = self.config
         parts = self._plan(h, blobs, counts)
         done = range(h.head, h.head + sum(counts))
@@ -619,7 +627,7 @@ class Appender:
                     os.fdatasync(w.head_fd)
             for part in parts:
                 tcount, tlast = self._write_part(w, h, part, len(parts) > 1, created, now,
-                                                 tcount, tlast)
+                                                 tcount, tlast, exact)
             if cfg.sync != "none":
                 # Sealed segments are synced whatever the policy's interval: it is once per
                 # roll, and it keeps "interval" from ever losing more than the active segment.
@@ -646,7 +654,7 @@ class Appender:
 
     def _write_part(self, w: _WriterState, h: Header, part: _Part, rolls: bool,
                     created: list[tuple[int, int, int]], now: int, tcount: int,
-                    tlast: int) -> tuple[int, int]:
+                    tlast: int, exact: bool) -> tuple[int, int]:
         """Write one part of a batch (into the active segment, or a new one it adds to
         ``created``) and its time entry; returns the time entry count and last time of the
         segment written."""
@@ -662,7 +670,7 @@ class Appender:
         if part.base != h.segment_base:
             write_all(times_fd, pack_entry(0, now), 0)
             return 1, now
-        if part.count and (not tcount or now - tlast >= GRAIN_NS):
+        if part.count and (not tcount or now - tlast >= GRAIN_NS or (exact and now != tlast)):
             write_all(times_fd, pack_entry(h.head - h.segment_base, now), tcount * ENTRY_SIZE)
             tcount, tlast = tcount + 1, now
         if rolls:

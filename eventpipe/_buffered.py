@@ -231,7 +231,7 @@ class BufferedWriter:
         self._data = bytearray()
         self._count = 0
         try:
-            offsets = self._log._append_lines(bytes(data), count)
+            offsets = self._log.append_lines(bytes(data), count)
         except BaseException as exc:
             committed = _committed(exc)
             if len(committed) == count and committed.start >= floor:

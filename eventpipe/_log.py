@@ -253,7 +253,7 @@ class EventLog:
             counts.append(count)
         return self._commit_batch(blobs, counts)
 
-    def append_lines(self, lines: bytes, count: int) -> range:
+    def append_lines(self, lines: bytes, count: int, *, time_ns: int | None = None) -> range:
         """Store ``count`` events given as JSON lines, as one atomic batch; return their
         offsets.
 
@@ -267,6 +267,10 @@ class EventLog:
         CorruptLogError. Re-encode text of unknown origin first (``eventpipe append``
         re-encodes every line), or use :meth:`append_many`. Other errors are as for
         :meth:`append`.
+
+        ``time_ns`` gives the batch its append time instead of the clock: a copy of another
+        log (a mirror) keeps that log's times, to the nanosecond (never below the last time
+        stored: a time earlier than that is raised to it, as for a clock stepped back).
         """
         if lines.count(b"\n") != count or (lines and not lines.endswith(b"\n")):
             raise UnserializableEventError(
@@ -274,10 +278,7 @@ class EventLog:
                 path=self.path)
         if len(lines) - count > self.config.max_event_bytes:
             self._check_sizes(lines.split(b"\n")[:-1], 0)
-        return self._commit_batch([lines], [count])
-
-    # The name it had while internal, still called by BufferedWriter (eventpipe/_buffered.py).
-    _append_lines = append_lines
+        return self._commit_batch([lines], [count], time_ns)
 
     def _check_sizes(self, payloads: list[bytes], first_index: int) -> None:
         limit = self.config.max_event_bytes
@@ -292,7 +293,8 @@ class EventLog:
                     path=self.path,
                 )
 
-    def _commit_batch(self, blobs: list[bytes], counts: list[int]) -> range:
+    def _commit_batch(self, blobs: list[bytes], counts: list[int],
+                      time_ns: int | None = None) -> range:
         n = sum(counts)
         if n == 0:
             self._check_open()
@@ -300,7 +302,7 @@ class EventLog:
                 self._appender.open()
             head = self.committed_header().head
             return range(head, head)
-        return self._appender.commit(blobs, counts, sum(map(len, blobs)), n)
+        return self._appender.commit(blobs, counts, sum(map(len, blobs)), n, time_ns)
 
     def _raise_bad_event(self, events: list[Any] | tuple[Any, ...]) -> NoReturn:
         for index, event in enumerate(events):

@@ -35,6 +35,7 @@ from eventpipe import EventLog, OffsetOutOfRangeError
 from eventpipe._checksum import SUM_SUFFIX, read_sum, sum_blocks
 from eventpipe._header import decode_header
 from eventpipe._segment import list_segments, parse_name
+from eventpipe._timeindex import parse_entries, parse_times_name, times_name
 
 from .conftest import Children
 
@@ -116,8 +117,9 @@ def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
     seg_dir = os.path.join(path, "segments")
     names = sorted(os.listdir(seg_dir))
     sums = {n for n in names if n.endswith(SUM_SUFFIX) and n[: -len(SUM_SUFFIX)].isdigit()}
-    parsed = [parse_name(n) for n in names if n not in sums]
-    stray = [n for n in names if n not in sums and parse_name(n) is None]
+    times = {n for n in names if parse_times_name(n) is not None}
+    parsed = [parse_name(n) for n in names if n not in sums | times]
+    stray = [n for n in names if n not in sums | times and parse_name(n) is None]
     assert not stray, f"stray files in segments/: {stray}"
     bases = {p[0] for p in parsed if p is not None}
     assert len(bases) == len(parsed), f"a segment is stored both plain and compressed: {names}"
@@ -131,6 +133,10 @@ def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
     assert segs[-1].base == h.segment_base
     assert not segs[-1].compressed
     sealed = {s.base for s in segs[:-1]}
+    # Every sealed segment has its time index (all were written by this version), and only
+    # segments have one (the active one from its first append).
+    indexed = {parse_times_name(n) for n in times}
+    assert sealed <= indexed <= {s.base for s in segs}, f"times: {times}"
     assert {int(n[: -len(SUM_SUFFIX)]) for n in sums} <= sealed, f"stray checksums: {sums}"
     for k, seg in enumerate(segs):
         with open(seg.path, "rb") as f:
@@ -145,6 +151,12 @@ def check_layout(path: str, head: int, limits: dict[str, Any] | None) -> None:
             assert end > seg.base, f"sealed segment {seg.base} is empty"
         assert data.count(b"\n") == end - seg.base, f"segment {seg.base} holds wrong count"
         assert not data or data.endswith(b"\n")
+        if seg.base in indexed:
+            with open(os.path.join(seg_dir, times_name(seg.base)), "rb") as f:
+                entries = parse_entries(f.read(), limit=end - seg.base,
+                                        claimed=h.tcount if last else None)
+            assert entries.damaged_at is None, f"time index of {seg.base} is damaged"
+            assert entries.rels[:1] == ([0] if end > seg.base else []), f"times of {seg.base}"
         checksum = read_sum(seg_dir, seg.base)
         if checksum is not None:
             assert (checksum.events, checksum.size) == (end - seg.base, len(data))

@@ -473,3 +473,17 @@ def test_cli_consume_starts_at_a_time_and_passes_times(
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [[k, stamps[k]] for k in range(26, 30)]
+
+
+def test_append_lines_with_given_times_keeps_them_exactly(log_path: Path) -> None:
+    # What a mirror does: batches carrying another log's times, some within a millisecond.
+    with EventLog(log_path, segment_max_events=3) as log:
+        log.append_lines(b'{"i":0}\n{"i":1}\n', 2, time_ns=T0)
+        log.append_lines(b'{"i":2}\n', 1, time_ns=T0 + 10)  # 10 ns later: its own entry
+        log.append_lines(b'{"i":3}\n{"i":4}\n{"i":5}\n', 3, time_ns=T0 + 20)  # and a roll
+        log.append_lines(b'{"i":6}\n', 1, time_ns=T0 + 20)
+        log.append_lines(b'{"i":7}\n', 1, time_ns=T0 - 5)  # earlier than stored: raised
+        assert times(log) == [T0, T0, T0 + 10] + [T0 + 20] * 5
+        assert log.offset_at(T0 + 1) == 2 and log.offset_at(T0 + 11) == 3
+        assert log.clock_steps_back == 1
+    assert verify_log(log_path)[0] == []
