@@ -1,14 +1,20 @@
 """eventpipe beyond one host: a log's events in a NATS JetStream stream (``pip install
 eventpipe[nats]``).
 
-The core package never imports this one, nor ``nats``. The wire format (one message per
-event, headers naming the log id and offset) is described in :mod:`eventpipe.jetstream._wire`.
+:class:`Bridge` publishes a log's events, in offset order and exactly once, to a stream
+(``eventpipe bridge``). The core package never imports this one, nor ``nats``. The wire
+format (one message per event, headers naming the log id and offset) is described in
+:mod:`eventpipe.jetstream._wire`.
 """
 
+from ._bridge import Bridge, subject_matches
 from ._wire import (
     ForeignMessageError,
     Position,
+    ServerUnavailableError,
+    StreamGapError,
     StreamMismatchError,
+    StreamNotFoundError,
     default_subject,
     last_position,
     msg_headers,
@@ -17,12 +23,17 @@ from ._wire import (
 )
 
 __all__ = [
+    "Bridge",
     "ForeignMessageError",
     "Position",
+    "ServerUnavailableError",
+    "StreamGapError",
     "StreamMismatchError",
+    "StreamNotFoundError",
     "default_subject",
     "last_position",
     "msg_headers",
     "msg_id",
     "parse_headers",
+    "subject_matches",
 ]

@@ -42,7 +42,10 @@ __all__ = [
     "HDR_TIME",
     "ForeignMessageError",
     "Position",
+    "ServerUnavailableError",
+    "StreamGapError",
     "StreamMismatchError",
+    "StreamNotFoundError",
     "default_subject",
     "last_position",
     "msg_headers",
@@ -73,6 +76,28 @@ class StreamMismatchError(EventPipeError, ValueError):
 
 class ForeignMessageError(StreamMismatchError):
     """A stream message without eventpipe's headers (or with malformed ones)."""
+
+
+class StreamGapError(StreamMismatchError):
+    """The stream and the log do not meet: the events between the stream's last one and the
+    log's first stored one were removed by retention (``offset`` is the first one missing)."""
+
+
+class StreamNotFoundError(EventPipeError, LookupError):
+    """The stream does not exist (and was not to be created)."""
+
+    def __init__(self, message: str, *, stream: str | None = None) -> None:
+        self.stream = stream
+        super().__init__(message)
+
+
+class ServerUnavailableError(EventPipeError, ConnectionError):
+    """No NATS server of those given could be reached, or one refused us (``reason``: the
+    last error the client saw, such as an authorization violation)."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class Position(NamedTuple):

@@ -1,0 +1,658 @@
+"""The forward bridge: a local log's events, in offset order, into a JetStream stream, once each.
+
+The stream is the truth about how far the bridge got. On start, and after every failure, the
+bridge reads the stream's last message (:func:`~._wire.last_position`) and publishes from the
+offset after it. Every message carries ``Nats-Msg-Id: <log_id>:<offset>`` (the server drops a
+second copy within its duplicate window: a retry of a publish that timed out but was stored,
+or a message a killed bridge still had on the wire) and, but for the stream's first,
+``Nats-Expected-Last-Msg-Id`` naming its predecessor (the server refuses a message that would
+leave a gap or reorder). So a bridge killed at any moment, or cut off from the servers, and
+started again neither loses nor doubles an event.
+
+Publishes are asynchronous, with at most ``window`` acks in flight, awaited in order. A failure
+(a timeout, no leader, the server away, a refusal) drops what is in flight, backs off
+(exponentially, capped) and resumes from the stream's last message.
+
+Progress is kept where operators look for consumers: a regular checkpoint
+``<log>/consumers/<name>.json`` at the offset after the last acked one (state ``{"stream",
+"last_acked", "duplicates"}``), written only for offsets the stream acked, so ``eventpipe
+status``, ``consumers`` and the metrics show the bridge's lag, and retention keeps every event
+the stream does not hold yet. The checkpoint is never read to decide where to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .._changes import ChangeNotifier
+from .._checkpoint import checkpoint_file, save_checkpoint, validate_name
+from .._consumer import checkpoint_at
+from .._layout import CONSUMERS_DIR, HEAD_FILE
+from .._log import EventLog
+from .._namelock import NameLock
+from .._systemd import SystemdNotifier
+from ..errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ConsumerBusyError,
+    LogClosedError,
+)
+from ._wire import (
+    API_ERR_WRONG_LAST_MSG_ID,
+    ServerUnavailableError,
+    StreamGapError,
+    StreamMismatchError,
+    StreamNotFoundError,
+    default_subject,
+    last_position,
+    msg_headers,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.api import PubAck
+    from nats.js.client import JetStreamContext
+
+__all__ = ["Bridge"]
+
+log = logging.getLogger("eventpipe.bridge")
+
+_API_ERR_STREAM_NOT_FOUND = 10059
+_API_ERR_WRONG_STREAM = 10060  # Nats-Expected-Stream names another stream
+_FIRST_BACKOFF = 0.1
+# The standby's attempts after a hint that the holder let go (as a consumer's).
+_TAKEOVER_RETRIES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+_CONNECT_ATTEMPTS = 2  # per server, before the first connection counts as failed
+
+
+class _AckTimeout(Exception):
+    """No ack for a publish within ack_timeout (it may have been stored: a retry finds out)."""
+
+    def __init__(self, offset: int, timeout: float) -> None:
+        super().__init__(f"no ack for offset {offset} within {timeout:g} s")
+        self.offset = offset
+
+
+class Bridge:
+    """Publishes a log's events, in offset order and exactly once, to a JetStream stream.
+
+    ``log_or_path`` is an :class:`~eventpipe.EventLog` or the path of one (which must exist).
+    ``servers`` are NATS URLs (``nats://user:pass@host:4222``; the client reconnects across
+    them). ``subject`` defaults to ``eventpipe.<stream lowercased>``. With ``create_stream``
+    a missing stream is created for that subject with ``replicas`` replicas; otherwise it is
+    :class:`~._wire.StreamNotFoundError`.
+
+    ``name`` (default ``bridge-<stream>``) is a consumer name in the log: one process holds it
+    (``ConsumerBusyError`` for a second, unless ``standby``: it then waits to take over), and
+    its checkpoint shows the bridge's progress. ``window`` acks may be in flight at once.
+    ``from_first_stored`` lets a bridge start an empty stream at the log's first stored
+    offset when retention removed the events before it (otherwise
+    :class:`~._wire.StreamGapError`). ``ack_timeout`` bounds each ack and API request,
+    ``max_backoff`` the pause between retries. ``poll_interval`` and ``notifications`` are
+    as a consumer's; ``checkpoint_interval`` is how often progress is written while busy.
+
+    :meth:`run` blocks until :meth:`stop`, SIGTERM or SIGINT; :meth:`run_async` is its form
+    for an event loop. Errors that retrying cannot mend end the run: an unreachable server or
+    a refused login at start (:class:`~._wire.ServerUnavailableError`), a stream of another
+    log or holding messages eventpipe did not write (:class:`~._wire.StreamMismatchError`),
+    a stream that does not meet the log (:class:`~._wire.StreamGapError`).
+    """
+
+    def __init__(
+        self,
+        log_or_path: EventLog | str | os.PathLike[str],
+        servers: list[str] | str,
+        stream: str,
+        *,
+        subject: str | None = None,
+        create_stream: bool = False,
+        replicas: int = 1,
+        window: int = 256,
+        name: str | None = None,
+        standby: bool = False,
+        from_first_stored: bool = False,
+        ack_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        max_backoff: float = 5.0,
+        checkpoint_interval: float = 1.0,
+        poll_interval: float = 1.0,
+        notifications: bool = True,
+    ) -> None:
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        _check_options(self.servers, stream, subject, window, replicas, ack_timeout,
+                       connect_timeout, max_backoff, checkpoint_interval, poll_interval)
+        self.stream = stream
+        self.subject = subject or default_subject(stream)
+        self.name = validate_name(name if name is not None else f"bridge-{stream}")
+        self.create_stream = create_stream
+        self.replicas = replicas
+        self.window = window
+        self.standby = standby
+        self.from_first_stored = from_first_stored
+        self.ack_timeout = ack_timeout
+        self.connect_timeout = connect_timeout
+        self.max_backoff = max_backoff
+        self.checkpoint_interval = checkpoint_interval
+        self.poll_interval = poll_interval
+        self.notifications = notifications
+
+        self.next_offset = 0
+        """The offset of the next event to publish."""
+        self.last_acked: int | None = None
+        """The last offset the stream holds (acked, or found there on resuming)."""
+        self.published = 0
+        """Messages published by this process (retries included)."""
+        self.duplicates = 0
+        """Acks saying the server already held the message (dropped as a duplicate)."""
+        self.retries = 0
+        """Failures retried (each resumes from the stream's last message)."""
+        self.stopped_by: int | None = None
+        """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
+
+        self._owns_log = not isinstance(log_or_path, EventLog)
+        self.log = log_or_path if isinstance(log_or_path, EventLog) else EventLog(
+            log_or_path, create=False)
+        self._stopping = False
+        self._closed = False
+        self._notifier: ChangeNotifier | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream_first: int | None = None  # the offset the stream's first message carries
+        self._checkpointed = -1
+        self._checkpoint_due = 0.0
+        self._backoff = _FIRST_BACKOFF
+        self._last_error: str | None = None
+        self.systemd = SystemdNotifier()
+        try:
+            self._folder = self.log.folder.sub(CONSUMERS_DIR,
+                                               create_mode=self.log.config.dir_mode)
+            self._checkpoint_file = checkpoint_file(self.name)
+            self._lock = NameLock(self._folder, self.name, self.log.config.file_mode)
+            if not self._lock.try_acquire() and not standby:
+                holder = self._lock.holder()
+                self._lock.release()
+                self._folder.close()
+                raise ConsumerBusyError(
+                    f"bridge {self.name!r} is already running ({holder}); use standby to "
+                    "wait for it", holder=holder, path=self._lock.path)
+        except BaseException:
+            self.systemd.close()
+            if self._owns_log:
+                self.log.close()
+            raise
+
+    # --------------------------------------------------------------------------- reporting
+
+    @property
+    def lag(self) -> int:
+        """Events of the log the stream does not hold yet (as far as this bridge knows)."""
+        done = 0 if self.last_acked is None else self.last_acked + 1
+        return max(0, self.log.head - max(done, self._stream_first or 0))
+
+    def _status(self) -> str:
+        text = (f"bridge {self.name} -> {self.stream}: offset {self.next_offset}, "
+                f"lag {self.lag}")
+        if self.duplicates:
+            text += f", {self.duplicates} duplicates dropped"
+        if self._last_error is not None:
+            text += f"; retrying after: {self._last_error}"
+        return text
+
+    # ----------------------------------------------------------------------------- running
+
+    def stop(self) -> None:
+        """Ask the run to finish (from any thread or a signal handler): it stops publishing,
+        awaits the acks in flight (for up to ``ack_timeout``), checkpoints and returns."""
+        self._stopping = True
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.wake()
+
+    def run(self) -> None:
+        """Publish until :meth:`stop`, SIGTERM or SIGINT (in the main thread: which one
+        is kept in :attr:`stopped_by`). Raises what ends the run otherwise."""
+        self._check_usable()
+        asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (int(signal.SIGTERM), int(signal.SIGINT)):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        try:
+            await self.run_async()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        self.stop()
+
+    async def run_async(self) -> None:
+        """:meth:`run` in an event loop (signals are the application's: call :meth:`stop`).
+
+        Cancelling the task stops it at once (no final wait for acks; the stream stays the
+        truth, and the next run resumes from it)."""
+        self._check_usable()
+        self._loop = asyncio.get_running_loop()
+        notifier = ChangeNotifier(self.log.path, HEAD_FILE, notifications=self.notifications,
+                                  poll_interval=self.poll_interval)
+        notifier.start()  # watch first, read second: an append racing the first read hints
+        self._notifier = notifier
+        sd = self.systemd
+        try:
+            if not await self._await_name():
+                return
+            nc = await self._connect()
+            try:
+                js = nc.jetstream(timeout=self.ack_timeout,
+                                  publish_async_max_pending=max(4000, 2 * self.window))
+                await self._ensure_stream(js)
+                await self._resume(js)
+                sd.ready()
+                sd.status(self._status())
+                log.info("bridge %s: publishing %s from offset %d to stream %s (subject %s)",
+                         self.name, self.log.path, self.next_offset, self.stream,
+                         self.subject)
+                await self._publish_loop(js)
+            finally:
+                sd.stopping()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), self.ack_timeout)
+        finally:
+            self._notifier = None
+            notifier.close()
+        log.info("bridge %s: stopped at offset %d (%d published, %d duplicates dropped, "
+                 "%d retries)", self.name, self.next_offset, self.published, self.duplicates,
+                 self.retries)
+
+    async def _await_name(self) -> bool:
+        """The name, now or (standby) once its holder lets go; False if stopped first."""
+        lock = self._lock
+        if lock.try_acquire():
+            return True
+        sd = self.systemd
+        watch = ChangeNotifier(lock.folder.path, lock.filename, notifications=self.notifications,
+                               poll_interval=self.poll_interval)
+        watch.start()
+        self._notifier, head_watch = watch, self._notifier
+        try:
+            shown: str | None = None
+            retries: list[float] = []
+            while not self._stopping:
+                if lock.try_acquire():
+                    log.info("bridge %s: took the name over (pid %d)", self.name, os.getpid())
+                    return True
+                if retries:
+                    await asyncio.sleep(retries.pop(0))
+                    continue
+                holder = lock.holder()
+                if holder != shown:
+                    sd.status(f"bridge {self.name}: standing by, the name is held by {holder}")
+                    log.info("bridge %s: standing by, the name is held by %s", self.name,
+                             holder)
+                    if shown is None:
+                        sd.ready()
+                    shown = holder
+                sd.maybe_ping_watchdog()
+                if await watch.wait_async(self._until_ping(self.poll_interval)):
+                    retries = list(_TAKEOVER_RETRIES)
+            return False
+        finally:
+            self._notifier = head_watch
+            watch.close()
+
+    async def _connect(self) -> Client:
+        import nats
+        from nats.errors import AuthorizationError, NoServersError
+
+        seen: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            seen.append(exc)
+            log.warning("bridge %s: NATS: %s", self.name, _describe(exc))
+
+        async def quiet(*_: Any) -> None:
+            return None
+
+        try:
+            nc = await nats.connect(
+                servers=self.servers, name=f"eventpipe {self.name}",
+                connect_timeout=self.connect_timeout, reconnect_time_wait=0.5,
+                max_reconnect_attempts=_CONNECT_ATTEMPTS, allow_reconnect=True,
+                error_cb=on_error, disconnected_cb=quiet, reconnected_cb=quiet,
+                closed_cb=quiet,
+            )
+        except (NoServersError, AuthorizationError, OSError, TimeoutError) as exc:
+            cause = seen[-1] if seen else exc
+            auth = any(isinstance(e, AuthorizationError) for e in (*seen, exc))
+            why = "authorization failed" if auth else "no server reachable"
+            raise ServerUnavailableError(
+                f"cannot connect to NATS at {', '.join(self.servers)}: {why} "
+                f"({_describe(cause)})", reason=_describe(cause)) from None
+        # Connected: from now on reconnect for good (the first connection gave up above, so
+        # a wrong URL fails fast instead of retrying forever); nats-py reads this per attempt.
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await js.stream_info(self.stream)
+        except NotFoundError:
+            if not self.create_stream:
+                raise StreamNotFoundError(
+                    f"stream {self.stream} does not exist (create it, or pass --create-stream "
+                    "/ create_stream=True)", stream=self.stream) from None
+            info = await js.add_stream(name=self.stream, subjects=[self.subject],
+                                       num_replicas=self.replicas)
+            log.info("bridge %s: created stream %s (subject %s, %d replicas)", self.name,
+                     self.stream, self.subject, self.replicas)
+        subjects = info.config.subjects or []
+        if not any(subject_matches(pattern, self.subject) for pattern in subjects):
+            raise StreamMismatchError(
+                f"stream {self.stream} does not take subject {self.subject} (its subjects: "
+                f"{', '.join(subjects) or 'none'}): pass --subject", stream=self.stream)
+
+    async def _resume(self, js: JetStreamContext) -> None:
+        """Find where the stream stands and set :attr:`next_offset` after it (see module)."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            pos = await last_position(js, self.stream)
+        except NotFoundError:
+            raise StreamNotFoundError(f"stream {self.stream} does not exist (any more)",
+                                      stream=self.stream) from None
+        first, head = self.log.first_offset, self.log.head
+        if pos is None:
+            start = 0
+            if first > 0:
+                if not self.from_first_stored:
+                    raise StreamGapError(
+                        f"stream {self.stream} is empty and the log's first stored offset is "
+                        f"{first} (retention removed the events before it): pass "
+                        "--from-first-stored (from_first_stored=True) to start the stream "
+                        "there", stream=self.stream, path=self.log.path, offset=0)
+                start = first
+            self._stream_first = start
+            last = None
+        else:
+            if pos.log_id != self.log.log_id:
+                raise StreamMismatchError(
+                    f"stream {self.stream} holds events of another log (log id {pos.log_id}, "
+                    f"offset {pos.offset}), not of {self.log.log_id}: use another stream",
+                    stream=self.stream, path=self.log.path)
+            start, last = pos.offset + 1, pos.offset
+            if start > head:
+                raise CheckpointMismatchError(
+                    f"stream {self.stream} holds this log's events up to offset {pos.offset} "
+                    f"but the log's head is {head}: the log was cut back or restored from an "
+                    "older copy", path=self.log.path, offset=head)
+            if start < first:
+                raise StreamGapError(
+                    f"stream {self.stream} ends at offset {pos.offset} but retention removed "
+                    f"the log's events before {first}: offsets {start}..{first - 1} are lost",
+                    stream=self.stream, path=self.log.path, offset=start)
+            self._stream_first = None
+            if self.last_acked is not None and last < self.last_acked:
+                log.warning("bridge %s: stream %s ends at offset %d, before %d it acked "
+                            "(the stream lost messages): publishing them again", self.name,
+                            self.stream, last, self.last_acked)
+        self.last_acked = last
+        self.next_offset = start
+        self._checkpoint(force=True)
+
+    # ------------------------------------------------------------------------- publishing
+
+    async def _publish_loop(self, js: JetStreamContext) -> None:
+        resume = False
+        while not self._stopping:
+            inflight: deque[tuple[int, asyncio.Future[PubAck], float]] = deque()
+            try:
+                if resume:
+                    await self._resume(js)
+                    resume = False
+                await self._pump(js, inflight)
+                return
+            except Exception as exc:
+                if not self._retryable(exc):
+                    raise
+                _abandon(inflight)
+                self.retries += 1
+                self._last_error = _describe(exc)
+                log.warning("bridge %s: %s; resuming from the stream in %.1f s", self.name,
+                            self._last_error, self._backoff)
+                self.systemd.status(self._status())
+                await self._sleep(self._backoff * random.uniform(0.8, 1.2))
+                self._backoff = min(self.max_backoff, self._backoff * 2)
+                resume = True
+
+    async def _pump(self, js: JetStreamContext,
+                    inflight: deque[tuple[int, asyncio.Future[PubAck], float]]) -> None:
+        """Publish from :attr:`next_offset` on, following the log; returns on stop."""
+        loop = asyncio.get_running_loop()
+        notifier = self._notifier
+        assert notifier is not None
+        log_ = self.log
+        log_id, subject, stream = log_.log_id, self.subject, self.stream
+        window, timeout, sd = self.window, self.ack_timeout, self.systemd
+        times_of = log_.time_index.times
+        while not self._stopping:
+            head = log_.head
+            if head < self.next_offset:
+                raise CheckpointMismatchError(
+                    f"the log's head went back to {head}, behind offset {self.next_offset} the "
+                    "bridge published: the log was cut back or restored from an older copy",
+                    path=log_.path, offset=self.next_offset)
+            if self.next_offset < head:
+                for chunk in log_.chunks(self.next_offset, head):
+                    first = chunk.first_offset
+                    times = times_of(chunk.segment_base, first, len(chunk.lines))
+                    for i, line in enumerate(chunk.lines):
+                        while len(inflight) >= window:
+                            await self._ack_oldest(inflight)
+                        offset = first + i
+                        headers = msg_headers(log_id, offset, times[i],
+                                              offset == self._stream_first)
+                        future = await js.publish_async(subject, line, stream=stream,
+                                                        headers=headers)
+                        inflight.append((offset, future, loop.time() + timeout))
+                        self.published += 1
+                        self.next_offset = offset + 1
+                        if self._stopping:
+                            break
+                    sd.maybe_ping_watchdog()
+                    self._checkpoint()
+                    if self._stopping:
+                        break
+                continue  # appends may have come meanwhile: look at the head again
+            while inflight:
+                await self._ack_oldest(inflight)
+            self._checkpoint(force=True)
+            sd.status(self._status())
+            log_.check_replaced()
+            await notifier.wait_async(self._until_ping(self.poll_interval))
+            sd.maybe_ping_watchdog()
+        # Stopping: what was sent gets its ack (or the next run finds it in the stream).
+        while inflight:
+            await self._ack_oldest(inflight)
+        self._checkpoint(force=True)
+
+    async def _ack_oldest(self, inflight: deque[tuple[int, asyncio.Future[PubAck], float]]
+                          ) -> None:
+        offset, future, deadline = inflight[0]
+        if not future.done():
+            left = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait((future,), timeout=max(0.0, left))
+            if not future.done():
+                raise _AckTimeout(offset, self.ack_timeout)
+        inflight.popleft()
+        ack = future.result()  # raises the server's refusal
+        if ack.duplicate:
+            self.duplicates += 1
+        self.last_acked = offset
+        if self._last_error is not None:  # going again after a failure
+            self._last_error = None
+            self._backoff = _FIRST_BACKOFF
+            log.info("bridge %s: publishing again from offset %d", self.name, offset)
+            self.systemd.status(self._status())
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """Whether a failure may mend by itself (the server away, no leader, a timeout, a
+        gap the server refused); otherwise it is raised as a typed error or as is."""
+        import nats.errors
+        from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+        if isinstance(exc, _AckTimeout | TimeoutError | NoStreamResponseError
+                      | nats.errors.NoRespondersError | nats.errors.StaleConnectionError
+                      | nats.errors.OutboundBufferLimitError
+                      | nats.errors.ConnectionReconnectingError | ConnectionError):
+            return True
+        if isinstance(exc, NotFoundError) or (isinstance(exc, APIError)
+                                              and exc.err_code == _API_ERR_STREAM_NOT_FOUND):
+            raise StreamNotFoundError(f"stream {self.stream} does not exist (any more)",
+                                      stream=self.stream) from exc
+        if isinstance(exc, APIError):
+            if exc.err_code == _API_ERR_WRONG_STREAM:
+                raise StreamMismatchError(
+                    f"subject {self.subject} belongs to another stream than {self.stream} "
+                    f"({exc.description})", stream=self.stream) from exc
+            # 10070 (wrong last message id) follows a message lost in flight: resuming from
+            # the stream mends it. 5xx: no leader, storage unavailable.
+            return exc.err_code == API_ERR_WRONG_LAST_MSG_ID or (exc.code or 500) >= 500
+        return False
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self, *, force: bool = False) -> None:
+        """Write the bridge's progress (the offset after the last acked) if it moved, at most
+        every ``checkpoint_interval`` seconds unless ``force``."""
+        if self.last_acked is not None:
+            done = self.last_acked + 1
+        else:  # nothing in the stream yet: it starts at _stream_first
+            done = self._stream_first if self._stream_first is not None else self.next_offset
+        if done == self._checkpointed or not self._lock.held:
+            return
+        now = time.monotonic()
+        if not force and now < self._checkpoint_due:
+            return
+        state = {"stream": self.stream, "last_acked": self.last_acked,
+                 "duplicates": self.duplicates}
+        save_checkpoint(self._folder, self._checkpoint_file,
+                        checkpoint_at(self.log, self.name, done, state),
+                        self.log.config.file_mode)
+        self._checkpointed = done
+        self._checkpoint_due = now + self.checkpoint_interval
+
+    # ------------------------------------------------------------------------------ waits
+
+    def _until_ping(self, limit: float) -> float:
+        due = self.systemd.watchdog_due_in()
+        return limit if due is None else min(limit, max(due, 0.01))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` or until stop() (appends hinted meanwhile just loop)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        notifier = self._notifier
+        while not self._stopping:
+            self.systemd.maybe_ping_watchdog()
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            if notifier is None:
+                await asyncio.sleep(min(left, 0.2))
+            else:
+                await notifier.wait_async(self._until_ping(left))
+
+    # ---------------------------------------------------------------------------- closing
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"bridge {self.name!r} is closed", path=self.log.path)
+
+    def close(self) -> None:
+        """Release the name and close what the bridge opened. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._lock.release()
+        self._folder.close()
+        self.systemd.close()
+        if self._owns_log:
+            self.log.close()
+
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Bridge({self.log.path!r}, stream={self.stream!r}, "
+                f"offset={self.next_offset})")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``subject`` matches ``pattern`` (``*`` one token, ``>`` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def _abandon(inflight: deque[tuple[int, asyncio.Future[PubAck], float]]) -> None:
+    """Forget publishes in flight (their outcome is read back from the stream); their
+    failures are marked as seen so asyncio does not report them."""
+    def seen(future: asyncio.Future[PubAck]) -> None:
+        if not future.cancelled():
+            future.exception()
+
+    for _, future, _ in inflight:
+        future.add_done_callback(seen)
+    inflight.clear()
+
+
+def _describe(exc: BaseException) -> str:
+    from nats.js.errors import APIError
+
+    if isinstance(exc, APIError):
+        return f"server refused: {exc.description} (code {exc.code}, err_code {exc.err_code})"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_options(servers: list[str], stream: str, subject: str | None, window: int,
+                   replicas: int, *seconds: float) -> None:
+    if not servers or not all(isinstance(s, str) and s for s in servers):
+        raise ConfigError("servers: give at least one NATS URL", option="servers")
+    if not stream or any(c in stream for c in " \t.*>/\\"):
+        raise ConfigError(f"stream name {stream!r} is invalid (no spaces, '.', '*', '>' or "
+                          "slashes)", option="stream")
+    if subject is not None and (not subject or " " in subject):
+        raise ConfigError(f"subject {subject!r} is invalid", option="subject")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be a positive integer, not {window!r}",
+                          option="window")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+        raise ConfigError(f"replicas must be 1 to 5, not {replicas!r}", option="replicas")
+    for value in seconds:
+        if not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"timeouts and intervals must be positive, not {value!r}")
+
