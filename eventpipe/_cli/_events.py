@@ -11,12 +11,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
 
 from ..errors import ConfigError, CorruptLogError
 from ._common import EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, counter, err, stdout, write_json
+
+if TYPE_CHECKING:
+    from .._log import EventLog
 
 _APPEND_BATCH = 1000
 
@@ -120,77 +123,90 @@ def _check_line(text: bytes, limit: int) -> tuple[bytes | None, str | None]:
     return encoded, None
 
 
+class _Batches:
+    """Checked JSON lines on their way to the log, committed a batch at a time."""
+
+    def __init__(self, log: EventLog, out: BinaryIO, quiet: bool) -> None:
+        self.log, self.out, self.quiet = log, out, quiet
+        self.written = self.rejected = 0
+        self.first_offset: int | None = None
+        self.batch = bytearray()  # JSON lines: see BufferedWriter on why not a list
+        self.batched = 0
+        # Long input on a terminal: a running count on stderr (nothing when piped).
+        self.show_progress = counter(sys.stderr, "events appended") \
+            if sys.stderr.isatty() else None
+
+    def add(self, encoded: bytes) -> None:
+        self.batch += encoded
+        self.batch += b"\n"
+        self.batched += 1
+        if self.batched >= _APPEND_BATCH:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.batched:
+            return
+        # SIGTERM waits while a batch commits: all of it is stored, or none.
+        masked = _block_sigterm()
+        try:
+            offsets = self.log.append_lines(bytes(self.batch), self.batched)
+        finally:
+            _unblock_sigterm(masked)
+        self.batch.clear()
+        self.batched = 0
+        self.written += len(offsets)
+        if self.first_offset is None:
+            self.first_offset = offsets.start
+        if not self.quiet:
+            self.out.write(b"".join(b"%d\n" % o for o in offsets))
+            self.out.flush()
+        if self.show_progress is not None:
+            self.show_progress(self.written)
+
+
+def _feed(batches: _Batches, skip_bad: bool, limit: int) -> None:
+    """Read stdin's lines into ``batches``, committing what each read brought; stops at the
+    first bad line unless ``skip_bad``."""
+    lineno = 0
+    for lines in _input_lines(sys.stdin.buffer):
+        for raw in lines:
+            lineno += 1
+            text = raw.strip()
+            if not text:
+                continue
+            encoded, problem = _check_line(text, limit)
+            if encoded is not None:
+                batches.add(encoded)
+                continue
+            batches.rejected += 1
+            err(f"line {lineno}: {problem}; nothing of it was written")
+            if not skip_bad:
+                batches.commit()
+                err(f"stopped at line {lineno}: {batches.written} events written before it")
+                return
+        batches.commit()
+
+
 def cmd_append(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
-    out = stdout()
-    rejected = written = lineno = 0
-    first_offset: int | None = None
     terminated = False
-    batch = bytearray()  # JSON lines: see BufferedWriter on why not a list of orjson results
-    batched = 0
     with EventLog(args.path) as log:
-
-        def commit() -> None:
-            nonlocal written, first_offset, batched
-            if not batched:
-                return
-            # SIGTERM waits while a batch commits: all of it is stored, or none.
-            masked = _block_sigterm()
-            try:
-                offsets = log.append_lines(bytes(batch), batched)
-            finally:
-                _unblock_sigterm(masked)
-            batch.clear()
-            batched = 0
-            written += len(offsets)
-            if first_offset is None:
-                first_offset = offsets.start
-            if not args.json:
-                out.write(b"".join(b"%d\n" % o for o in offsets))
-                out.flush()
-            if show_progress is not None:
-                show_progress(written)
-
-        # Long input on a terminal: a running count on stderr (nothing when piped).
-        show_progress = counter(sys.stderr, "events appended") if sys.stderr.isatty() else None
-        limit = log.config.max_event_bytes
+        batches = _Batches(log, stdout(), args.json)
         restore = _raise_on_sigterm()
         try:
-            stopped = False
-            for lines in _input_lines(sys.stdin.buffer):
-                for raw in lines:
-                    lineno += 1
-                    text = raw.strip()
-                    if not text:
-                        continue
-                    encoded, problem = _check_line(text, limit)
-                    if encoded is not None:
-                        batch += encoded
-                        batch += b"\n"
-                        batched += 1
-                        if batched >= _APPEND_BATCH:
-                            commit()
-                        continue
-                    rejected += 1
-                    err(f"line {lineno}: {problem}; nothing of it was written")
-                    if not args.skip_bad:
-                        commit()
-                        err(f"stopped at line {lineno}: {written} events written before it")
-                        stopped = True
-                        break
-                if stopped:
-                    break
-                commit()
+            _feed(batches, args.skip_bad, log.config.max_event_bytes)
         except _Terminated:
             terminated = True
-            commit()  # the complete lines read so far
+            batches.commit()  # the complete lines read so far
         finally:
             restore()
-    if show_progress is not None:
+    written, rejected = batches.written, batches.rejected
+    if batches.show_progress is not None:
         print(f"\r  {written:,} events appended", file=sys.stderr)
     if args.json:
-        write_json({"written": written, "first_offset": first_offset, "rejected": rejected})
+        write_json({"written": written, "first_offset": batches.first_offset,
+                    "rejected": rejected})
     elif rejected and args.skip_bad:
         err(f"{written} events written, {rejected} lines rejected")
     if terminated:
@@ -247,6 +263,16 @@ def _time_arg(flag: str, text: str | None) -> datetime | None:
         raise ConfigError(f"{flag}: {exc}", option=flag.lstrip("-")) from None
 
 
+def _start(args: argparse.Namespace, log: EventLog, since: datetime | None) -> int:
+    """The first offset ``read`` prints: ``--from`` (negative: back from the head; default:
+    the first stored event), moved up to ``--since``'s first event."""
+    if args.from_ is None:
+        start = log.first_offset  # "from the start" of a pruned log is its first event
+    else:
+        start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
+    return start if since is None else max(start, log.offset_at(since))
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
@@ -256,12 +282,7 @@ def cmd_read(args: argparse.Namespace) -> int:
                           option="until")
     out = stdout()
     with EventLog(args.path, create=False) as log:
-        if args.from_ is None:
-            start = log.first_offset  # "from the start" of a pruned log is its first event
-        else:
-            start = args.from_ if args.from_ >= 0 else max(log.first_offset, log.head + args.from_)
-        if since is not None:
-            start = max(start, log.offset_at(since))
+        start = _start(args, log, since)
         if until is not None:
             end = log.offset_at(until)
             args.to = end if args.to is None else min(args.to, end)
@@ -287,19 +308,8 @@ def cmd_read(args: argparse.Namespace) -> int:
             # Print every good event before a bad one, then fail: damaged bytes (say in the
             # active segment, which has no checksum yet) are never printed as an event.
             lines = stored if bad is None else stored[:bad]
-            if args.with_times:
-                times = log.time_index.times(base, first, len(lines))
-                data = b"".join(b'{"offset":%d,"time":%s,"event":%s}\n'
-                                % (first + i, _iso(t), line)
-                                for i, (line, t) in enumerate(zip(lines, times, strict=True)))
-            elif args.with_offsets:
-                # Byte-level framing: no decode and re-encode of stored events.
-                data = b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
-                                for i, line in enumerate(lines))
-            else:
-                data = b"\n".join(lines) + b"\n"
             if lines:
-                out.write(data)
+                out.write(_framed(args, log, base, first, lines))
             if bad is not None:
                 out.flush()
                 raise CorruptLogError("stored event is not valid JSON", path=log.path,
@@ -308,6 +318,20 @@ def cmd_read(args: argparse.Namespace) -> int:
                 out.flush()
     out.flush()
     return EXIT_OK
+
+
+def _framed(args: argparse.Namespace, log: EventLog, base: int, first: int,
+            lines: list[bytes]) -> bytes:
+    """Stored lines as ``read`` prints them: as they are, or framed with their offset (and
+    time) at the byte level, with no decode and re-encode of stored events."""
+    if args.with_times:
+        times = log.time_index.times(base, first, len(lines))
+        return b"".join(b'{"offset":%d,"time":%s,"event":%s}\n' % (first + i, _iso(t), line)
+                        for i, (line, t) in enumerate(zip(lines, times, strict=True)))
+    if args.with_offsets:
+        return b"".join(b'{"offset":%d,"event":%s}\n' % (first + i, line)
+                        for i, line in enumerate(lines))
+    return b"\n".join(lines) + b"\n"
 
 
 def _iso(time_ns: int | None) -> bytes:
