@@ -710,6 +710,9 @@ class Compressor:
         byte count stays true to the disk. What a save costs (a small file, fsync, rename)
         is little beside a segment's checksum or gzip copy.
         """
+        # One function on purpose: the walk's running state (the byte count, the first plain
+        # segment, the segment in hand) is what the interrupt handler below must save
+        # exactly; spread over calls it would travel in and out of each one.
         folder = self._folder
         clean_stale(folder)
         segs = [s for s in list_segments(folder) if s.base < limit]

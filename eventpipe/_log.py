@@ -564,6 +564,9 @@ class EventLog:
         overlap, lost lines) or when a sealed segment's bytes fail their checksum: naming the
         file and the first offset affected, after yielding every event before it.
         """
+        # One function on purpose: the retry state (listed again yet? how far did the read get?)
+        # spans the lookup, the read and the error handling of each segment; it is the one
+        # reading loop every reader, follower and consumer goes through.
         self._check_open()
         if start < 0:
             raise OffsetOutOfRangeError("offsets start at 0", path=self.path, offset=start)
