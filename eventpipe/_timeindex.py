@@ -275,12 +275,12 @@ class TimeIndex:
     def first_time(self, base: int) -> int | None:
         """The time of segment ``base``'s first entry (None: no times there)."""
         claimed = self._claimed(base)
-        if claimed is not None:
-            times = self.entries(base)[1]
-            return times[0] if times else None
-        with self._lock:
-            if base in self._first:
-                return self._first[base]
+        if claimed is None:
+            with self._lock:
+                if base in self._first:
+                    return self._first[base]
+        elif claimed == 0:
+            return None
         fd = self._open(base)
         first = None
         if fd is not None:
@@ -289,6 +289,8 @@ class TimeIndex:
             finally:
                 os.close(fd)
             first = found.times[0] if found.times else None
+        if claimed is not None:
+            return first  # the active segment's: not kept (a recovery may cut its index)
         with self._lock:
             if len(self._first) >= self._FIRSTS_KEPT:
                 self._first.pop(next(iter(self._first)))
