@@ -252,3 +252,82 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+# ------------------------------------------------------------------ publishing helpers (issue 12)
+# For the stream consumer and mirror tests: a log's events put into a stream exactly as the
+# bridge's wire format says (eventpipe.jetstream._wire), without the bridge process.
+
+
+async def _js_session(urls: list[str], work: Any) -> Any:
+    import nats
+
+    nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3)
+    try:
+        return await work(nc.jetstream(timeout=10))
+    finally:
+        await nc.close()
+
+
+def create_stream(urls: list[str], stream: str, subject: str | None = None,
+                  replicas: int = 1) -> str:
+    """Create ``stream`` for ``subject`` (default ``eventpipe.<stream lowercased>``)."""
+    from eventpipe.jetstream import default_subject
+
+    subject = subject or default_subject(stream)
+
+    async def add(js: Any) -> None:
+        await js.add_stream(name=stream, subjects=[subject], num_replicas=replicas)
+
+    asyncio.run(_js_session(urls, add))
+    return subject
+
+
+def publish_log(urls: list[str], stream: str, log_path: Path | str, start: int = 0,
+                stop: int | None = None, subject: str | None = None) -> int:
+    """Publish events ``start``..``stop`` (default: to the head) of the log at ``log_path``
+    with the wire headers (payload the stored line, the append time); returns how many."""
+    from eventpipe import EventLog
+    from eventpipe.jetstream import default_subject, msg_headers
+
+    subject = subject or default_subject(stream)
+    with EventLog(log_path, create=False) as log:
+        log_id = log.log_id
+        stop = log.head if stop is None else stop
+        items: list[tuple[int, bytes, int | None]] = []
+        for chunk in log.chunks(start, stop):
+            times = log.time_index.times(chunk.segment_base, chunk.first_offset,
+                                         len(chunk.lines))
+            for i, line in enumerate(chunk.lines):
+                items.append((chunk.first_offset + i, bytes(line), times[i]))
+
+    async def pub(js: Any) -> int:
+        info = await js.stream_info(stream)
+        first = info.state.last_seq == 0
+        for offset, line, time_ns in items:
+            await js.publish(subject, line, stream=stream,
+                             headers=msg_headers(log_id, offset, time_ns, first))
+            first = False
+        return len(items)
+
+    result: int = asyncio.run(_js_session(urls, pub))
+    return result
+
+
+def publish_events(urls: list[str], stream: str, log_id: str,
+                   events: list[tuple[int, bytes, int | None]],
+                   subject: str | None = None) -> None:
+    """Publish hand-made ``(offset, line, time_ns)`` messages of log ``log_id`` with the
+    wire headers but Nats-Expected-Last-Msg-Id and Nats-Msg-Id (gaps and overlaps are what
+    such tests make: neither the server's order check nor its duplicate window may drop one)."""
+    from eventpipe.jetstream import default_subject, msg_headers
+
+    subject = subject or default_subject(stream)
+
+    async def pub(js: Any) -> None:
+        for offset, line, time_ns in events:
+            headers = msg_headers(log_id, offset, time_ns, True)
+            del headers["Nats-Msg-Id"]
+            await js.publish(subject, line, stream=stream, headers=headers)
+
+    asyncio.run(_js_session(urls, pub))

@@ -3,8 +3,9 @@
 JSON lines in and out, messages on stderr. Each command group lives in a module of its own,
 which declares its subcommands in ``add_commands``: ``_events`` (append, read), ``_consume``
 (consume), ``_admin`` (status, verify, prune, compress), ``_consumers`` (consumers, consumer
-show|reset|delete|forget), ``_demo`` (demo), ``_nats`` (bridge, to NATS JetStream);
-``_common`` holds what they share.
+show|reset|delete|forget), ``_demo`` (demo), ``_nats`` (bridge, to NATS JetStream),
+``_stream`` (consume-stream, mirror: reading a stream on any host); ``_common`` holds what
+they share.
 
 Exit codes: 0 success; 1 a check failed or some input was rejected (``verify``, ``append``);
 2 bad usage or a bad option; 3 an eventpipe error (no log at PATH, corrupt log, storage, busy
@@ -38,7 +39,7 @@ from ..errors import (
     NotAnEventLogError,
     OffsetOutOfRangeError,
 )
-from . import _admin, _consume, _consumers, _demo, _doctor, _events, _nats
+from . import _admin, _consume, _consumers, _demo, _doctor, _events, _nats, _stream
 from ._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eventpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # the order `eventpipe --help` lists
-    for group in (_events, _consume, _admin, _consumers, _doctor, _demo, _nats):
+    for group in (_events, _consume, _admin, _consumers, _doctor, _demo, _nats, _stream):
         group.add_commands(sub)
     return parser
 

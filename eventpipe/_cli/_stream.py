@@ -1,0 +1,183 @@
+"""Reading a JetStream stream on any host (``eventpipe[nats]``): ``consume-stream`` runs a
+stream consumer, ``mirror`` keeps a local log identical to the stream.
+
+nats-py is imported only when a command runs: the rest of the command line never needs it.
+The handler and the consumer options are handled as ``consume`` handles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from typing import Any
+
+import orjson
+
+from ..errors import ConfigError
+from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err, write_json
+
+_TRUE = ("1", "true", "yes", "on")
+_MISSING_NATS = "needs nats-py: pip install eventpipe[nats]"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``consume-stream`` and ``mirror``; defaults come from the environment a
+    systemd unit sets, as for ``consume`` and ``bridge``."""
+    _add_consume_stream(sub)
+    _add_mirror(sub)
+
+
+def _nats_options(p: argparse.ArgumentParser) -> None:
+    env = os.environ
+    p.add_argument("--nats", required="EVENTPIPE_NATS" not in env,
+                   default=env.get("EVENTPIPE_NATS"), metavar="URL[,URL...]",
+                   help="NATS server URLs (nats://[user:pass@]host:port), comma-separated")
+    p.add_argument("--stream", required="EVENTPIPE_STREAM" not in env,
+                   default=env.get("EVENTPIPE_STREAM"), help="the JetStream stream")
+    p.add_argument("--catch-up", action="store_true",
+                   help="stop once what the stream holds now is done instead of following")
+    p.add_argument("--poll-interval", type=float,
+                   help="longest wait of one fetch for new messages (default 1 s)")
+
+
+def _add_consume_stream(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ
+    p = sub.add_parser(
+        "consume-stream", help="run a consumer on a JetStream stream (on any host)",
+        description="Run a consumer on a stream written by `eventpipe bridge`, with the "
+                    "handler, checkpoint and on_error policies of `consume`, its checkpoint "
+                    "in a local --checkpoint-dir; until SIGTERM/SIGINT (or, with --catch-up, "
+                    "once done). Needs pip install eventpipe[nats]. --nats, --stream, --name, "
+                    "--handler, --initial-state and --checkpoint-dir default to "
+                    "$EVENTPIPE_NATS, $EVENTPIPE_STREAM, $EVENTPIPE_CONSUMER_NAME, "
+                    "$EVENTPIPE_HANDLER, $EVENTPIPE_INITIAL_STATE and "
+                    "$EVENTPIPE_CHECKPOINT_DIR. Exits 0 when stopped by SIGTERM, 130 by "
+                    "SIGINT (both after a final checkpoint), 3 for an unreachable server, a "
+                    "missing stream, a checkpoint of another log or a stream that does not "
+                    "continue.")
+    _nats_options(p)
+    p.add_argument("--name", required="EVENTPIPE_CONSUMER_NAME" not in env,
+                   default=env.get("EVENTPIPE_CONSUMER_NAME"), help="the consumer name")
+    p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
+                   default=env.get("EVENTPIPE_HANDLER"),
+                   help="MODULE:FUNCTION or FILE.py:FUNCTION (as for consume)")
+    p.add_argument("--checkpoint-dir", required="EVENTPIPE_CHECKPOINT_DIR" not in env,
+                   default=env.get("EVENTPIPE_CHECKPOINT_DIR"),
+                   help="local folder of the consumer's checkpoint")
+    p.add_argument("--initial-state", default=env.get("EVENTPIPE_INITIAL_STATE"),
+                   help="JSON for the state before the first event")
+    p.add_argument("--standby", action="store_true",
+                   help="wait for the name if another process holds it")
+    p.add_argument("--print-state", action="store_true", help="print the final state as JSON")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-interval", type=float)
+    p.add_argument("--on-error", choices=("stop", "retry", "dead_letter"))
+    p.add_argument("--max-retries", type=int)
+    p.add_argument("--retry-backoff", type=float)
+    p.add_argument("--dead-letter", help="local log path for events the handler fails on")
+    p.add_argument("--pass-time", action="store_true",
+                   help="call the handler as handler(state, event, offset, time), time in ns "
+                        "since the epoch (None if unknown)")
+    p.set_defaults(func=cmd_consume_stream)
+
+
+def _add_mirror(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ
+    p = sub.add_parser(
+        "mirror", help="keep a local log identical to a JetStream stream",
+        description="Keep the log at PATH (created if missing) identical to a stream written "
+                    "by `eventpipe bridge`: same events, offsets and append times, resuming "
+                    "after its own head; until SIGTERM/SIGINT (or, with --catch-up, once "
+                    "done). Local consumers then run on PATH. Needs pip install "
+                    "eventpipe[nats]. PATH, --nats and --stream default to "
+                    "$EVENTPIPE_LOG_PATH, $EVENTPIPE_NATS and $EVENTPIPE_STREAM. Exits 0 when "
+                    "stopped by SIGTERM, 130 by SIGINT, 3 for an unreachable server, a missing "
+                    "stream, a PATH that is not a mirror of that stream's log, or a stream "
+                    "that does not continue.")
+    p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
+                   default=env.get("EVENTPIPE_LOG_PATH"))
+    _nats_options(p)
+    p.add_argument("--batch", type=int, default=1024,
+                   help="messages fetched at once (default 1024)")
+    p.set_defaults(func=cmd_mirror)
+
+
+def _servers(text: str) -> list[str]:
+    return [url.strip() for url in text.split(",") if url.strip()]
+
+
+def _have_nats(command: str) -> bool:
+    try:
+        import nats  # noqa: F401  (only to say what is missing)
+    except ImportError:
+        err(f"{command} {_MISSING_NATS}")
+        return False
+    return True
+
+
+def _consumer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The consumer options the command line gives (as ``consume`` passes them)."""
+    options: dict[str, Any] = {"checkpoint_dir": args.checkpoint_dir}
+    for key in ("checkpoint_every", "checkpoint_interval", "poll_interval", "on_error",
+                "max_retries", "retry_backoff", "dead_letter"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.standby:
+        options["standby"] = True
+    if args.pass_time:
+        options["pass_time"] = True
+    return options
+
+
+def cmd_consume_stream(args: argparse.Namespace) -> int:
+    from .._checkpoint import validate_name
+    from .._config import CONSUMER_OPTIONS, resolve
+    from ._consume import load_handler
+
+    if not _have_nats("consume-stream"):
+        return EXIT_USAGE
+    from ..jetstream import StreamConsumer
+
+    options = _consumer_options(args)
+    resolve(CONSUMER_OPTIONS, options)  # the command line first (exit 2), then the rest
+    validate_name(args.name)
+    handler = load_handler(args.handler)
+    try:
+        initial = orjson.loads(args.initial_state) if args.initial_state is not None else None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"--initial-state is not JSON: {exc.msg} at column {exc.colno}",
+                          option="initial_state") from None
+    with StreamConsumer(_servers(args.nats), args.stream, args.name, handler, initial,
+                        **options) as consumer:
+        state = consumer.catch_up() if args.catch_up else consumer.run()
+        if args.print_state:
+            write_json(state)
+        if consumer.stopped_by == signal.SIGINT:
+            err(f"consumer {args.name}: interrupted (SIGINT), stopped at offset "
+                f"{consumer.offset}")
+            return EXIT_INTERRUPTED
+        err(f"consumer {args.name}: stopped at offset {consumer.offset}")
+    return EXIT_OK
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    if not _have_nats("mirror"):
+        return EXIT_USAGE
+    from ..jetstream import Mirror
+
+    options: dict[str, Any] = {"batch": args.batch}
+    if args.poll_interval is not None:
+        options["poll_interval"] = args.poll_interval
+    with Mirror(args.path, _servers(args.nats), args.stream, **options) as mirror:
+        if args.catch_up:
+            mirror.catch_up()
+        else:
+            mirror.run()
+        where = f"mirror {mirror.log.path}: head {mirror.head} ({mirror.appended} appended)"
+        if mirror.stopped_by == signal.SIGINT:
+            err(f"{where}, interrupted (SIGINT)")
+            return EXIT_INTERRUPTED
+        err(where)
+    return EXIT_OK
