@@ -18,6 +18,10 @@ def test_headers_round_trip() -> None:
                      "Eventpipe-Time": "123"}
     later = msg_headers("abc", 7, None, first=False)
     assert later["Nats-Expected-Last-Msg-Id"] == "abc:6"
+    assert "Nats-Expected-Last-Sequence" not in later
+    by_seq = msg_headers("abc", 7, 9, False, 41)
+    assert by_seq["Nats-Expected-Last-Sequence"] == "41"
+    assert "Nats-Expected-Last-Msg-Id" not in by_seq
     assert "Eventpipe-Time" not in later
     assert parse_headers(first) == ("abc", 0, 123)
     assert parse_headers(later) == ("abc", 7, None)
@@ -43,10 +47,11 @@ def test_last_position_and_the_servers_order_check(nats_server: NatsServer) -> N
     from eventpipe.jetstream import (
         ForeignMessageError,
         Position,
+        last_entry,
         last_position,
         msg_headers,
     )
-    from eventpipe.jetstream._wire import API_ERR_WRONG_LAST_MSG_ID
+    from eventpipe.jetstream._wire import API_ERR_WRONG_LAST_MSG_ID, API_ERR_WRONG_LAST_SEQUENCE
 
     async def main() -> None:
         nc = await nats.connect(nats_server.url)
@@ -66,6 +71,12 @@ def test_last_position_and_the_servers_order_check(nats_server: NatsServer) -> N
                                    headers=msg_headers("L", 1, 6, False))
             assert ack.duplicate
             assert (await js.stream_info("S")).state.messages == 2
+            # The same by stream sequence (what the bridge sends).
+            with pytest.raises(APIError) as info:
+                await js.publish("eventpipe.s", b"{}", headers=msg_headers("L", 2, 6, False, 1))
+            assert info.value.err_code == API_ERR_WRONG_LAST_SEQUENCE
+            await js.publish("eventpipe.s", b'{"a":2}', headers=msg_headers("L", 2, 7, False, 2))
+            assert await last_entry(js, "S") == (Position("L", 2), 3)
             await js.publish("eventpipe.s", b"plain")
             with pytest.raises(ForeignMessageError):
                 await last_position(js, "S")

@@ -6,7 +6,6 @@ nats-py is imported only when the command runs: the rest of the command line nev
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 
@@ -61,7 +60,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("nats") is None:
+    try:
+        import nats  # noqa: F401  (only to say what is missing)
+    except ImportError:
         err("bridge needs nats-py: pip install eventpipe[nats]")
         return EXIT_USAGE
     from ..jetstream import Bridge

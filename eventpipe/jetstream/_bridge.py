@@ -5,9 +5,9 @@ bridge reads the stream's last message (:func:`~._wire.last_position`) and publi
 offset after it. Every message carries ``Nats-Msg-Id: <log_id>:<offset>`` (the server drops a
 second copy within its duplicate window: a retry of a publish that timed out but was stored,
 or a message a killed bridge still had on the wire) and, but for the stream's first,
-``Nats-Expected-Last-Msg-Id`` naming its predecessor (the server refuses a message that would
-leave a gap or reorder). So a bridge killed at any moment, or cut off from the servers, and
-started again neither loses nor doubles an event.
+``Nats-Expected-Last-Sequence`` naming its predecessor's stream sequence (the server refuses
+a message that would leave a gap or reorder). So a bridge killed at any moment, or cut off
+from the servers, and started again neither loses nor doubles an event.
 
 Publishes are asynchronous, with at most ``window`` acks in flight, awaited in order. A failure
 (a timeout, no leader, the server away, a refusal) drops what is in flight, backs off
@@ -34,7 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._changes import ChangeNotifier
-from .._checkpoint import checkpoint_file, save_checkpoint, validate_name
+from .._checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, validate_name
 from .._consumer import checkpoint_at
 from .._layout import CONSUMERS_DIR, HEAD_FILE
 from .._log import EventLog
@@ -44,16 +44,18 @@ from ..errors import (
     CheckpointMismatchError,
     ConfigError,
     ConsumerBusyError,
+    EventPipeError,
     LogClosedError,
 )
 from ._wire import (
     API_ERR_WRONG_LAST_MSG_ID,
+    API_ERR_WRONG_LAST_SEQUENCE,
     ServerUnavailableError,
     StreamGapError,
     StreamMismatchError,
     StreamNotFoundError,
     default_subject,
-    last_position,
+    last_entry,
     msg_headers,
 )
 
@@ -152,7 +154,8 @@ class Bridge:
         self.published = 0
         """Messages published by this process (retries included)."""
         self.duplicates = 0
-        """Acks saying the server already held the message (dropped as a duplicate)."""
+        """Acks saying the server already held the message (dropped as a duplicate), counted
+        since the bridge's checkpoint was made (earlier runs' counts are read from it)."""
         self.retries = 0
         """Failures retried (each resumes from the stream's last message)."""
         self.stopped_by: int | None = None
@@ -166,6 +169,7 @@ class Bridge:
         self._notifier: ChangeNotifier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream_first: int | None = None  # the offset the stream's first message carries
+        self._seq_offset = 0  # stream sequence - log offset, for the messages from here on
         self._checkpointed = -1
         self._checkpoint_due = 0.0
         self._backoff = _FIRST_BACKOFF
@@ -278,11 +282,22 @@ class Bridge:
                  "%d retries)", self.name, self.next_offset, self.published, self.duplicates,
                  self.retries)
 
+    def _took_name(self) -> bool:
+        """Carry the duplicate count on from the last run's checkpoint (for operators;
+        where to resume is never read from it). True."""
+        with contextlib.suppress(EventPipeError, OSError):
+            cp = load_checkpoint(self._folder, self._checkpoint_file, self.name)
+            state = cp.state if cp is not None else None
+            if isinstance(state, dict) and state.get("stream") == self.stream and isinstance(
+                    state.get("duplicates"), int):
+                self.duplicates += state["duplicates"]
+        return True
+
     async def _await_name(self) -> bool:
         """The name, now or (standby) once its holder lets go; False if stopped first."""
         lock = self._lock
         if lock.try_acquire():
-            return True
+            return self._took_name()
         sd = self.systemd
         watch = ChangeNotifier(lock.folder.path, lock.filename, notifications=self.notifications,
                                poll_interval=self.poll_interval)
@@ -294,7 +309,7 @@ class Bridge:
             while not self._stopping:
                 if lock.try_acquire():
                     log.info("bridge %s: took the name over (pid %d)", self.name, os.getpid())
-                    return True
+                    return self._took_name()
                 if retries:
                     await asyncio.sleep(retries.pop(0))
                     continue
@@ -337,7 +352,8 @@ class Bridge:
             )
         except (NoServersError, AuthorizationError, OSError, TimeoutError) as exc:
             cause = seen[-1] if seen else exc
-            auth = any(isinstance(e, AuthorizationError) for e in (*seen, exc))
+            auth = any(isinstance(e, AuthorizationError)
+                       or "authorization violation" in str(e).lower() for e in (*seen, exc))
             why = "authorization failed" if auth else "no server reachable"
             raise ServerUnavailableError(
                 f"cannot connect to NATS at {', '.join(self.servers)}: {why} "
@@ -372,12 +388,12 @@ class Bridge:
         from nats.js.errors import NotFoundError
 
         try:
-            pos = await last_position(js, self.stream)
+            entry = await last_entry(js, self.stream)
         except NotFoundError:
             raise StreamNotFoundError(f"stream {self.stream} does not exist (any more)",
                                       stream=self.stream) from None
         first, head = self.log.first_offset, self.log.head
-        if pos is None:
+        if entry is None:
             start = 0
             if first > 0:
                 if not self.from_first_stored:
@@ -388,8 +404,10 @@ class Bridge:
                         "there", stream=self.stream, path=self.log.path, offset=0)
                 start = first
             self._stream_first = start
+            self._seq_offset = 1 - start  # the stream's first message is sequence 1
             last = None
         else:
+            pos, seq = entry
             if pos.log_id != self.log.log_id:
                 raise StreamMismatchError(
                     f"stream {self.stream} holds events of another log (log id {pos.log_id}, "
@@ -407,6 +425,7 @@ class Bridge:
                     f"the log's events before {first}: offsets {start}..{first - 1} are lost",
                     stream=self.stream, path=self.log.path, offset=start)
             self._stream_first = None
+            self._seq_offset = seq - pos.offset
             if self.last_acked is not None and last < self.last_acked:
                 log.warning("bridge %s: stream %s ends at offset %d, before %d it acked "
                             "(the stream lost messages): publishing them again", self.name,
@@ -450,6 +469,7 @@ class Bridge:
         log_id, subject, stream = log_.log_id, self.subject, self.stream
         window, timeout, sd = self.window, self.ack_timeout, self.systemd
         times_of = log_.time_index.times
+        seq_offset = self._seq_offset - 1  # the expected last sequence of offset o: o + this
         while not self._stopping:
             head = log_.head
             if head < self.next_offset:
@@ -466,7 +486,8 @@ class Bridge:
                             await self._ack_oldest(inflight)
                         offset = first + i
                         headers = msg_headers(log_id, offset, times[i],
-                                              offset == self._stream_first)
+                                              offset == self._stream_first,
+                                              offset + seq_offset)
                         future = await js.publish_async(subject, line, stream=stream,
                                                         headers=headers)
                         inflight.append((offset, future, loop.time() + timeout))
@@ -530,9 +551,10 @@ class Bridge:
                 raise StreamMismatchError(
                     f"subject {self.subject} belongs to another stream than {self.stream} "
                     f"({exc.description})", stream=self.stream) from exc
-            # 10070 (wrong last message id) follows a message lost in flight: resuming from
+            # 10071 (wrong last sequence) follows a message lost in flight: resuming from
             # the stream mends it. 5xx: no leader, storage unavailable.
-            return exc.err_code == API_ERR_WRONG_LAST_MSG_ID or (exc.code or 500) >= 500
+            return exc.err_code in (API_ERR_WRONG_LAST_SEQUENCE, API_ERR_WRONG_LAST_MSG_ID) \
+                or (exc.code or 500) >= 500
         return False
 
     # ------------------------------------------------------------------------ checkpoints

@@ -14,10 +14,18 @@ One message per event, in offset order:
       where the event comes from: readers map stream sequences to log offsets with these;
   ``Eventpipe-Time: <ns>``
       its append time (nanoseconds since the epoch, UTC); absent when the log does not know it;
+  ``Nats-Expected-Last-Sequence: <stream sequence of offset - 1>``
+      on every message but the first of the stream (what the bridge sends): the server
+      refuses (error code 10071, "wrong last sequence") a message whose predecessor is not the
+      stream's last message, so pipelined publishes can never leave a gap or reorder;
   ``Nats-Expected-Last-Msg-Id: <log_id>:<offset - 1>``
-      on every message but the first of the stream: the server rejects (error code 10070,
-      "wrong last msg ID") a message whose predecessor is not the stream's last message, so
-      pipelined publishes can never leave a gap or reorder.
+      the same check by message id (error code 10070), which :func:`msg_headers` gives when
+      no sequence is known. The bridge does not use it: in a clustered stream a message
+      checked this way that meets a leader change can fail on the replicas as they apply it
+      ("critical write error: last msgid mismatch", seen with nats-server 2.15.1), which
+      stops the stream; the sequence check is made by the leader before it proposes.
+
+Readers must not rely on either expectation header: they are for the server.
 
 The stream is the truth about how far the bridge got: :func:`last_position` reads its last
 message, and the bridge resumes after it.
@@ -35,7 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_ERR_WRONG_LAST_MSG_ID",
+    "API_ERR_WRONG_LAST_SEQUENCE",
     "HDR_EXPECTED_LAST_MSG_ID",
+    "HDR_EXPECTED_LAST_SEQ",
     "HDR_LOG_ID",
     "HDR_MSG_ID",
     "HDR_OFFSET",
@@ -47,6 +57,7 @@ __all__ = [
     "StreamMismatchError",
     "StreamNotFoundError",
     "default_subject",
+    "last_entry",
     "last_position",
     "msg_headers",
     "msg_id",
@@ -55,6 +66,7 @@ __all__ = [
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+HDR_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 HDR_LOG_ID = "Eventpipe-Log-Id"
 HDR_OFFSET = "Eventpipe-Offset"
 HDR_TIME = "Eventpipe-Time"
@@ -62,6 +74,9 @@ HDR_TIME = "Eventpipe-Time"
 API_ERR_WRONG_LAST_MSG_ID = 10070
 """JetStream's error code for a publish whose Nats-Expected-Last-Msg-Id is not the stream's
 last message id."""
+API_ERR_WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a publish whose Nats-Expected-Last-Sequence is not the stream's
+last sequence."""
 
 
 class StreamMismatchError(EventPipeError, ValueError):
@@ -117,11 +132,14 @@ def msg_id(log_id: str, offset: int) -> str:
     return f"{log_id}:{offset}"
 
 
-def msg_headers(log_id: str, offset: int, time_ns: int | None, first: bool) -> dict[str, str]:
+def msg_headers(log_id: str, offset: int, time_ns: int | None, first: bool,
+                last_seq: int | None = None) -> dict[str, str]:
     """The headers of the message carrying event ``offset`` of log ``log_id``.
 
     ``first`` is true for the first message of the stream only (it has no predecessor to
-    expect); every other message names its predecessor in ``Nats-Expected-Last-Msg-Id``.
+    expect); every other message names its predecessor: by stream sequence
+    (``Nats-Expected-Last-Sequence: last_seq``) when ``last_seq`` is given, else by message
+    id (``Nats-Expected-Last-Msg-Id``).
     """
     headers = {
         HDR_MSG_ID: f"{log_id}:{offset}",
@@ -131,7 +149,10 @@ def msg_headers(log_id: str, offset: int, time_ns: int | None, first: bool) -> d
     if time_ns is not None:
         headers[HDR_TIME] = str(time_ns)
     if not first:
-        headers[HDR_EXPECTED_LAST_MSG_ID] = f"{log_id}:{offset - 1}"
+        if last_seq is not None:
+            headers[HDR_EXPECTED_LAST_SEQ] = str(last_seq)
+        else:
+            headers[HDR_EXPECTED_LAST_MSG_ID] = f"{log_id}:{offset - 1}"
     return headers
 
 
@@ -167,6 +188,16 @@ def parse_headers(headers: Mapping[str, str] | None, *, stream: str | None = Non
 async def last_position(js: JetStreamContext, stream: str) -> Position | None:
     """The log id and offset of ``stream``'s last message; None when it never held one.
 
+    Raises as :func:`last_entry`.
+    """
+    entry = await last_entry(js, stream)
+    return None if entry is None else entry[0]
+
+
+async def last_entry(js: JetStreamContext, stream: str) -> tuple[Position, int] | None:
+    """The position of ``stream``'s last message and its stream sequence; None when the
+    stream never held a message.
+
     Reads ``stream_info().state.last_seq`` then that message. Raises nats-py's errors for
     a missing stream (``nats.js.errors.NotFoundError``) or a server away,
     :class:`ForeignMessageError` for a last message eventpipe did not write, and
@@ -187,4 +218,4 @@ async def last_position(js: JetStreamContext, stream: str) -> Position | None:
             "expired or deleted): where the log continues cannot be told from the stream",
             stream=stream) from None
     log_id, offset, _ = parse_headers(msg.headers, stream=stream, seq=last_seq)
-    return Position(log_id, offset)
+    return Position(log_id, offset), last_seq
