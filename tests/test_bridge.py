@@ -205,7 +205,8 @@ def test_bridge_publishes_a_growing_log_once(nats_server: NatsServer, children: 
     wait_until(lambda: stream_count(urls) == 810, "the new events")
     assert stop_bridge(proc) == 0
     assert proc.stderr is not None
-    assert "stopped at offset 810 (10 published" in proc.stderr.read().decode()
+    assert "stopped at offset 810 (10 published, 0 duplicates dropped, 0 retries)" in \
+        proc.stderr.read().decode()
     check_exactly_once(log_path, stream_messages(urls))
 
 

@@ -73,11 +73,8 @@ def cmd_bridge(args: argparse.Namespace) -> int:
                 name=args.name, standby=args.standby, from_first_stored=args.from_first_stored,
                 ack_timeout=args.ack_timeout, poll_interval=args.poll_interval,
                 notifications=not args.no_notifications) as bridge:
-        bridge.run()
-        where = (f"bridge {bridge.name}: stopped at offset {bridge.next_offset} "
-                 f"({bridge.published} published, {bridge.duplicates} duplicates dropped)")
+        bridge.run()  # says where it stopped (the eventpipe.bridge logger, on stderr)
         if bridge.stopped_by == signal.SIGINT:
-            err(f"{where}, interrupted (SIGINT)")
+            err(f"bridge {bridge.name}: interrupted (SIGINT)")
             return EXIT_INTERRUPTED
-        err(where)
     return EXIT_OK

@@ -263,13 +263,6 @@ class Bridge:
             try:
                 js = nc.jetstream(timeout=self.ack_timeout,
                                   publish_async_max_pending=max(4000, 2 * self.window))
-                await self._ensure_stream(js)
-                await self._resume(js)
-                sd.ready()
-                sd.status(self._status())
-                log.info("bridge %s: publishing %s from offset %d to stream %s (subject %s)",
-                         self.name, self.log.path, self.next_offset, self.stream,
-                         self.subject)
                 await self._publish_loop(js)
             finally:
                 sd.stopping()
@@ -437,13 +430,22 @@ class Bridge:
     # ------------------------------------------------------------------------- publishing
 
     async def _publish_loop(self, js: JetStreamContext) -> None:
-        resume = False
+        """Find the stream and where it stands, then publish; on a failure that may mend
+        (a cluster still electing its leaders at start included), back off and resume."""
+        ready = False
         while not self._stopping:
             inflight: deque[tuple[int, asyncio.Future[PubAck], float]] = deque()
             try:
-                if resume:
-                    await self._resume(js)
-                    resume = False
+                if not ready:
+                    await self._ensure_stream(js)
+                await self._resume(js)
+                if not ready:
+                    ready = True
+                    self.systemd.ready()
+                    log.info("bridge %s: publishing %s from offset %d to stream %s (subject "
+                             "%s)", self.name, self.log.path, self.next_offset, self.stream,
+                             self.subject)
+                self.systemd.status(self._status())
                 await self._pump(js, inflight)
                 return
             except Exception as exc:
@@ -457,7 +459,6 @@ class Bridge:
                 self.systemd.status(self._status())
                 await self._sleep(self._backoff * random.uniform(0.8, 1.2))
                 self._backoff = min(self.max_backoff, self._backoff * 2)
-                resume = True
 
     async def _pump(self, js: JetStreamContext,
                     inflight: deque[tuple[int, asyncio.Future[PubAck], float]]) -> None:
