@@ -208,6 +208,17 @@ def test_bridge_publishes_a_growing_log_once(nats_server: NatsServer, children: 
     assert "stopped at offset 810 (10 published, 0 duplicates dropped, 0 retries)" in \
         proc.stderr.read().decode()
     check_exactly_once(log_path, stream_messages(urls))
+    # The bridge's checkpoint names the last event's place as one read from the log would.
+    from eventpipe._consumer import checkpoint_at
+
+    cp = bridge_state(log_path)
+    with EventLog(log_path, create=False) as log:
+        want = checkpoint_at(log, f"bridge-{STREAM}", 810, None)
+    assert (cp["offset"], cp["segment"], cp["position"], cp["fingerprint"]) == (
+        810, want.segment, want.position, want.fingerprint)
+    verify = subprocess.run([sys.executable, "-m", "eventpipe", "verify", str(log_path)],
+                            capture_output=True, text=True, env=env(), check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Path,
@@ -241,6 +252,9 @@ def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Pa
     check_exactly_once(log_path, stream_messages(urls))
     state = bridge_state(log_path)["state"]
     assert state["last_acked"] == head - 1
+    verify = subprocess.run([sys.executable, "-m", "eventpipe", "verify", str(log_path)],
+                            capture_output=True, text=True, env=env(), check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # checkpoints included
     # Kills that landed while publishing (the stream grew in that round) are what this tests.
     assert killed_with_acks >= rounds // 2, killed_with_acks
     print(f"soak: {rounds} rounds, {head} events, {killed_with_acks} kills mid-publish, "

@@ -30,11 +30,18 @@ import random
 import signal
 import threading
 import time
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._changes import ChangeNotifier
-from .._checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, validate_name
+from .._checkpoint import (
+    Checkpoint,
+    checkpoint_file,
+    load_checkpoint,
+    save_checkpoint,
+    validate_name,
+)
 from .._consumer import checkpoint_at
 from .._layout import CONSUMERS_DIR, HEAD_FILE
 from .._log import EventLog
@@ -63,6 +70,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.api import PubAck
     from nats.js.client import JetStreamContext
+
+    from .._segment import LineChunk
 
 __all__ = ["Bridge"]
 
@@ -170,6 +179,11 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream_first: int | None = None  # the offset the stream's first message carries
         self._seq_offset = 0  # stream sequence - log offset, for the messages from here on
+        # Where next_offset's line starts (segment, byte position), when known: reading on
+        # from there needs no scan of the segment. And the chunks published lately, to
+        # checkpoint an acked offset with its position and CRC without reading it again.
+        self._next_position: tuple[int, int] | None = None
+        self._recent: deque[LineChunk] = deque()
         self._checkpointed = -1
         self._checkpoint_due = 0.0
         self._backoff = _FIRST_BACKOFF
@@ -425,6 +439,8 @@ class Bridge:
                             self.stream, last, self.last_acked)
         self.last_acked = last
         self.next_offset = start
+        self._next_position = None
+        self._recent.clear()
         self._checkpoint(force=True)
 
     # ------------------------------------------------------------------------- publishing
@@ -479,7 +495,9 @@ class Bridge:
                     "bridge published: the log was cut back or restored from an older copy",
                     path=log_.path, offset=self.next_offset)
             if self.next_offset < head:
-                for chunk in log_.chunks(self.next_offset, head):
+                for chunk in log_.chunks(self.next_offset, head, position=self._next_position):
+                    self._next_position = None
+                    self._recent.append(chunk)
                     first = chunk.first_offset
                     times = times_of(chunk.segment_base, first, len(chunk.lines))
                     for i, line in enumerate(chunk.lines):
@@ -496,6 +514,9 @@ class Bridge:
                         self.next_offset = offset + 1
                         if self._stopping:
                             break
+                    else:  # the whole chunk is out: the next line starts right after it
+                        self._next_position = (chunk.segment_base, chunk.position + len(
+                            chunk.lines) + sum(map(len, chunk.lines)))
                     sd.maybe_ping_watchdog()
                     self._checkpoint()
                     if self._stopping:
@@ -574,11 +595,27 @@ class Bridge:
             return
         state = {"stream": self.stream, "last_acked": self.last_acked,
                  "duplicates": self.duplicates}
-        save_checkpoint(self._folder, self._checkpoint_file,
-                        checkpoint_at(self.log, self.name, done, state),
+        save_checkpoint(self._folder, self._checkpoint_file, self._checkpoint_for(done, state),
                         self.log.config.file_mode)
         self._checkpointed = done
         self._checkpoint_due = now + self.checkpoint_interval
+
+    def _checkpoint_for(self, done: int, state: dict[str, Any]) -> Checkpoint:
+        """The checkpoint at offset ``done``: the event before it (its segment, byte position
+        and CRC, which a reader of the checkpoint checks) from the chunks published lately,
+        else read from the log (once, after a resume)."""
+        recent = self._recent
+        while recent and recent[0].first_offset + len(recent[0].lines) < done:
+            recent.popleft()  # wholly acked and checkpointed past
+        last = done - 1
+        for chunk in recent:
+            i = last - chunk.first_offset
+            if 0 <= i < len(chunk.lines):
+                lines = chunk.lines
+                position = chunk.position + i + sum(map(len, lines[:i]))
+                return Checkpoint(self.name, self.log.log_id, done, state, chunk.segment_base,
+                                  position, zlib.crc32(lines[i]), time.time())
+        return checkpoint_at(self.log, self.name, done, state)
 
     # ------------------------------------------------------------------------------ waits
 
