@@ -401,6 +401,23 @@ def test_stream_that_does_not_take_the_subject(nats_server: NatsServer, children
     check_exactly_once(log_path, stream_messages(urls))
 
 
+def test_a_message_the_stream_refuses(nats_server: NatsServer, log_path: Path) -> None:
+    urls = [nats_server.url]
+
+    async def add(js: Any) -> None:
+        await js.add_stream(name=STREAM, subjects=["eventpipe.orders"], max_msg_size=1000)
+
+    asyncio.run(_with_js(urls, add))
+    with EventLog(log_path) as log:
+        log.append_many([{"i": 0}, {"i": 1}, {"big": "x" * 1000}, {"i": 3}])
+    result = run_bridge(log_path, urls)
+    assert result.returncode == 3, result.stderr
+    assert "PublishError" in result.stderr and "offset=2" in result.stderr, result.stderr
+    assert "message size exceeds maximum" in result.stderr
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
+    assert stream_count(urls) == 2
+
+
 def test_auth_failure(tmp_path: Path, log_path: Path) -> None:
     server = NatsServer(require_nats(), tmp_path / "nats" / "n1",
                         extra=["--user", "bridge", "--pass", "s3cret"])

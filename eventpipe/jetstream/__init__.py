@@ -16,6 +16,7 @@ from ._source import MirrorMismatchError
 from ._wire import (
     ForeignMessageError,
     Position,
+    PublishError,
     ServerUnavailableError,
     StreamGapError,
     StreamMismatchError,
@@ -34,6 +35,7 @@ __all__ = [
     "Mirror",
     "MirrorMismatchError",
     "Position",
+    "PublishError",
     "ServerUnavailableError",
     "StreamConsumer",
     "StreamGapError",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._changes import ChangeNotifier
 from .._checkpoint import (
@@ -57,6 +58,7 @@ from ..errors import (
 from ._wire import (
     API_ERR_WRONG_LAST_MSG_ID,
     API_ERR_WRONG_LAST_SEQUENCE,
+    PublishError,
     ServerUnavailableError,
     StreamGapError,
     StreamMismatchError,
@@ -68,7 +70,7 @@ from ._wire import (
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from nats.js.api import PubAck
+    from nats.aio.msg import Msg
     from nats.js.client import JetStreamContext
 
     from .._segment import LineChunk
@@ -77,12 +79,72 @@ __all__ = ["Bridge"]
 
 log = logging.getLogger("eventpipe.bridge")
 
+_HDR_EXPECTED_STREAM = "Nats-Expected-Stream"  # the server refuses it elsewhere (10060)
 _API_ERR_STREAM_NOT_FOUND = 10059
 _API_ERR_WRONG_STREAM = 10060  # Nats-Expected-Stream names another stream
 _FIRST_BACKOFF = 0.1
 # The standby's attempts after a hint that the holder let go (as a consumer's).
 _TAKEOVER_RETRIES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 _CONNECT_ATTEMPTS = 2  # per server, before the first connection counts as failed
+
+
+class _Ack(NamedTuple):
+    """The server's acknowledgement of one publish."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+class _Publisher:
+    """Publishes with a reply subject of its own per message and hands back a future of the
+    ack: a refusal becomes that future's exception. (nats-py's ``publish_async`` raises a
+    refusal inside its reply callback, where it reaches the error callback and leaves the
+    future pending for ever.)"""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._futures: dict[str, asyncio.Future[_Ack]] = {}
+        self._count = 0
+
+    async def start(self) -> None:
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        from nats.js.errors import APIError, NoStreamResponseError
+
+        future = self._futures.pop(msg.subject[len(self._prefix):], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":  # no responders: no stream
+            future.set_exception(NoStreamResponseError())
+            return
+        try:
+            doc = json.loads(msg.data)
+            error = doc.get("error")
+            if error is not None:
+                future.set_exception(APIError(code=error.get("code"), err_code=error.get(
+                    "err_code"), description=error.get("description")))
+            else:
+                future.set_result(_Ack(doc["stream"], doc["seq"], bool(doc.get("duplicate"))))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            future.set_exception(ValueError(f"unreadable ack {msg.data[:200]!r}: {exc}"))
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]
+                      ) -> asyncio.Future[_Ack]:
+        self._count += 1
+        token = str(self._count)
+        future: asyncio.Future[_Ack] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        return future
+
+    def forget(self) -> None:
+        """Drop every publish awaiting its ack (its outcome is read back from the stream)."""
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            future.cancel()
 
 
 class _AckTimeout(Exception):
@@ -275,9 +337,10 @@ class Bridge:
                 return
             nc = await self._connect()
             try:
-                js = nc.jetstream(timeout=self.ack_timeout,
-                                  publish_async_max_pending=max(4000, 2 * self.window))
-                await self._publish_loop(js)
+                js = nc.jetstream(timeout=self.ack_timeout)
+                publisher = _Publisher(nc)
+                await publisher.start()
+                await self._publish_loop(js, publisher)
             finally:
                 sd.stopping()
                 with contextlib.suppress(Exception):
@@ -445,12 +508,12 @@ class Bridge:
 
     # ------------------------------------------------------------------------- publishing
 
-    async def _publish_loop(self, js: JetStreamContext) -> None:
+    async def _publish_loop(self, js: JetStreamContext, publisher: _Publisher) -> None:
         """Find the stream and where it stands, then publish; on a failure that may mend
         (a cluster still electing its leaders at start included), back off and resume."""
         ready = False
         while not self._stopping:
-            inflight: deque[tuple[int, asyncio.Future[PubAck], float]] = deque()
+            inflight: deque[tuple[int, asyncio.Future[_Ack], float]] = deque()
             try:
                 if not ready:
                     await self._ensure_stream(js)
@@ -462,12 +525,16 @@ class Bridge:
                              "%s)", self.name, self.log.path, self.next_offset, self.stream,
                              self.subject)
                 self.systemd.status(self._status())
-                await self._pump(js, inflight)
+                await self._pump(publisher, inflight)
                 return
             except Exception as exc:
+                where = inflight[0][0] if inflight else self.next_offset  # what failed
+                _drop(inflight, publisher)
                 if not self._retryable(exc):
-                    raise
-                _abandon(inflight)
+                    if isinstance(exc, EventPipeError):
+                        raise
+                    raise PublishError(f"stream {self.stream}: {_describe(exc)}",
+                                       path=self.log.path, offset=where) from exc
                 self.retries += 1
                 self._last_error = _describe(exc)
                 log.warning("bridge %s: %s; resuming from the stream in %.1f s", self.name,
@@ -476,8 +543,8 @@ class Bridge:
                 await self._sleep(self._backoff * random.uniform(0.8, 1.2))
                 self._backoff = min(self.max_backoff, self._backoff * 2)
 
-    async def _pump(self, js: JetStreamContext,
-                    inflight: deque[tuple[int, asyncio.Future[PubAck], float]]) -> None:
+    async def _pump(self, publisher: _Publisher,
+                    inflight: deque[tuple[int, asyncio.Future[_Ack], float]]) -> None:
         """Publish from :attr:`next_offset` on, following the log; returns on stop."""
         loop = asyncio.get_running_loop()
         notifier = self._notifier
@@ -486,6 +553,7 @@ class Bridge:
         log_id, subject, stream = log_.log_id, self.subject, self.stream
         window, timeout, sd = self.window, self.ack_timeout, self.systemd
         times_of = log_.time_index.times
+        publish = publisher.publish
         seq_offset = self._seq_offset - 1  # the expected last sequence of offset o: o + this
         while not self._stopping:
             head = log_.head
@@ -507,8 +575,8 @@ class Bridge:
                         headers = msg_headers(log_id, offset, times[i],
                                               offset == self._stream_first,
                                               offset + seq_offset)
-                        future = await js.publish_async(subject, line, stream=stream,
-                                                        headers=headers)
+                        headers[_HDR_EXPECTED_STREAM] = stream
+                        future = await publish(subject, line, headers)
                         inflight.append((offset, future, loop.time() + timeout))
                         self.published += 1
                         self.next_offset = offset + 1
@@ -534,7 +602,7 @@ class Bridge:
             await self._ack_oldest(inflight)
         self._checkpoint(force=True)
 
-    async def _ack_oldest(self, inflight: deque[tuple[int, asyncio.Future[PubAck], float]]
+    async def _ack_oldest(self, inflight: deque[tuple[int, asyncio.Future[_Ack], float]]
                           ) -> None:
         offset, future, deadline = inflight[0]
         if not future.done():
@@ -542,8 +610,8 @@ class Bridge:
             await asyncio.wait((future,), timeout=max(0.0, left))
             if not future.done():
                 raise _AckTimeout(offset, self.ack_timeout)
+        ack = future.result()  # raises the server's refusal (the offset stays first)
         inflight.popleft()
-        ack = future.result()  # raises the server's refusal
         if ack.duplicate:
             self.duplicates += 1
         self.last_acked = offset
@@ -677,16 +745,15 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
-def _abandon(inflight: deque[tuple[int, asyncio.Future[PubAck], float]]) -> None:
-    """Forget publishes in flight (their outcome is read back from the stream); their
-    failures are marked as seen so asyncio does not report them."""
-    def seen(future: asyncio.Future[PubAck]) -> None:
-        if not future.cancelled():
-            future.exception()
-
+def _drop(inflight: deque[tuple[int, asyncio.Future[_Ack], float]],
+          publisher: _Publisher) -> None:
+    """Forget the publishes in flight (their outcome is read back from the stream); the
+    refusals already in are marked seen, so asyncio does not report them."""
     for _, future, _ in inflight:
-        future.add_done_callback(seen)
+        if future.done() and not future.cancelled():
+            future.exception()
     inflight.clear()
+    publisher.forget()
 
 
 def _describe(exc: BaseException) -> str:

@@ -52,6 +52,7 @@ __all__ = [
     "HDR_TIME",
     "ForeignMessageError",
     "Position",
+    "PublishError",
     "ServerUnavailableError",
     "StreamGapError",
     "StreamMismatchError",
@@ -104,6 +105,11 @@ class StreamNotFoundError(EventPipeError, LookupError):
     def __init__(self, message: str, *, stream: str | None = None) -> None:
         self.stream = stream
         super().__init__(message)
+
+
+class PublishError(EventPipeError, RuntimeError):
+    """The server refused a message for a reason retrying cannot mend (a message over the
+    stream's size limit, a permission, ...): ``offset`` is the event's."""
 
 
 class ServerUnavailableError(EventPipeError, ConnectionError):
