@@ -141,6 +141,14 @@ CASES = [
      "no eventpipe log at MISSING"),
     (["consumer", "delete", "MISSING", "ext"], b"", 3, "no eventpipe log at MISSING"),
     (["status", "LOG", "--format", "prometheus"], b"", 0, ""),
+    # bridge (tests/test_bridge.py runs it against real servers)
+    (["bridge", "LOG"], b"", 2, "the following arguments are required: --nats, --stream"),
+    (["bridge", "LOG", "--nats", "nats://127.0.0.1:1", "--stream", "a.b"], b"", 2,
+     "stream name 'a.b' is invalid"),
+    (["bridge", "MISSING", "--nats", "nats://127.0.0.1:1", "--stream", "S"], b"", 3,
+     "no eventpipe log at MISSING"),
+    (["bridge", "LOG", "--nats", "nats://127.0.0.1:1", "--stream", "S"], b"", 3,
+     "ServerUnavailableError: cannot connect to NATS"),
     # demo (--help only: the demo itself runs for seconds; tests/test_demo.py runs it)
     (["demo", "--help"], b"", 0, ""),
     (["demo", "--seconds", "soon"], b"", 2, "invalid float value"),
