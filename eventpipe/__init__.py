@@ -8,6 +8,7 @@ from ._buffered import BufferedWriter
 from ._checkpoint import Checkpoint
 from ._config import LogConfig
 from ._consumer import Consumer
+from ._dbstate import DbConsumer, Position, PositionConflictError, SqliteStore, StateStore
 from ._follow import Follower
 from ._log import EventLog
 from ._record import Record
@@ -48,6 +49,7 @@ __all__ = [
     "Consumer",
     "ConsumerBusyError",
     "CorruptLogError",
+    "DbConsumer",
     "DurabilityError",
     "EventLog",
     "EventPipeError",
@@ -60,9 +62,13 @@ __all__ = [
     "LogReplacedError",
     "NotAnEventLogError",
     "OffsetOutOfRangeError",
+    "Position",
+    "PositionConflictError",
     "PruneReport",
     "Record",
+    "SqliteStore",
     "StateNotStorableError",
+    "StateStore",
     "StorageError",
     "StoragePermissionError",
     "UnsafePathError",

@@ -64,6 +64,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--pass-time", action="store_true",
                    help="call the handler as handler(state, event, offset, time), time in ns "
                         "since the epoch (None if unknown)")
+    db = p.add_mutually_exclusive_group()
+    db.add_argument("--sqlite", metavar="DB", default=env.get("EVENTPIPE_SQLITE"),
+                    help="keep the state in this SQLite database: the handler is called as "
+                         "handler(conn, event, offset) and the position is committed in its "
+                         "transaction (--checkpoint-every/--checkpoint-interval: events and "
+                         "seconds per transaction)")
+    db.add_argument("--postgres", metavar="DSN", default=env.get("EVENTPIPE_POSTGRES"),
+                    help="the same in PostgreSQL (libpq connection text or URI; needs "
+                         "eventpipe[postgres])")
+    p.add_argument("--sqlite-synchronous", choices=("FULL", "NORMAL"), default="FULL",
+                   help="SQLite's synchronous setting (NORMAL: faster, a power loss may undo "
+                        "the last commits, rows and position together)")
     p.set_defaults(func=cmd_consume)
 
 
@@ -195,6 +207,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
     # The command line first (exit 2 whatever PATH holds), then the log.
     resolve(CONSUMER_OPTIONS, options)
     validate_name(args.name)
+    if args.sqlite or args.postgres:
+        from ._dbconsume import consume_into_database
+
+        return consume_into_database(args, handler, options)
     # Opened here, not by the Consumer: without --create a missing log is refused
     # (NotAnEventLogError, exit 3) instead of created empty and consumed forever.
     with EventLog(args.path, create=args.create) as log, \

@@ -74,6 +74,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q = one("show", "its state (JSON) and checkpoint facts",
             "Print a consumer's checkpoint facts and its state (JSON).")
     q.add_argument("--json", action="store_true")
+    _database_flags(q)
     q.set_defaults(func=cmd_show)
 
     q = one("reset", "move its checkpoint to another offset (refused while it runs)",
@@ -96,6 +97,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                        help="keep the current state (it then no longer matches the events "
                             "before the offset: your call)")
     q.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
+    _database_flags(q)
+    q.add_argument("--reset-hook", metavar="MODULE:FUNCTION",
+                   help="with --sqlite/--postgres: hook(conn, consumer, offset) makes the "
+                        "tables those of the events before the new offset, in the transaction "
+                        "that moves the position (without one the reset is refused)")
     q.set_defaults(func=cmd_reset)
 
     q = one("delete", "remove its checkpoint and registration (refused while it runs)",
@@ -111,6 +117,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             "itself is left alone. Refused while the consumer runs. Exit 1 when there is no "
             "such registration.")
     q.set_defaults(func=cmd_forget)
+
+
+def _database_flags(q: argparse.ArgumentParser) -> None:
+    """--sqlite/--postgres: a consumer whose position lives in a database (issue 13)."""
+    db = q.add_mutually_exclusive_group()
+    db.add_argument("--sqlite", metavar="DB", help="the consumer keeps its state in this "
+                    "SQLite database (eventpipe consume --sqlite)")
+    db.add_argument("--postgres", metavar="DSN", help="... in this PostgreSQL database")
 
 
 def legacy_alias(argv: list[str]) -> list[str]:
@@ -343,6 +357,10 @@ def _refusals(func: Any) -> Any:
 @_refusals
 def cmd_show(args: argparse.Namespace) -> int:
     from .._log import EventLog
+    from ._dbconsume import cmd_db_show, store_from
+
+    if (store := store_from(args)) is not None:
+        return cmd_db_show(args, store)
     from .._registry import ConsumerPosition, KnownConsumer, consumer_positions
 
     now = time.time()
@@ -416,7 +434,10 @@ def cmd_reset(args: argparse.Namespace) -> int:
     from .._consumer import checkpoint_at
     from .._log import EventLog
     from .._status import flock_holders
+    from ._dbconsume import cmd_db_reset, store_from
 
+    if (store := store_from(args)) is not None:
+        return cmd_db_reset(args, store)
     new_state: Any = None
     if args.state is not None:
         try:

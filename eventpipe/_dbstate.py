@@ -1,0 +1,848 @@
+"""Consumers whose state lives in a database: exactly-once projections (issue 13).
+
+A :class:`DbConsumer` calls ``handler(conn, event, offset)`` for each event, ``conn`` being a
+connection to the user's database with a transaction open. The consumer's position (the next
+offset, the log id it belongs to, the CRC of the last handled event) is a row of a position
+table in the same database, written in the same transaction: the projection's writes and the
+position commit together or not at all (the tracking record of the ``eventsourcing`` library).
+Killed at any instant, the database holds the writes of exactly the events before the stored
+position, and the consumer resumes there. A transaction covers ``commit_every`` events or
+``commit_interval`` seconds, whichever comes first: batching is what makes it fast.
+
+A failing handler rolls back its batch; the events of the batch before the failing one are
+applied again in a fresh transaction, which commits the position of the failing event; then
+the error policy applies to that one event as in :class:`~eventpipe.Consumer` (stop, retry
+with backoff, dead-letter). Re-applying costs nothing until a handler fails; a savepoint per
+event (the alternative) costs a statement per event, on PostgreSQL a round trip, always.
+A dead-letter append is preceded by a commit of the position marked with the dead-letter log's
+head, so a run killed after the append finds its entry and passes over the event (each failed
+event is dead-lettered once, as ``eventpipe._deadletter`` describes for JSON states).
+
+A :class:`StateStore` is the one small interface a database needs: connect, begin, load and
+save a position, commit, roll back. :class:`SqliteStore` (standard library) is here;
+``eventpipe.postgres.PostgresStore`` (psycopg 3, the ``eventpipe[postgres]`` extra) is
+imported only by whoever uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from datetime import datetime
+from types import FrameType
+from typing import Any, NamedTuple, Self
+
+import orjson
+
+from ._changes import ChangeNotifier
+from ._checkpoint import validate_name
+from ._config import CONSUMER_OPTIONS, resolve
+from ._deadletter import DeadLetters
+from ._layout import CONSUMERS_DIR, Folder
+from ._log import EventLog
+from ._namelock import NameLock
+from ._systemd import SystemdNotifier
+from .errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ConsumerBusyError,
+    CorruptLogError,
+    HandlerError,
+    LogClosedError,
+    OffsetOutOfRangeError,
+)
+
+__all__ = ["DbConsumer", "DbHandler", "Position", "PositionConflictError", "ResetHook",
+           "SqliteStore", "StateStore", "db_position", "reset_db_consumer"]
+
+log = logging.getLogger("eventpipe.consumer")
+
+DbHandler = Callable[..., Any]
+"""``handler(conn, event, offset)`` (or ``(conn, event, offset, time)`` with pass_time)."""
+ResetHook = Callable[[Any, str, int], Any]
+"""``reset(conn, consumer, offset)``: make the tables what they were before ``offset``, inside
+the transaction that then moves the position there."""
+
+DEFAULT_TABLE = "eventpipe_positions"
+_MAX_BACKOFF = 3600.0
+_MAIN_THREAD_SLICE = 0.1
+_TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+# The clock is read every this many events between commits (the per-event loop stays lean).
+_CLOCK_EVERY = 64
+_loads = orjson.loads
+
+
+class Position(NamedTuple):
+    """A consumer's row in the position table."""
+
+    consumer: str
+    log_id: str
+    next_offset: int
+    fingerprint: int | None  # CRC-32 of the stored line at next_offset - 1 (None: unknown)
+    dead_letter_from: int | None  # the dead-letter log's head before an append (see above)
+    updated_at: float  # seconds since the epoch
+
+
+class PositionConflictError(ConsumerBusyError):
+    """The stored position is not the one this process committed last: another process (on
+    another host: the name lock is per host) moved it. Nothing of this transaction is kept."""
+
+
+class StateStore:
+    """A database holding projections and the position table. Subclasses supply ``connect``
+    and their SQL dialect; one store serves one consumer (it holds one connection).
+
+    The table is created if missing. ``conn`` (after :meth:`open`) is what handlers get.
+    """
+
+    param = "?"
+    kind = "database"
+    _create_sql = ""
+
+    def __init__(self, table: str = DEFAULT_TABLE) -> None:
+        if not table.replace("_", "").isalnum() or table[0].isdigit():
+            raise ConfigError(f"position table name {table!r} must be a plain SQL identifier",
+                              option="table")
+        self.table = table
+        self.conn: Any = None
+
+    # -- what a database supplies
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Start a transaction (handlers write inside it)."""
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """The database, for messages (no password)."""
+        raise NotImplementedError
+
+    # -- common SQL
+    def open(self) -> None:
+        if self.conn is None:
+            self.conn = self.connect()
+            self.begin()
+            self.conn.execute(self._create_sql.format(table=self.table))
+            self.commit()
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def load(self, consumer: str) -> Position | None:
+        """The consumer's stored position (inside the open transaction)."""
+        p = self.param
+        row = self.conn.execute(
+            f"SELECT consumer, log_id, next_offset, fingerprint, dead_letter_from, updated_at "
+            f"FROM {self.table} WHERE consumer = {p}", (consumer,)).fetchone()
+        return None if row is None else Position(*row)
+
+    def save(self, pos: Position, expected: int | None) -> None:
+        """Write ``pos`` in the open transaction; ``expected`` is the next offset the row holds
+        now (None: no row). Raises PositionConflictError if it holds something else."""
+        p = self.param
+        if expected is None:
+            if self.load(pos.consumer) is not None:
+                raise PositionConflictError(self._conflict(pos.consumer))
+            self.conn.execute(
+                f"INSERT INTO {self.table} (consumer, log_id, next_offset, fingerprint, "
+                f"dead_letter_from, updated_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p})", pos)
+            return
+        cur = self.conn.execute(
+            f"UPDATE {self.table} SET log_id = {p}, next_offset = {p}, fingerprint = {p}, "
+            f"dead_letter_from = {p}, updated_at = {p} WHERE consumer = {p} AND "
+            f"next_offset = {p}",
+            (pos.log_id, pos.next_offset, pos.fingerprint, pos.dead_letter_from,
+             pos.updated_at, pos.consumer, expected))
+        if cur.rowcount != 1:
+            raise PositionConflictError(self._conflict(pos.consumer))
+
+    def delete(self, consumer: str) -> None:
+        self.conn.execute(f"DELETE FROM {self.table} WHERE consumer = {self.param}",
+                          (consumer,))
+
+    def _conflict(self, consumer: str) -> str:
+        return (f"the position of consumer {consumer!r} in {self.where} ({self.table}) was "
+                "moved by another process (another host running the same name?); this "
+                "transaction is rolled back")
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.rollback()
+            except Exception:
+                log.debug("rollback on close failed", exc_info=True)
+            conn.close()
+
+
+class SqliteStore(StateStore):
+    """A SQLite database file (standard library ``sqlite3``), in WAL mode, so readers in other
+    processes query it while the consumer writes.
+
+    ``synchronous`` is SQLite's: ``"FULL"`` (default) makes every commit durable at once;
+    ``"NORMAL"`` is faster, and a power loss may then undo the last commits, position and
+    rows alike (still consistent: the consumer handles those events again). ``busy_timeout``
+    (seconds) bounds waits for other writers of the file.
+    """
+
+    kind = "sqlite"
+    _create_sql = (
+        "CREATE TABLE IF NOT EXISTS {table} (consumer TEXT PRIMARY KEY, log_id TEXT NOT NULL, "
+        "next_offset INTEGER NOT NULL, fingerprint INTEGER, dead_letter_from INTEGER, "
+        "updated_at REAL NOT NULL)")
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
+                 busy_timeout: float = 30.0, table: str = DEFAULT_TABLE) -> None:
+        super().__init__(table)
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}",
+                              option="synchronous")
+        self.path = os.path.abspath(os.fspath(path))
+        self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
+
+    @property
+    def where(self) -> str:
+        return f"SQLite database {self.path}"
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return conn
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+class DbConsumer:
+    """Follows a log, applying each event to a database through ``handler(conn, event,
+    offset)``, with the position committed in the handler's transaction (see the module).
+
+    ``store`` is a :class:`StateStore` (``SqliteStore(path)``, ``PostgresStore(dsn)``); the
+    consumer opens and closes it. ``commit_every`` events (default 1000) or ``commit_interval``
+    seconds (default 1.0) make a transaction. The other options are :class:`~eventpipe.Consumer`'s
+    (on_error, max_retries, retry_backoff, dead_letter, standby, start, poll_interval,
+    notifications, pass_time; ``EVENTPIPE_*`` variables too). The handler must be a function
+    of (database, event, offset) only: after a failure the events before it in the batch are
+    applied again. ``reset`` is the hook :func:`reset_db_consumer` calls.
+
+    Construction takes the name (``<log>/consumers/<name>.lock``: one process per name on this
+    host; ConsumerBusyError unless standby), opens the store and checks its position:
+    CheckpointMismatchError for a position of another log, ahead of the head, or after an
+    event that differs from the one stored now.
+    """
+
+    def __init__(
+        self,
+        log_or_path: EventLog | str | os.PathLike[str],
+        name: str,
+        handler: DbHandler,
+        *,
+        store: StateStore,
+        commit_every: int | None = None,
+        commit_interval: float | None = None,
+        on_caught_up: Callable[[DbConsumer], None] | None = None,
+        on_idle: Callable[[DbConsumer], None] | None = None,
+        reset: ResetHook | None = None,
+        **options: Any,
+    ) -> None:
+        if "checkpoint_dir" in options:
+            raise ConfigError("a database consumer's position lives in its database, not in "
+                              "checkpoint_dir", option="checkpoint_dir")
+        env = os.environ
+        if commit_every is not None:
+            options["checkpoint_every"] = commit_every
+        elif "EVENTPIPE_CHECKPOINT_EVERY" not in env:
+            options["checkpoint_every"] = 1000
+        if commit_interval is not None:
+            options["checkpoint_interval"] = commit_interval
+        self.options = resolve(CONSUMER_OPTIONS, options)
+        opts = self.options
+        if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
+            raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
+                              option="dead_letter")
+        validate_name(name)
+        self.name = name
+        self.handler = handler
+        self.store = store
+        self.reset_hook = reset
+        self.on_caught_up = on_caught_up
+        self.on_idle = on_idle
+        self._owns_log = not isinstance(log_or_path, EventLog)
+        self.log = log_or_path if isinstance(log_or_path, EventLog) else EventLog(log_or_path)
+        self._dead_letters: DeadLetters | None = None
+        self._folder: Folder | None = None
+        self._lock: NameLock | None = None
+        self.systemd = SystemdNotifier()
+        self._closed = False
+        self.offset = 0  # the next event to handle (in the open transaction, if any)
+        self._committed: int | None = None  # the stored next offset (None: no row yet)
+        self._committed_fp: int | None = None
+        self._last_line: bytes | None = None  # the line at offset - 1, when read this run
+        self._txn = False  # a transaction is open
+        self._since = 0  # events in the open transaction
+        self._due = 0.0
+        self._skip_offset: int | None = None
+        self._stop_flag = False
+        self._stop_event = threading.Event()
+        self._notifier: ChangeNotifier | None = None
+        self._caught_up_once = False
+        self.last_commit_at: float | None = None
+        try:
+            if opts["on_error"] == "dead_letter":
+                self._dead_letters = DeadLetters(opts["dead_letter"], self.log, name)
+            self._folder = self.log.folder.sub(CONSUMERS_DIR,
+                                               create_mode=self.log.config.dir_mode)
+            self._lock = NameLock(self._folder, name, self.log.config.file_mode)
+            acquired = self._lock.try_acquire()
+            if not acquired and not opts["standby"]:
+                raise ConsumerBusyError(
+                    f"consumer {name!r} is already running ({self._lock.holder()}); use "
+                    "standby to wait for it", holder=self._lock.holder(), path=self._lock.path)
+            if acquired:
+                self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------ the position
+
+    def _load(self) -> None:
+        store = self.store
+        store.open()
+        store.begin()
+        try:
+            pos = store.load(self.name)
+            if pos is None:
+                pos = self._start()
+            self._check(pos)
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+        self.offset = pos.next_offset
+        self._committed = pos.next_offset if pos.updated_at >= 0 else None
+        self._committed_fp = pos.fingerprint
+        self._last_line = None
+        self.last_commit_at = pos.updated_at if pos.updated_at >= 0 else None
+        self._skip_offset = None
+        dead = self._dead_letters
+        if pos.dead_letter_from is not None and dead is not None and dead.holds(
+                pos.next_offset, pos.dead_letter_from):
+            self._skip_offset = pos.next_offset  # killed after the append: the event is done
+        self._due = time.monotonic() + self.options["checkpoint_interval"]
+
+    def _start(self) -> Position:
+        """No row yet: where the ``start`` option says. Any start but offset 0 is stored at
+        once (a restart must not resolve "latest" again)."""
+        start = self.options["start"]
+        first = self.log.first_offset
+        if isinstance(start, datetime):
+            offset = max(first, self.log.offset_at(start))
+        else:
+            offset = (first if start == "earliest" else self.log.head if start == "latest"
+                      else start)
+        if offset == 0 and start != "latest":
+            return Position(self.name, self.log.log_id, 0, None, None, -1.0)
+        pos = Position(self.name, self.log.log_id, offset, self._crc_before(offset), None,
+                       time.time())
+        self.store.save(pos, None)
+        return pos
+
+    def _crc_before(self, offset: int) -> int | None:
+        """The CRC of the stored line at ``offset - 1`` (None when none is stored)."""
+        if offset <= self.log.first_offset:
+            return None
+        for chunk in self.log.chunks(offset - 1, offset):
+            return zlib.crc32(chunk.lines[0])
+        return None
+
+    def _check(self, pos: Position) -> None:
+        where = f"{self.store.where} ({self.store.table})"
+        if pos.log_id != self.log.log_id:
+            raise CheckpointMismatchError(
+                f"consumer {self.name!r}'s position in {where} belongs to another log (log id "
+                f"{pos.log_id}, this log is {self.log.log_id}): the log was replaced",
+                path=self.log.path, offset=pos.next_offset)
+        head = self.log.head
+        if pos.next_offset > head:
+            raise CheckpointMismatchError(
+                f"consumer {self.name!r}'s position in {where} is ahead of the log (offset "
+                f"{pos.next_offset}, head {head}): the log was cut back or restored from an "
+                "older copy", path=self.log.path, offset=pos.next_offset)
+        if pos.fingerprint is not None:
+            crc = self._crc_before(pos.next_offset)
+            if crc is not None and crc != pos.fingerprint:
+                raise CheckpointMismatchError(
+                    f"the event at offset {pos.next_offset - 1} differs from the one consumer "
+                    f"{self.name!r}'s position in {where} was committed after: the log was "
+                    "replaced or rewritten", path=self.log.path, offset=pos.next_offset - 1)
+
+    def _position(self, offset: int, fingerprint: int | None,
+                  dead_letter_from: int | None = None) -> Position:
+        return Position(self.name, self.log.log_id, offset, fingerprint, dead_letter_from,
+                        time.time())
+
+    def _begin(self) -> None:
+        self.store.begin()
+        self._txn = True
+        self._since = 0
+
+    def commit(self) -> None:
+        """Commit the open transaction with the position (no-op when none is open)."""
+        if not self._txn:
+            return
+        fp = zlib.crc32(self._last_line) if self._last_line is not None else self._committed_fp
+        self._save(self._position(self.offset, fp))
+
+    def _save(self, pos: Position) -> None:
+        """Save ``pos`` in the open transaction (begun if none) and commit."""
+        store = self.store
+        if not self._txn:
+            self._begin()
+        try:
+            store.save(pos, self._committed)
+            store.commit()
+        except BaseException:
+            self._abort()
+            raise
+        self._txn = False
+        self._since = 0
+        self._committed = pos.next_offset
+        self._committed_fp = pos.fingerprint
+        self.offset = pos.next_offset
+        self.last_commit_at = pos.updated_at
+        self._due = time.monotonic() + self.options["checkpoint_interval"]
+
+    def _abort(self) -> None:
+        """Roll the open transaction back: back to the stored position."""
+        self._txn = False
+        self._since = 0
+        try:
+            self.store.rollback()
+        finally:
+            self.offset = self._committed or 0
+            self._last_line = None
+
+    # ---------------------------------------------------------------------------- handling
+
+    def _process(self, stop: int | None) -> None:
+        """Handle events from ``offset`` up to ``stop`` (the head now if None)."""
+        head = self.log.head
+        if head < self.offset:
+            raise CheckpointMismatchError(
+                f"the log's head went back to {head}, behind offset {self.offset} that "
+                f"consumer {self.name!r} handled", path=self.log.path, offset=self.offset)
+        stop = head if stop is None else stop
+        if self.offset >= stop:
+            return
+        handler = self.handler
+        every = self.options["checkpoint_every"]
+        pass_time = self.options["pass_time"]
+        sd = self.systemd
+        clock = time.monotonic
+        try:
+            for chunk in self.log.chunks(self.offset, stop):
+                times = (self.log.time_index.times(chunk.segment_base, chunk.first_offset,
+                                                   len(chunk.lines)) if pass_time else None)
+                o = chunk.first_offset
+                for i, line in enumerate(chunk.lines):
+                    o = chunk.first_offset + i
+                    if o != self.offset:
+                        continue  # already handled (a retry path re-read this chunk)
+                    if o == self._skip_offset:
+                        self._skip_offset = None
+                        self.commit()
+                        self._save(self._position(o + 1, zlib.crc32(line)))
+                        continue
+                    try:
+                        event = _loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        self.commit()
+                        raise CorruptLogError(f"stored event is not valid JSON ({exc})",
+                                              path=self.log.segments_dir, offset=o) from None
+                    if not self._txn:
+                        self._begin()
+                    try:
+                        if times is not None:
+                            handler(self.store.conn, event, o, times[i])
+                        else:
+                            handler(self.store.conn, event, o)
+                    except Exception as exc:
+                        if not self._failed(o, line, event, exc):
+                            return  # stopped during retries
+                    else:
+                        self.offset = o + 1
+                        self._last_line = line
+                        self._since += 1
+                        if self._since >= every:
+                            self.commit()
+                        elif self._since % _CLOCK_EVERY == 0:
+                            now = clock()
+                            sd.maybe_ping_watchdog(now)
+                            if now >= self._due:
+                                self.commit()
+                    if self._stop_flag:
+                        return
+        except OffsetOutOfRangeError:
+            if self.log.head < self.offset:
+                raise CheckpointMismatchError(
+                    f"the log's head went back behind offset {self.offset} that consumer "
+                    f"{self.name!r} handled", path=self.log.path, offset=self.offset) from None
+            raise
+        except BaseException:
+            if self._txn:
+                self._abort()  # an interrupted handler: nothing of the batch is kept
+            raise
+        if self._txn and clock() >= self._due:
+            self.commit()
+
+    def _failed(self, offset: int, line: bytes, event: Any, exc: Exception) -> bool:
+        """Apply on_error to the event at ``offset``; False when stopped during the retries
+        (the position is then ``offset``)."""
+        self._abort()  # the batch's writes and whatever the handler did go
+        self._reapply(offset)
+        opts = self.options
+        retries = opts["max_retries"] if opts["on_error"] != "stop" else 0
+        delay = min(opts["retry_backoff"], _MAX_BACKOFF)
+        t = self.log.time_of(offset) if opts["pass_time"] else None
+        args = (event, offset, t) if opts["pass_time"] else (event, offset)
+        for _ in range(retries):
+            self._sleep(time.monotonic() + delay)
+            if self._stop_flag:
+                return False
+            delay = min(2 * delay, _MAX_BACKOFF)
+            self._begin()
+            try:
+                self.handler(self.store.conn, *args)
+            except Exception as again:
+                self._abort()
+                exc = again
+                continue
+            self._save(self._position(offset + 1, zlib.crc32(line)))
+            return True
+        dead = self._dead_letters
+        if opts["on_error"] == "dead_letter" and dead is not None:
+            # A position marked with the dead-letter head first: a run killed after the append
+            # finds the entry from there and passes over the event (see _load).
+            self._save(self._position(offset, self._committed_fp, dead.head))
+            dead.append(offset, event, exc)
+            self._save(self._position(offset + 1, zlib.crc32(line)))
+            return True
+        raise HandlerError(
+            f"handler of consumer {self.name!r} raised {type(exc).__name__}: {exc}",
+            offset=offset, event=event, path=self.log.path) from exc
+
+    def _reapply(self, offset: int) -> None:
+        """Apply the events from the stored position up to ``offset`` again, in one fresh
+        transaction, and commit the position ``offset``."""
+        start = self._committed or 0
+        if start >= offset:
+            return
+        pass_time = self.options["pass_time"]
+        self._begin()
+        o = start
+        try:
+            for chunk in self.log.chunks(start, offset):
+                for i, line in enumerate(chunk.lines):
+                    o = chunk.first_offset + i
+                    args = ((_loads(line), o, self.log.time_of(o)) if pass_time
+                            else (_loads(line), o))
+                    self.handler(self.store.conn, *args)
+                    self._last_line = line
+        except Exception as exc:
+            self._abort()
+            raise HandlerError(
+                f"handler of consumer {self.name!r} raised {type(exc).__name__}: {exc} at "
+                f"offset {o} while applying offsets {start}..{offset - 1} again after its "
+                f"failure at offset {offset}; nothing of them was committed",
+                offset=o, event=None, path=self.log.path) from exc
+        self.offset = offset
+        self.commit()
+
+    # ------------------------------------------------------------------------------ running
+
+    def catch_up(self) -> int:
+        """Handle every event up to the head as of this call, commit; returns the offset.
+        With standby, waits for the name first (stop() ends the wait)."""
+        self._check_usable()
+        if not self._held() and not self._await_name():
+            return self.offset
+        self._process(self.log.head)
+        self.commit()
+        return self.offset
+
+    def run(self) -> int:
+        """Catch up, then follow new events until stop(), SIGTERM or SIGINT (on the main
+        thread); returns the offset. Ends with a commit of whole events. Under systemd:
+        READY=1 after the first catch-up (a standby: while it waits), STATUS, WATCHDOG=1,
+        STOPPING=1."""
+        self._check_usable()
+        restore = self._install_signal_handlers()
+        try:
+            self._run()
+        finally:
+            restore()
+        return self.offset
+
+    def _run(self) -> None:
+        sd = self.systemd
+        if not self._held() and not self._await_name():
+            sd.stopping()
+            return
+        opts = self.options
+        notifier = ChangeNotifier(self.log.path, "head", notifications=opts["notifications"],
+                                  poll_interval=opts["poll_interval"])
+        notifier.start()  # before the catch-up read: nothing appended meanwhile is missed
+        self._notifier = notifier
+        try:
+            if not self._stop_flag:
+                self._process(self.log.head)
+            self.commit()
+            if not self._caught_up_once:
+                self._caught_up_once = True
+                if self.on_caught_up is not None:
+                    self.on_caught_up(self)
+            sd.ready()
+            sd.status(self._status())
+            idle_reported = False
+            while not self._stop_flag:
+                sd.maybe_ping_watchdog()
+                before = self.offset
+                self._process(None)
+                if self.offset != before:
+                    idle_reported = False
+                    continue
+                if self._txn and time.monotonic() >= self._due:
+                    self.commit()
+                if not idle_reported:
+                    idle_reported = True
+                    sd.status(self._status())
+                    if self.on_idle is not None:
+                        self.on_idle(self)
+                    continue
+                self.log.check_replaced()
+                timeout = self._until_ping(opts["poll_interval"])
+                if self._txn:
+                    timeout = min(timeout, max(0.0, self._due - time.monotonic()))
+                notifier.wait(timeout)
+        finally:
+            try:
+                if self._txn:
+                    self.commit()
+            finally:
+                sd.stopping()
+                self._notifier = None
+                notifier.close()
+
+    def _status(self) -> str:
+        return f"consumer {self.name}: offset {self.offset}, lag {self.lag}"
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.log.head - self.offset)
+
+    def _held(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def _await_name(self) -> bool:
+        """Standby: wait until the name is ours (True, position loaded) or stop() (False)."""
+        lock = self._lock
+        assert lock is not None
+        if lock.try_acquire():
+            self._load()
+            return True
+        sd = self.systemd
+        notifier = ChangeNotifier(lock.folder.path, lock.filename,
+                                  notifications=self.options["notifications"],
+                                  poll_interval=self.options["poll_interval"])
+        notifier.start()
+        self._notifier = notifier
+        try:
+            shown: str | None = None
+            retries: list[float] = []
+            while not self._stop_flag:
+                if lock.try_acquire():
+                    sd.status(f"consumer {self.name}: took the name over, catching up")
+                    log.info("consumer %s: took the name over (pid %d), catching up",
+                             self.name, os.getpid())
+                    self._load()
+                    return True
+                if retries:
+                    notifier.wait(retries.pop(0))
+                    continue
+                holder = lock.holder()
+                if holder != shown:
+                    sd.status(f"consumer {self.name}: standing by, the name is held by {holder}")
+                    log.info("consumer %s: standing by, the name is held by %s", self.name,
+                             holder)
+                    if shown is None:
+                        sd.ready()
+                    shown = holder
+                sd.maybe_ping_watchdog()
+                if notifier.wait(self._until_ping(self.options["poll_interval"])):
+                    retries = list(_TAKEOVER_RETRIES)
+            return False
+        finally:
+            self._notifier = None
+            notifier.close()
+
+    def _until_ping(self, limit: float) -> float:
+        due = self.systemd.watchdog_due_in()
+        return limit if due is None else min(limit, max(due, 0.01))
+
+    def _sleep(self, deadline: float) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        while not self._stop_flag:
+            self.systemd.maybe_ping_watchdog()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            step = self._until_ping(left)
+            self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
+
+    def stop(self) -> None:
+        """Ask run() to finish after the event it is handling (thread- and signal-safe)."""
+        self._stop_flag = True
+        self._stop_event.set()
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_flag
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"consumer {self.name!r} is closed", path=self.log.path)
+
+    def close(self) -> None:
+        """Roll back anything uncommitted, close the store, release the name. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.store.close()
+        except Exception:
+            log.debug("closing the store failed", exc_info=True)
+        if self._lock is not None:
+            self._lock.release()
+        if self._folder is not None:
+            self._folder.close()
+        self.systemd.close()
+        if self._dead_letters is not None:
+            self._dead_letters.close()
+        if self._owns_log:
+            self.log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DbConsumer({self.log.path!r}, {self.name!r}, {self.store.where}, " \
+               f"offset={self.offset})"
+
+
+def db_position(store: StateStore, name: str) -> Position | None:
+    """Consumer ``name``'s stored position in ``store`` (opened and left open)."""
+    store.open()
+    store.begin()
+    try:
+        return store.load(name)
+    finally:
+        store.rollback()
+
+
+def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
+                      reset: ResetHook | None) -> Position:
+    """Move consumer ``name``'s position in ``store`` to ``offset``, holding its name (refused
+    with ConsumerBusyError while it runs).
+
+    The tables hold the writes of every event before the stored position; only the user knows
+    how to make them those of the events before ``offset``: ``reset(conn, name, offset)`` does
+    it, in the transaction that moves the position, so both or neither happen. Without a hook
+    the reset is refused (ConfigError) and nothing changes.
+    """
+    validate_name(name)
+    if offset < 0 or offset > log.head:
+        raise OffsetOutOfRangeError(f"offset is beyond the head ({log.head})" if offset >= 0
+                                    else "offsets start at 0", path=log.path, offset=offset)
+    with log.folder.sub(CONSUMERS_DIR, create_mode=log.config.dir_mode) as folder:
+        lock = NameLock(folder, name, log.config.file_mode)
+        try:
+            if not lock.try_acquire():
+                raise ConsumerBusyError(
+                    f"consumer {name!r} is running ({lock.holder()}): stop it first",
+                    holder=lock.holder(), path=lock.path)
+            store.open()
+            store.begin()
+            try:
+                current = store.load(name)
+                if reset is None:
+                    have = ("no stored position" if current is None else
+                            f"the writes of offsets 0..{current.next_offset - 1}")
+                    effect = ("skip" if current is None or offset > current.next_offset
+                              else "apply again")
+                    raise ConfigError(
+                        f"consumer {name!r} keeps its state in {store.where}: its tables "
+                        f"hold {have}. Moving its position to {offset} without changing them "
+                        f"would {effect} events in them, so the reset is refused and nothing "
+                        "was changed. Give a reset hook (reset(conn, consumer, offset), run in "
+                        "the same transaction) that makes the tables those of the events "
+                        f"before {offset}, or rebuild them yourself and delete the row of "
+                        f"{name!r} in {store.table}", option="reset")
+                reset(store.conn, name, offset)
+                fp = None
+                if offset > log.first_offset:
+                    for chunk in log.chunks(offset - 1, offset):
+                        fp = zlib.crc32(chunk.lines[0])
+                pos = Position(name, log.log_id, offset, fp, None, time.time())
+                store.save(pos, None if current is None else current.next_offset)
+                store.commit()
+            except BaseException:
+                store.rollback()
+                raise
+            return pos
+        finally:
+            lock.release()

@@ -1,0 +1,392 @@
+"""Consumers whose state lives in a database (issue 13): SQLite and PostgreSQL stores, the
+position committed in the projection's transaction, error policies per event, standby, kill -9
+soaks, the CLI (consume --sqlite/--postgres, consumer show/reset)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventpipe import (
+    CheckpointMismatchError,
+    ConfigError,
+    ConsumerBusyError,
+    DbConsumer,
+    EventLog,
+    HandlerError,
+    Position,
+    SqliteStore,
+    StateStore,
+)
+from eventpipe._dbstate import db_position, reset_db_consumer
+
+from . import _dbhandler
+from ._dbhandler import apply, fold
+from ._main import Cli
+from ._postgres import pg_dsn, postgres_cluster  # noqa: F401  (fixtures)
+from ._wait import wait_until
+from .conftest import ROOT, Children
+
+HANDLER = str(Path(_dbhandler.__file__))
+
+
+class Db:
+    """One database of a test, SQLite or PostgreSQL, seen from outside the consumer."""
+
+    def __init__(self, kind: str, where: str) -> None:
+        self.kind = kind
+        self.where = where
+        with self._connect() as conn:
+            _dbhandler.create_schema(conn)
+        if kind == "sqlite":
+            conn.close()
+
+    def _connect(self) -> Any:
+        if self.kind == "sqlite":
+            return sqlite3.connect(self.where)
+        import psycopg
+
+        return psycopg.connect(self.where)
+
+    def store(self) -> StateStore:
+        if self.kind == "sqlite":
+            return SqliteStore(self.where)
+        from eventpipe.postgres import PostgresStore
+
+        return PostgresStore(self.where)
+
+    def flag(self) -> list[str]:
+        return ["--sqlite" if self.kind == "sqlite" else "--postgres", self.where]
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = self._connect()
+        try:
+            return list(conn.execute(sql).fetchall())
+        finally:
+            conn.close()
+
+    def totals(self) -> dict[str, tuple[int, int, int]]:
+        return {k: (t, n, last) for k, t, n, last in self.query(
+            "SELECT k, total, n, last FROM totals")}
+
+    def applied(self) -> list[int]:
+        return sorted(o for (o,) in self.query("SELECT o FROM applied"))
+
+    def position(self, name: str = "p") -> Position | None:
+        store = self.store()
+        try:
+            return db_position(store, name)
+        finally:
+            store.close()
+
+    def check_fold(self, log: EventLog, name: str = "p",
+                   dead: set[int] | None = None) -> None:
+        """The tables equal a fold of the log; the position is the last event's; every event
+        applied once."""
+        events = [r.event for r in log.read(0)]
+        assert self.totals() == fold(events)
+        pos = self.position(name)
+        assert pos is not None and pos.next_offset == len(events)
+        skipped = dead or set()
+        assert self.applied() == [o for o in range(len(events)) if o not in skipped]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
+    if request.param == "sqlite":
+        return Db("sqlite", str(tmp_path / "read.db"))
+    return Db("postgres", request.getfixturevalue("pg_dsn"))
+
+
+def _events(n: int, start: int = 0, fail: set[int] | None = None) -> list[dict[str, Any]]:
+    bad = fail or set()
+    return [{"k": f"k{i % 7}", "v": i, **({"fail": True} if i in bad else {})}
+            for i in range(start, start + n)]
+
+
+def _log(path: Path, events: list[dict[str, Any]]) -> EventLog:
+    log = EventLog(path)
+    log.append_many(events)
+    return log
+
+
+def test_catch_up_commits_rows_and_position_together(db: Db, log_path: Path) -> None:
+    with _log(log_path, _events(2500)) as log:
+        with DbConsumer(log, "p", apply, store=db.store(), commit_every=1000) as c:
+            assert c.catch_up() == 2500
+        db.check_fold(log)
+        log.append_many(_events(10, 2500))
+        with DbConsumer(log, "p", apply, store=db.store()) as c:
+            assert c.offset == 2500  # resumes at the stored position
+            c.catch_up()
+        db.check_fold(log)
+
+
+def test_an_uncommitted_batch_leaves_nothing(db: Db, log_path: Path) -> None:
+    """Interrupted (a BaseException in the handler), the open transaction is rolled back:
+    neither the rows nor the position of its events stay."""
+    def handler(conn: Any, event: Any, offset: int) -> None:
+        if offset == 1500:
+            raise KeyboardInterrupt
+        apply(conn, event, offset)
+
+    with _log(log_path, _events(2000)) as log:
+        with DbConsumer(log, "p", handler, store=db.store(), commit_every=1000,
+                        commit_interval=600) as c, \
+                pytest.raises(KeyboardInterrupt):
+            c.catch_up()
+        pos = db.position()
+        assert pos is not None and pos.next_offset == 1000
+        assert db.applied() == list(range(1000))
+        with DbConsumer(log, "p", apply, store=db.store()) as c:
+            c.catch_up()
+        db.check_fold(log)
+
+
+@pytest.mark.parametrize("policy", ["stop", "retry", "dead_letter"])
+def test_error_policies_apply_per_event(db: Db, log_path: Path, tmp_path: Path,
+                                        policy: str) -> None:
+    """A failure in the middle of a batch: the events before it are committed (applied once),
+    then stop raises at it, retry succeeds on a later try, dead_letter records it once and
+    goes on."""
+    calls: list[int] = []
+
+    def flaky(conn: Any, event: Any, offset: int) -> None:
+        if offset == 700:
+            calls.append(offset)
+            if policy != "retry" or len(calls) < 3:
+                raise ValueError("downstream says no")
+        apply(conn, event, offset)
+
+    dead = tmp_path / "dead"
+    opts: dict[str, Any] = {"on_error": policy, "retry_backoff": 0.01, "max_retries": 3}
+    if policy == "dead_letter":
+        opts["dead_letter"] = str(dead)
+    with _log(log_path, _events(1200)) as log:
+        with DbConsumer(log, "p", flaky, store=db.store(), commit_every=1000, **opts) as c:
+            if policy == "stop":
+                with pytest.raises(HandlerError) as err:
+                    c.catch_up()
+                assert err.value.offset == 700
+                pos = db.position()
+                assert pos is not None and pos.next_offset == 700
+                assert db.applied() == list(range(700))
+                return
+            c.catch_up()
+        if policy == "retry":
+            assert len(calls) == 3
+            db.check_fold(log)
+        else:
+            assert len(calls) == 4  # the first call and max_retries more
+            events = [r.event for r in log.read(0)]
+            events[700] = {**events[700], "fail": True}
+            assert db.totals() == fold(events)
+            assert db.applied() == [o for o in range(1200) if o != 700]
+            with EventLog(dead) as d:
+                entries = [r.event for r in d.read(0)]
+            assert [(e["offset"], e["consumer"]) for e in entries] == [(700, "p")]
+
+
+def test_dead_letter_once_across_a_kill_after_the_append(db: Db, log_path: Path,
+                                                         tmp_path: Path) -> None:
+    """A run killed between the dead-letter append and the position after it: the next run
+    finds the entry (from the marked position) and passes over the event."""
+    dead = tmp_path / "dead"
+
+    class Killed(BaseException):
+        pass
+
+    with _log(log_path, _events(50, fail={20})) as log:
+        with DbConsumer(log, "p", apply, store=db.store(), on_error="dead_letter",
+                        dead_letter=str(dead), max_retries=0) as c:
+            real = c._save  # the second save after the append is where the kill lands
+
+            def save(pos: Position) -> None:
+                if pos.next_offset == 21:
+                    raise Killed
+                real(pos)
+
+            c._save = save  # type: ignore[method-assign]
+            with pytest.raises(Killed):
+                c.catch_up()
+        pos = db.position()
+        assert pos is not None and pos.next_offset == 20 and pos.dead_letter_from is not None
+        with DbConsumer(log, "p", apply, store=db.store(), on_error="dead_letter",
+                        dead_letter=str(dead)) as c:
+            c.catch_up()
+        db.check_fold(log, dead={20})
+        with EventLog(dead) as d:
+            assert [r.event["offset"] for r in d.read(0)] == [20]
+
+
+def test_standby_takes_over(db: Db, log_path: Path) -> None:
+    with _log(log_path, _events(100)) as log:
+        first = DbConsumer(log, "p", apply, store=db.store(), poll_interval=0.05)
+        with pytest.raises(ConsumerBusyError):
+            DbConsumer(log, "p", apply, store=db.store())
+        first.catch_up()
+        second = DbConsumer(log, "p", apply, store=db.store(), standby=True,
+                            poll_interval=0.05)
+        done = threading.Event()
+
+        def run() -> None:
+            second.run()
+            done.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            time.sleep(0.2)
+            log.append_many(_events(50, 100))
+            assert not done.is_set()
+            first.close()  # the standby takes the name and catches up
+            wait_until(lambda: second.offset == 150, "the standby to catch up")
+        finally:
+            second.stop()
+            thread.join(30)
+            second.close()
+        db.check_fold(log)
+
+
+def test_a_position_of_another_log_is_refused(db: Db, tmp_path: Path) -> None:
+    with _log(tmp_path / "a", _events(10)) as a, _log(tmp_path / "b", _events(10)) as b:
+        with DbConsumer(a, "p", apply, store=db.store()) as c:
+            c.catch_up()
+        with pytest.raises(CheckpointMismatchError, match="another log"):
+            DbConsumer(b, "p", apply, store=db.store())
+
+
+def test_run_follows_and_stops(db: Db, log_path: Path) -> None:
+    with _log(log_path, _events(10)) as log, DbConsumer(
+            log, "p", apply, store=db.store(), commit_interval=0.05, poll_interval=0.05) as c:
+        thread = threading.Thread(target=c.run)
+        thread.start()
+        try:
+            for i in range(5):
+                log.append_many(_events(20, 10 + 20 * i))
+            wait_until(lambda: (db.position() or Position("", "", 0, 0, 0, 0)).next_offset
+                       == 110, "the position to reach the head (commit_interval)")
+        finally:
+            c.stop()
+            thread.join(30)
+        db.check_fold(log)
+
+
+def test_reset_needs_the_hook(db: Db, log_path: Path) -> None:
+    with _log(log_path, _events(30)) as log:
+        with DbConsumer(log, "p", apply, store=db.store()) as c:
+            c.catch_up()
+        store = db.store()
+        try:
+            with pytest.raises(ConfigError, match="refused and nothing was changed"):
+                reset_db_consumer(log, "p", store, 0, None)
+
+            def wipe(conn: Any, name: str, offset: int) -> None:
+                assert offset == 0
+                conn.execute("DELETE FROM totals")
+                conn.execute("DELETE FROM applied")
+
+            assert reset_db_consumer(log, "p", store, 0, wipe).next_offset == 0
+        finally:
+            store.close()
+        with DbConsumer(log, "p", apply, store=db.store()) as c:
+            c.catch_up()
+        db.check_fold(log)
+
+
+def _consume(children: Children, log_path: Path, db: Db, *extra: str) -> subprocess.Popen[bytes]:
+    return children.popen([sys.executable, "-m", "eventpipe", "consume", str(log_path),
+                           "--name", "p", "--handler", f"{HANDLER}:apply", *db.flag(),
+                           "--poll-interval", "0.05", *extra], stderr=subprocess.PIPE)
+
+
+def _soak(db: Db, log_path: Path, children: Children, rounds: int,
+          extra: tuple[str, ...] = (), fail: set[int] | None = None) -> None:
+    """Kill -9 a CLI consumer at random instants while a writer appends; then the tables equal
+    a fold of the log, the position is the last event's, nothing applied twice or skipped."""
+    rng = random.Random(13)
+    bad = fail or set()
+    with _log(log_path, _events(3000, fail=bad)) as log:
+        stop = threading.Event()
+
+        def write() -> None:
+            n = 3000
+            while not stop.is_set():
+                log.append_many(_events(50, n, fail=bad))
+                n += 50
+                time.sleep(0.01)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        positions = []
+        try:
+            for _ in range(rounds):
+                proc = _consume(children, log_path, db, "--checkpoint-every", "300", *extra)
+                time.sleep(rng.uniform(0.3, 1.2))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                pos = db.position()
+                positions.append(0 if pos is None else pos.next_offset)
+        finally:
+            stop.set()
+            writer.join()
+        # The kills landed while there was work: positions moved, never back.
+        assert positions == sorted(positions) and len(set(positions)) > rounds // 2, positions
+        proc = _consume(children, log_path, db, "--catch-up", *extra)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        db.check_fold(log, dead={o for o in range(log.head) if o % 997 == 5} if bad else None)
+
+
+def test_kill9_soak(db: Db, log_path: Path, children: Children) -> None:
+    _soak(db, log_path, children, 10)
+
+
+def test_kill9_soak_dead_letter(db: Db, log_path: Path, children: Children,
+                                tmp_path: Path) -> None:
+    fail = {o for o in range(100_000) if o % 997 == 5}
+    _soak(db, log_path, children, 6, ("--on-error", "dead_letter", "--max-retries", "0",
+                                      "--dead-letter", str(tmp_path / "dead")), fail)
+    with EventLog(tmp_path / "dead") as d:
+        offsets = [r.event["offset"] for r in d.read(0)]
+    assert sorted(offsets) == sorted(set(offsets))  # each failed event dead-lettered once
+    assert offsets and all(o % 997 == 5 for o in offsets)
+
+
+@pytest.mark.slow
+def test_kill9_soak_long(db: Db, log_path: Path, children: Children) -> None:
+    _soak(db, log_path, children, 40)
+
+
+def test_cli_consume_show_reset(db: Db, log_path: Path, cli: Cli) -> None:
+    with _log(log_path, _events(40)):
+        pass
+    r = cli("consume", log_path, "--name", "p", "--handler", f"{HANDLER}:apply", *db.flag(),
+            "--catch-up")
+    assert r.code == 0, r.err
+    r = cli("consumer", "show", log_path, "p", *db.flag(), "--json")
+    assert r.code == 0, r.err
+    shown = r.json()
+    assert shown["offset"] == 40 and shown["lag"] == 0 and shown["store"] == db.kind
+    r = cli("consumer", "reset", log_path, "p", "--to-offset", "0", *db.flag())
+    assert r.code == 2 and "refused and nothing was changed" in r.err
+    r = cli("consume", log_path, "--name", "p", "--handler", f"{HANDLER}:apply", *db.flag(),
+            "--catch-up", "--print-state")
+    assert r.code == 2 and "--print-state" in r.err
+
+
+def test_pg_core_does_not_import_psycopg() -> None:
+    code = ("import sys, eventpipe, eventpipe._cli; "
+            "assert 'psycopg' not in sys.modules, 'psycopg imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
