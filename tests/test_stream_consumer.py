@@ -24,9 +24,11 @@ import pytest
 from eventpipe import EventLog
 
 from ._nats import (  # noqa: F401  (fixtures)
+    NatsCluster,
     NatsServer,
     create_stream,
     free_port,
+    nats_cluster,
     nats_server,
     publish_events,
     publish_log,
@@ -413,3 +415,217 @@ def test_a_second_process_of_the_name_is_refused(nats_server: NatsServer, tmp_pa
     assert "ConsumerBusyError" in second.stderr
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 0
+
+
+# ------------------------------------------------------------- the whole way, and failures
+
+
+def test_bridge_to_remote_consumer_and_mirror_while_a_writer_appends(
+        nats_server: NatsServer, tmp_path: Path, handler: str, children: Children) -> None:
+    """The real thing: `eventpipe bridge` publishing a log a writer appends to, a remote
+    consumer and a mirror following the stream; both end where the log does."""
+    url = nats_server.url
+    log, mirror, cpdir = tmp_path / "log", tmp_path / "mirror", tmp_path / "cp"
+    append(log, 0, 100)
+    bridge = children.popen([sys.executable, "-m", "eventpipe", "bridge", str(log), "--nats",
+                             url, "--stream", STREAM, "--create-stream"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    # The stream exists once the bridge checkpoints (a reader of a missing stream exits 3).
+    wait_until((log / "consumers" / f"bridge-{STREAM}.json").exists, "the bridge's stream")
+    consumer = children.popen(consume_cmd(url, handler, cpdir, "--poll-interval", "0.2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    mirrorer = children.popen([sys.executable, "-m", "eventpipe", "mirror", "--nats", url,
+                               "--stream", STREAM, str(mirror), "--poll-interval", "0.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    for k in range(20):
+        append(log, 100 + 25 * k, 25)
+        time.sleep(0.02)
+    total = 600
+
+    def mirrored() -> bool:
+        if not (mirror / "eventpipe.json").exists():
+            return False
+        with EventLog(mirror, create=False) as opened:
+            return opened.head == total
+
+    wait_until(mirrored, "the mirror caught up", timeout=60)
+    wait_until(lambda: (cpdir / "remote.json").exists()
+               and checkpoint(cpdir)["offset"] == total, "the consumer caught up", timeout=60)
+    for proc in (bridge, consumer, mirrorer):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert checkpoint(cpdir)["state"] == fold(log)
+    with EventLog(log, create=False) as a, EventLog(mirror, create=False) as b:
+        assert [(r.offset, r.event, r.time) for r in a.read()] == [
+            (r.offset, r.event, r.time) for r in b.read()]
+
+
+def test_a_server_restart_is_waited_for(nats_server: NatsServer, tmp_path: Path,
+                                        handler: str, children: Children) -> None:
+    """The server killed -9 and started again: the consumer and the mirror read on from
+    where they are, nothing twice or lost."""
+    url = nats_server.url
+    log, mirror, cpdir = tmp_path / "log", tmp_path / "mirror", tmp_path / "cp"
+    append(log, 0, 200)
+    create_stream([url], STREAM)
+    publish_log([url], STREAM, log)
+    consumer = children.popen(consume_cmd(url, handler, cpdir, "--poll-interval", "0.2",
+                                          "--checkpoint-every", "10"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    mirrorer = children.popen([sys.executable, "-m", "eventpipe", "mirror", "--nats", url,
+                               "--stream", STREAM, str(mirror), "--poll-interval", "0.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    wait_until(lambda: (cpdir / "remote.json").exists()
+               and checkpoint(cpdir)["offset"] == 200, "the consumer caught up")
+    for _ in range(2):
+        nats_server.kill()
+        time.sleep(0.5)
+        nats_server.start()
+        with EventLog(log, create=False) as opened:
+            head = opened.head
+        append(log, head, 100)
+        publish_log([url], STREAM, log, start=head)
+    wait_until(lambda: checkpoint(cpdir)["offset"] == 400, "the consumer read on", timeout=60)
+
+    def mirrored() -> bool:
+        with EventLog(mirror, create=False) as opened:
+            return opened.head == 400
+
+    wait_until(mirrored, "the mirror read on", timeout=60)
+    for proc in (consumer, mirrorer):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert checkpoint(cpdir)["state"] == fold(log)
+    with EventLog(log, create=False) as a, EventLog(mirror, create=False) as b:
+        assert [(r.offset, r.event, r.time) for r in a.read()] == [
+            (r.offset, r.event, r.time) for r in b.read()]
+
+
+def test_without_nats_py_both_commands_say_what_to_install(tmp_path: Path,
+                                                           handler: str) -> None:
+    blocker = tmp_path / "blocker" / "nats"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no nats here')\n")
+    hidden = dict(env(), PYTHONPATH=os.pathsep.join([str(blocker.parent), str(ROOT)]))
+    for argv in (["consume-stream", "--nats", "nats://127.0.0.1:1", "--stream", STREAM,
+                  "--name", "x", "--handler", f"{handler}:handle", "--checkpoint-dir",
+                  str(tmp_path / "cp")],
+                 ["mirror", "--nats", "nats://127.0.0.1:1", "--stream", STREAM,
+                  str(tmp_path / "mirror")]):
+        proc = subprocess.run([sys.executable, "-m", "eventpipe", *argv], capture_output=True,
+                              text=True, env=hidden, timeout=60, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "pip install eventpipe[nats]" in proc.stderr
+    assert not (tmp_path / "mirror").exists()
+
+
+def test_retry_rebuilds_the_state_a_failed_call_changed(nats_server: NatsServer,
+                                                        tmp_path: Path) -> None:
+    """on_error='retry': a handler that changes its state in place and then raises is
+    retried on the state before the event (rebuilt from the checkpoint and the events kept
+    since), so the end state is that of calls that all succeeded."""
+    from eventpipe.jetstream import StreamConsumer
+
+    log = tmp_path / "log"
+    append(log, 0, 60)
+    create_stream([nats_server.url], STREAM)
+    publish_log([nats_server.url], STREAM, log)
+    failures = {13: 2, 41: 1}
+
+    def handle(state: Any, event: Any, offset: int) -> Any:
+        state["seen"].append(offset)  # in place, before failing
+        if failures.get(offset):
+            failures[offset] -= 1
+            raise RuntimeError(f"flaky at {offset}")
+        return state
+
+    with StreamConsumer(nats_server.url, STREAM, "r", handle, {"seen": []},
+                        checkpoint_dir=tmp_path / "cp", on_error="retry", max_retries=3,
+                        retry_backoff=0.01, checkpoint_every=25) as consumer:
+        state = consumer.catch_up()
+    assert state == {"seen": list(range(60))}
+    assert checkpoint(tmp_path / "cp", "r")["state"] == state
+
+
+def test_a_three_node_cluster_losing_the_stream_leader(nats_cluster: NatsCluster,
+                                                       tmp_path: Path, handler: str,
+                                                       children: Children) -> None:
+    """An R3 stream whose leader is killed -9 (twice) while the consumer and the mirror read
+    it: they read on from the new leader, nothing twice or lost."""
+    urls = nats_cluster.urls
+    log, mirror, cpdir = tmp_path / "log", tmp_path / "mirror", tmp_path / "cp"
+    append(log, 0, 300)
+    create_stream(urls, STREAM, replicas=3)
+    publish_log(urls, STREAM, log)
+    said = (tmp_path / "consumer.err").open("wb"), (tmp_path / "mirror.err").open("wb")
+    consumer = children.popen(consume_cmd(",".join(urls), handler, cpdir, "--poll-interval",
+                                          "0.2", "--checkpoint-every", "10"),
+                              stdout=subprocess.DEVNULL, stderr=said[0], env=env())
+    mirrorer = children.popen([sys.executable, "-m", "eventpipe", "mirror", "--nats",
+                               ",".join(urls), "--stream", STREAM, str(mirror),
+                               "--poll-interval", "0.2"],
+                              stdout=subprocess.DEVNULL, stderr=said[1], env=env())
+    for out in said:
+        out.close()  # the children have their own descriptors
+
+    def stderr() -> str:
+        return "\n".join((tmp_path / f"{who}.err").read_text() for who in ("consumer", "mirror"))
+
+    total = 300
+    for _ in range(2):
+        time.sleep(0.3)
+        leader = nats_cluster.stream_leader(STREAM)
+        leader.kill()
+        nats_cluster.stream_leader(STREAM)  # a new one elected among the other two
+        append(log, total, 200)
+        publish_log(urls, STREAM, log, start=total)
+        total += 200
+        leader.start()
+    nats_cluster.wait_ready()
+
+    def mirrored() -> bool:
+        if not (mirror / "eventpipe.json").exists():
+            return False
+        with EventLog(mirror, create=False) as opened:
+            return opened.head == total
+
+    try:
+        wait_until(lambda: (cpdir / "remote.json").exists()
+                   and checkpoint(cpdir)["offset"] == total, "the consumer read on", timeout=60)
+        wait_until(mirrored, "the mirror read on", timeout=60)
+    except BaseException:
+        print(stderr())
+        raise
+    for proc in (consumer, mirrorer):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert checkpoint(cpdir)["state"] == fold(log)
+    with EventLog(log, create=False) as a, EventLog(mirror, create=False) as b:
+        assert [(r.offset, r.event, r.time) for r in a.read()] == [
+            (r.offset, r.event, r.time) for r in b.read()]
+
+
+def test_a_standby_takes_over_when_the_holder_dies(nats_server: NatsServer, tmp_path: Path,
+                                                   handler: str, children: Children) -> None:
+    log, cpdir = tmp_path / "log", tmp_path / "cp"
+    append(log, 0, 100)
+    create_stream([nats_server.url], STREAM)
+    publish_log([nats_server.url], STREAM, log)
+    first = children.popen(consume_cmd(nats_server.url, handler, cpdir, "--standby",
+                                       "--poll-interval", "0.2"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    wait_until(lambda: (cpdir / "remote.json").exists()
+               and checkpoint(cpdir)["offset"] == 100, "the first caught up")
+    second = children.popen(consume_cmd(nats_server.url, handler, cpdir, "--standby",
+                                        "--poll-interval", "0.2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    time.sleep(0.5)
+    assert second.poll() is None  # standing by
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    append(log, 100, 50)
+    publish_log([nats_server.url], STREAM, log, start=100)
+    wait_until(lambda: checkpoint(cpdir)["offset"] == 150, "the standby took over")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    assert checkpoint(cpdir)["state"] == fold(log)

@@ -70,8 +70,10 @@ def describe(exc: BaseException) -> str:
     """A NATS failure in words (the server's description for a refusal)."""
     from nats.js.errors import APIError
 
-    if isinstance(exc, APIError):
+    if isinstance(exc, APIError) and exc.description is not None:
         return f"server refused: {exc.description} (code {exc.code}, err_code {exc.err_code})"
+    if isinstance(exc, APIError):
+        return f"{type(exc).__name__} (the server gave no reason: restarting or away?)"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -254,6 +256,12 @@ class StreamSource:
         try:
             msgs = await self._sub.fetch(self.batch, timeout=wait)
         except nats.errors.TimeoutError:
+            if await self.last_seq() >= self.next_seq:
+                # The stream holds what we want and nothing came: our consumer is gone (its
+                # node died, a restart lost it) or stuck. A new one reads on from here.
+                log.info("%s: no messages from stream %s though it holds sequence %d: "
+                         "reading again from there", self.what, self.stream, self.next_seq)
+                await self.reset()
             return []
         out: list[Entry] = []
         expected = self.next_offset
