@@ -221,6 +221,24 @@ def test_bridge_publishes_a_growing_log_once(nats_server: NatsServer, children: 
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_the_server_away_and_back(nats_server: NatsServer, children: Children,
+                                  log_path: Path) -> None:
+    """The only server killed (kill -9) and restarted while events arrive: the bridge waits,
+    reconnects and goes on from the stream's last message."""
+    urls = [nats_server.url]
+    append(log_path, 100)
+    bridge = start_bridge(children, log_path, urls, "--create-stream", "--ack-timeout", "1")
+    wait_until(lambda: stream_count(urls) == 100, "the events in the stream")
+    nats_server.kill()
+    append(log_path, 50, 100)
+    time.sleep(random.uniform(0, 1.5))  # a random while away
+    nats_server.start()
+    wait_until(lambda: stream_count(urls) == 150, "the events after the server came back")
+    assert bridge.poll() is None
+    assert stop_bridge(bridge) == 0
+    check_exactly_once(log_path, stream_messages(urls))
+
+
 def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Path,
           log_path: Path, seed: int) -> None:
     rng = random.Random(seed)

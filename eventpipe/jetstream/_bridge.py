@@ -667,6 +667,7 @@ class Bridge:
                         self.log.config.file_mode)
         self._checkpointed = done
         self._checkpoint_due = now + self.checkpoint_interval
+        self.systemd.status(self._status())  # with a backlog too, once per checkpoint
 
     def _checkpoint_for(self, done: int, state: dict[str, Any]) -> Checkpoint:
         """The checkpoint at offset ``done``: the event before it (its segment, byte position
