@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_consumer.py", ["--quick", "--runs", "1", "--big", "20000", "--only", "1,3,4"], 3),
     ("bench_segments.py", ["--quick", "--runs", "1"], 2),
     ("bench_bridge.py", ["--quick", "--runs", "1"], 4),
+    ("bench_dbstate.py", ["--quick", "--runs", "1"], 3),
 ])
 def test_benchmark_script_reports_every_row(
     tmp_path: Path, script: str, args: list[str], rows: int

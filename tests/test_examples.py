@@ -36,6 +36,7 @@ EXPECTED_OUTPUT: dict[str, list[str]] = {
     ],
     "counter_consumer.py": ['{"events":5,"by_type":{"click":3,"view":1,"buy":1},"last_offset":4}'],
     "async_follow.py": ["offset 0: event 0", "offset 9: event 9", "writer exited with 0"],
+    "orders_read_model.py": ["never going back", "read model matches a fold of the log"],
 }
 
 
