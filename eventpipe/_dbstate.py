@@ -26,6 +26,7 @@ imported only by whoever uses it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from types import FrameType
 from typing import Any, NamedTuple, Self
@@ -53,9 +54,11 @@ from .errors import (
     ConfigError,
     ConsumerBusyError,
     CorruptLogError,
+    EventPipeError,
     HandlerError,
     LogClosedError,
     OffsetOutOfRangeError,
+    StorageError,
 )
 
 __all__ = ["DbConsumer", "DbHandler", "Position", "PositionConflictError", "ResetHook",
@@ -87,6 +90,20 @@ class Position(NamedTuple):
     fingerprint: int | None  # CRC-32 of the stored line at next_offset - 1 (None: unknown)
     dead_letter_from: int | None  # the dead-letter log's head before an append (see above)
     updated_at: float  # seconds since the epoch
+
+
+@contextlib.contextmanager
+def database_errors(store: StateStore, doing: str) -> Iterator[None]:
+    """A database driver's error (sqlite3.Error, psycopg.Error, a lost connection) while the
+    consumer itself talks to the database, as StorageError naming the database (CLI exit 3).
+    A handler's errors are not wrapped: on_error applies to them."""
+    try:
+        yield
+    except EventPipeError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"{store.where}: {doing} failed: {type(exc).__name__}: "
+                           f"{str(exc).strip()}") from exc
 
 
 class PositionConflictError(ConsumerBusyError):
@@ -329,16 +346,20 @@ class DbConsumer:
 
     def _load(self) -> None:
         store = self.store
-        store.open()
-        store.begin()
+        with database_errors(store, "reading the position"):
+            store.open()
+            store.begin()
         try:
-            pos = store.load(self.name)
-            if pos is None:
-                pos = self._start()
+            with database_errors(store, "reading the position"):
+                pos = store.load(self.name)
+                if pos is None:
+                    pos = self._start()
             self._check(pos)
-            store.commit()
+            with database_errors(store, "committing the start position"):
+                store.commit()
         except BaseException:
-            store.rollback()
+            with contextlib.suppress(Exception):
+                store.rollback()
             raise
         self.offset = pos.next_offset
         self._committed = pos.next_offset if pos.updated_at >= 0 else None
@@ -404,7 +425,8 @@ class DbConsumer:
                         time.time())
 
     def _begin(self) -> None:
-        self.store.begin()
+        with database_errors(self.store, "beginning a transaction"):
+            self.store.begin()
         self._txn = True
         self._since = 0
 
@@ -421,10 +443,12 @@ class DbConsumer:
         if not self._txn:
             self._begin()
         try:
-            store.save(pos, self._committed)
-            store.commit()
+            with database_errors(store, f"committing position {pos.next_offset}"):
+                store.save(pos, self._committed)
+                store.commit()
         except BaseException:
-            self._abort()
+            with contextlib.suppress(Exception):
+                self._abort()
             raise
         self._txn = False
         self._since = 0
@@ -439,7 +463,8 @@ class DbConsumer:
         self._txn = False
         self._since = 0
         try:
-            self.store.rollback()
+            with database_errors(self.store, "rolling back"):
+                self.store.rollback()
         finally:
             self.offset = self._committed or 0
             self._last_line = None
@@ -786,12 +811,13 @@ class DbConsumer:
 
 def db_position(store: StateStore, name: str) -> Position | None:
     """Consumer ``name``'s stored position in ``store`` (opened and left open)."""
-    store.open()
-    store.begin()
-    try:
-        return store.load(name)
-    finally:
-        store.rollback()
+    with database_errors(store, "reading the position"):
+        store.open()
+        store.begin()
+        try:
+            return store.load(name)
+        finally:
+            store.rollback()
 
 
 def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
@@ -815,10 +841,12 @@ def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
                 raise ConsumerBusyError(
                     f"consumer {name!r} is running ({lock.holder()}): stop it first",
                     holder=lock.holder(), path=lock.path)
-            store.open()
-            store.begin()
+            with database_errors(store, "reading the position"):
+                store.open()
+                store.begin()
             try:
-                current = store.load(name)
+                with database_errors(store, "reading the position"):
+                    current = store.load(name)
                 if reset is None:
                     have = ("no stored position" if current is None else
                             f"the writes of offsets 0..{current.next_offset - 1}")
@@ -838,10 +866,12 @@ def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
                     for chunk in log.chunks(offset - 1, offset):
                         fp = zlib.crc32(chunk.lines[0])
                 pos = Position(name, log.log_id, offset, fp, None, time.time())
-                store.save(pos, None if current is None else current.next_offset)
-                store.commit()
+                with database_errors(store, f"committing position {offset}"):
+                    store.save(pos, None if current is None else current.next_offset)
+                    store.commit()
             except BaseException:
-                store.rollback()
+                with contextlib.suppress(Exception):
+                    store.rollback()
                 raise
             return pos
         finally:

@@ -428,3 +428,18 @@ def test_cli_under_systemd_stops_on_signals(tmp_path: Path, log_path: Path,
         while not any("STOPPING=1" in m for m in seen):
             seen.append(sock.recv(4096).decode())
         db.check_fold(log)
+
+
+def test_an_unreachable_database_is_a_storage_error(tmp_path: Path, log_path: Path,
+                                                    cli: Cli) -> None:
+    """A database that cannot be opened is named in a StorageError (CLI exit 3), for SQLite
+    and PostgreSQL alike (no server on that socket)."""
+    with _log(log_path, _events(3)):
+        pass
+    for flag, where in (("--sqlite", str(tmp_path / "no" / "such" / "folder.db")),
+                        ("--postgres", f"host={tmp_path} dbname=x user=x connect_timeout=2")):
+        r = cli("consume", log_path, "--name", "p", "--handler", f"{HANDLER}:apply", flag,
+                where, "--catch-up")
+        assert r.code == 3, r.err
+        assert "failed" in r.err and ("SQLite" in r.err or "PostgreSQL" in r.err), r.err
+        assert "Traceback" not in r.err
