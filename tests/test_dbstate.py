@@ -24,6 +24,7 @@ from eventpipe import (
     EventLog,
     HandlerError,
     Position,
+    PositionConflictError,
     SqliteStore,
     StateStore,
 )
@@ -443,3 +444,34 @@ def test_an_unreachable_database_is_a_storage_error(tmp_path: Path, log_path: Pa
         assert r.code == 3, r.err
         assert "failed" in r.err and ("SQLite" in r.err or "PostgreSQL" in r.err), r.err
         assert "Traceback" not in r.err
+
+
+def test_a_position_moved_by_another_process_is_a_conflict(db: Db, log_path: Path) -> None:
+    """Another process (another host: the name lock is per host) moved the row: the next
+    commit fails and is rolled back, nothing of its batch kept."""
+    with _log(log_path, _events(100)) as log, DbConsumer(log, "p", apply,
+                                                         store=db.store()) as c:
+        c.catch_up()
+        conn = db._connect()
+        conn.execute("UPDATE eventpipe_positions SET next_offset = 60 WHERE consumer = 'p'")
+        conn.commit()
+        conn.close()
+        log.append_many(_events(10, 100))
+        with pytest.raises(PositionConflictError, match="moved by another process"):
+            c.catch_up()
+        assert db.applied() == list(range(100))
+
+
+def test_pass_time_hands_the_append_time(tmp_path: Path, log_path: Path) -> None:
+    seen: list[tuple[int, int | None]] = []
+
+    def handler(conn: Any, event: Any, offset: int, t: int | None) -> None:
+        seen.append((offset, t))
+
+    before = time.time_ns()
+    with _log(log_path, _events(30)) as log, DbConsumer(
+            log, "p", handler, store=SqliteStore(tmp_path / "t.db"), pass_time=True) as c:
+        c.catch_up()
+        assert [o for o, _ in seen] == list(range(30))
+        assert all(t is not None and before <= t <= time.time_ns() for _, t in seen)
+        assert [t for _, t in seen] == [log.time_of(o) for o in range(30)]
