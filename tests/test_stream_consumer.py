@@ -228,14 +228,23 @@ def _kill_rounds(url: str, log: Path, handler: str, cpdir: Path, children: Child
     head = 0
     with EventLog(log, create=False) as opened:
         head = opened.head
+    def offset() -> int:
+        return int(checkpoint(cpdir)["offset"]) if (cpdir / "remote.json").exists() else 0
+
     for _ in range(rounds):
-        more = rng.randint(50, 400)
+        more = rng.randint(200, 1200)
         append(log, head, more, bad_every)
         publish_log([url], STREAM, log, start=head)
         head += more
+        before = offset()
         proc = children.popen(consume_cmd(url, handler, cpdir, *extra),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
-        time.sleep(rng.uniform(0.2, 1.2))  # startup is ~0.3 s: some kills come before it reads
+        if rng.random() < 0.65:  # once it is under way (its checkpoint moved), soon after
+            wait_until(lambda: offset() > before or proc.poll() is not None,  # noqa: B023
+                       "the consumer under way")
+            time.sleep(rng.uniform(0, 0.15))
+        else:  # any moment, its startup included
+            time.sleep(rng.uniform(0.05, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         done = (cpdir / "remote.json").exists() and checkpoint(cpdir)["offset"] == head
@@ -273,6 +282,8 @@ def _soak(server: NatsServer, tmp_path: Path, handler: str, children: Children, 
     cut_short = _kill_rounds(server.url, log, handler, cpdir, children, rounds, rng, extra,
                              bad_every)
     assert cut_short >= rounds // 3, f"seed {seed}: only {cut_short} kills came mid-run"
+    print(f"stream consumer soak ({policy}, seed {seed}): {rounds} kills -9, {cut_short} "
+          "before it was done")
     final = subprocess.run(consume_cmd(server.url, handler, cpdir, "--catch-up",
                                        "--print-state", *extra),
                            capture_output=True, text=True, env=env(), timeout=300, check=False)
@@ -282,6 +293,7 @@ def _soak(server: NatsServer, tmp_path: Path, handler: str, children: Children, 
         head, log_id = opened.head, opened.log_id
         bad = [r.offset for r in opened.read() if r.event.get("bad")]
     assert checkpoint(cpdir)["offset"] == head
+    print(f"  {head} events folded exactly once")
     if policy == "dead_letter":
         assert bad, "the test must make failing events"
         entries = dead_letters(dead)
@@ -629,3 +641,36 @@ def test_a_standby_takes_over_when_the_holder_dies(nats_server: NatsServer, tmp_
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 0
     assert checkpoint(cpdir)["state"] == fold(log)
+
+
+@pytest.mark.parametrize("command", ["consume-stream", "mirror"])
+def test_sd_notify_ready_status_watchdog_stopping(nats_server: NatsServer, tmp_path: Path,
+                                                  handler: str, children: Children,
+                                                  command: str) -> None:
+    from ._sdnotify import fake_systemd
+
+    log = tmp_path / "log"
+    append(log, 0, 50)
+    create_stream([nats_server.url], STREAM)
+    publish_log([nats_server.url], STREAM, log)
+    if command == "mirror":
+        argv = [sys.executable, "-m", "eventpipe", "mirror", "--nats", nats_server.url,
+                "--stream", STREAM, str(tmp_path / "mirror")]
+    else:
+        argv = consume_cmd(nats_server.url, handler, tmp_path / "cp")
+    with fake_systemd(tmp_path, watchdog_usec=400_000) as (sock, sd_env):
+        proc = children.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=sd_env)
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen += sock.recv(4096).decode().splitlines()
+            if "READY=1" in seen and seen.count("WATCHDOG=1") >= 4:
+                break
+        assert "READY=1" in seen, seen
+        assert seen.count("WATCHDOG=1") >= 4, seen  # idle, it keeps the watchdog fed
+        assert any(m.startswith("STATUS=") and "50" in m for m in seen), seen
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+        assert proc.wait(30) == 0

@@ -194,7 +194,7 @@ class Mirror(Runner):
         except CheckpointMismatchError as exc:
             raise MirrorMismatchError(f"{exc.message}: the mirror is ahead of the stream",
                                       stream=self.stream, path=self.log.path) from None
-        if prev is not None and head > 0:
+        if prev is not None and head - 1 >= self.log.first_offset:  # (retention may cut it)
             ours = next(iter(self.log.chunks(head - 1, head))).lines[0]
             if ours != prev:
                 raise MirrorMismatchError(
