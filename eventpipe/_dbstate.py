@@ -680,6 +680,18 @@ class DbConsumer:
                 self._notifier = None
                 notifier.close()
 
+    def reset_to(self, offset: int) -> None:
+        """Move this consumer (holding its name, not running) to ``offset`` through its
+        ``reset`` hook, in one transaction with the position (see :func:`reset_db_consumer`);
+        ConfigError without a hook."""
+        self._check_usable()
+        if not self._held():
+            raise ConsumerBusyError(f"consumer {self.name!r} does not hold its name yet",
+                                    path=self.log.path)
+        self.commit()
+        _reset_position(self.log, self.name, self.store, offset, self.reset_hook)
+        self._load()
+
     def _status(self) -> str:
         return f"consumer {self.name}: offset {self.offset}, lag {self.lag}"
 
@@ -828,12 +840,11 @@ def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
     The tables hold the writes of every event before the stored position; only the user knows
     how to make them those of the events before ``offset``: ``reset(conn, name, offset)`` does
     it, in the transaction that moves the position, so both or neither happen. Without a hook
-    the reset is refused (ConfigError) and nothing changes.
+    the reset is refused (ConfigError) and nothing changes (unless ``offset`` is where the
+    consumer is already). OffsetOutOfRangeError for an offset beyond the head or before the
+    first stored one.
     """
     validate_name(name)
-    if offset < 0 or offset > log.head:
-        raise OffsetOutOfRangeError(f"offset is beyond the head ({log.head})" if offset >= 0
-                                    else "offsets start at 0", path=log.path, offset=offset)
     with log.folder.sub(CONSUMERS_DIR, create_mode=log.config.dir_mode) as folder:
         lock = NameLock(folder, name, log.config.file_mode)
         try:
@@ -841,38 +852,55 @@ def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
                 raise ConsumerBusyError(
                     f"consumer {name!r} is running ({lock.holder()}): stop it first",
                     holder=lock.holder(), path=lock.path)
-            with database_errors(store, "reading the position"):
-                store.open()
-                store.begin()
-            try:
-                with database_errors(store, "reading the position"):
-                    current = store.load(name)
-                if reset is None:
-                    have = ("no stored position" if current is None else
-                            f"the writes of offsets 0..{current.next_offset - 1}")
-                    effect = ("skip" if current is None or offset > current.next_offset
-                              else "apply again")
-                    raise ConfigError(
-                        f"consumer {name!r} keeps its state in {store.where}: its tables "
-                        f"hold {have}. Moving its position to {offset} without changing them "
-                        f"would {effect} events in them, so the reset is refused and nothing "
-                        "was changed. Give a reset hook (reset(conn, consumer, offset), run in "
-                        "the same transaction) that makes the tables those of the events "
-                        f"before {offset}, or rebuild them yourself and delete the row of "
-                        f"{name!r} in {store.table}", option="reset")
-                reset(store.conn, name, offset)
-                fp = None
-                if offset > log.first_offset:
-                    for chunk in log.chunks(offset - 1, offset):
-                        fp = zlib.crc32(chunk.lines[0])
-                pos = Position(name, log.log_id, offset, fp, None, time.time())
-                with database_errors(store, f"committing position {offset}"):
-                    store.save(pos, None if current is None else current.next_offset)
-                    store.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    store.rollback()
-                raise
-            return pos
+            return _reset_position(log, name, store, offset, reset)
         finally:
             lock.release()
+
+
+def _reset_position(log: EventLog, name: str, store: StateStore, offset: int,
+                    reset: ResetHook | None) -> Position:
+    """reset_db_consumer's work, the name held by the caller."""
+    head, first = log.head, log.first_offset
+    if offset > head or offset < 0:
+        raise OffsetOutOfRangeError(f"offset is beyond the head ({head})" if offset >= 0
+                                    else "offsets start at 0", path=log.path, offset=offset)
+    if offset < first:
+        raise OffsetOutOfRangeError(f"offset is before the first stored offset {first} "
+                                    "(retention removed older events)", path=log.path,
+                                    offset=offset)
+    with database_errors(store, "reading the position"):
+        store.open()
+        store.begin()
+    try:
+        with database_errors(store, "reading the position"):
+            current = store.load(name)
+        if current is not None and current.next_offset == offset:
+            store.rollback()
+            return current  # nothing to move
+        if reset is None:
+            have = ("no stored position" if current is None else
+                    f"the writes of offsets 0..{current.next_offset - 1}")
+            effect = ("skip" if current is None or offset > current.next_offset
+                      else "apply again")
+            raise ConfigError(
+                f"consumer {name!r} keeps its state in {store.where}: its tables hold "
+                f"{have}. Moving its position to {offset} without changing them would "
+                f"{effect} events in them, so the reset is refused and nothing was changed. "
+                "Give a reset hook (reset(conn, consumer, offset), run in the same "
+                f"transaction) that makes the tables those of the events before {offset}, "
+                f"or rebuild them yourself and delete the row of {name!r} in {store.table}",
+                option="reset")
+        reset(store.conn, name, offset)
+        fp = None
+        if offset > first:
+            for chunk in log.chunks(offset - 1, offset):
+                fp = zlib.crc32(chunk.lines[0])
+        pos = Position(name, log.log_id, offset, fp, None, time.time())
+        with database_errors(store, f"committing position {offset}"):
+            store.save(pos, None if current is None else current.next_offset)
+            store.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.rollback()
+        raise
+    return pos

@@ -42,3 +42,11 @@ def fold(events: list[Any]) -> dict[str, tuple[int, int, int]]:
         total, n, _ = out.get(e["k"], (0, 0, 0))
         out[e["k"]] = (total + e["v"], n + 1, offset)
     return out
+
+
+def wipe(conn: Any, consumer: str, offset: int) -> None:
+    """A reset hook that starts the projection over: valid for a reset to offset 0 only."""
+    if offset != 0:
+        raise ValueError("this read model can only be rebuilt from offset 0")
+    conn.execute("DELETE FROM totals")
+    conn.execute("DELETE FROM applied")

@@ -31,7 +31,7 @@ from eventpipe import (
 from eventpipe._dbstate import db_position, reset_db_consumer
 
 from . import _dbhandler
-from ._dbhandler import apply, fold
+from ._dbhandler import apply, fold, wipe
 from ._main import Cli
 from ._postgres import pg_dsn, postgres_cluster  # noqa: F401  (fixtures)
 from ._sdnotify import fake_systemd
@@ -292,14 +292,16 @@ def test_reset_needs_the_hook(db: Db, log_path: Path) -> None:
             with pytest.raises(ConfigError, match="refused and nothing was changed"):
                 reset_db_consumer(log, "p", store, 0, None)
 
-            def wipe(conn: Any, name: str, offset: int) -> None:
-                assert offset == 0
-                conn.execute("DELETE FROM totals")
-                conn.execute("DELETE FROM applied")
-
             assert reset_db_consumer(log, "p", store, 0, wipe).next_offset == 0
         finally:
             store.close()
+        with DbConsumer(log, "p", apply, store=db.store(), reset=wipe) as c:
+            c.catch_up()
+            c.reset_to(0)
+            assert c.offset == 0 and db.totals() == {}
+            with pytest.raises(ValueError, match="only be rebuilt from offset 0"):
+                c.reset_to(5)
+            assert c.offset == 0
         with DbConsumer(log, "p", apply, store=db.store()) as c:
             c.catch_up()
         db.check_fold(log)
@@ -394,6 +396,15 @@ def test_cli_consume_show_reset(db: Db, log_path: Path, cli: Cli) -> None:
     assert shown["offset"] == 40 and shown["lag"] == 0 and shown["store"] == db.kind
     r = cli("consumer", "reset", log_path, "p", "--to-offset", "0", *db.flag())
     assert r.code == 2 and "refused and nothing was changed" in r.err
+    r = cli("consumer", "reset", log_path, "p", "--to-offset", "0", *db.flag(),
+            "--reset-hook", f"{HANDLER}:wipe")
+    assert r.code == 0, r.err
+    assert db.position() is not None and db.totals() == {}
+    r = cli("consume", log_path, "--name", "p", "--handler", f"{HANDLER}:apply", *db.flag(),
+            "--catch-up")
+    assert r.code == 0, r.err
+    with EventLog(log_path) as log:
+        db.check_fold(log)
     r = cli("consume", log_path, "--name", "p", "--handler", f"{HANDLER}:apply", *db.flag(),
             "--catch-up", "--print-state")
     assert r.code == 2 and "--print-state" in r.err
