@@ -51,7 +51,7 @@ Rows:
      when ``StreamConsumer`` cannot be imported.
 
 ``--quick`` shrinks every size and makes one run: ``bench_bridge.py --quick --json`` takes about
-20 s, most of it starting processes. ``--json`` prints the results as JSON on stdout instead of
+10 s, most of it starting processes. ``--json`` prints the results as JSON on stdout instead of
 the table (progress always goes to stderr). Default runtime is about five minutes on a 2-cpu VM.
 """
 
