@@ -37,6 +37,7 @@ from ._source import (
     MirrorMismatchError,
     Runner,
     StreamSource,
+    check_reader,
     connect,
     describe,
     retryable,
@@ -73,14 +74,7 @@ class Mirror(Runner):
     def __init__(self, path: str | os.PathLike[str], servers: list[str] | str, stream: str, *,
                  batch: int = 1024, poll_interval: float = 1.0, connect_timeout: float = 2.0,
                  api_timeout: float = 5.0, **log_options: Any) -> None:
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
-        if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
-            raise ConfigError("servers: give at least one NATS URL", option="servers")
-        if not stream or any(c in stream for c in " \t.*>/\\"):
-            raise ConfigError(f"stream name {stream!r} is invalid", option="stream")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch must be a positive integer, not {batch!r}",
-                              option="batch")
+        self.servers = check_reader(servers, stream, batch)
         for value in (poll_interval, connect_timeout, api_timeout):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"timeouts and intervals must be positive, not {value!r}")

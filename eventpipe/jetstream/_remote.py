@@ -52,7 +52,15 @@ from ..errors import (
     LogClosedError,
     StateNotStorableError,
 )
-from ._source import Entry, Runner, StreamSource, connect, describe, retryable
+from ._source import (
+    Entry,
+    Runner,
+    StreamSource,
+    check_reader,
+    connect,
+    describe,
+    retryable,
+)
 from ._wire import ForeignMessageError
 
 if TYPE_CHECKING:
@@ -84,6 +92,22 @@ class _StreamAsLog:
         self.log_id = ""
 
 
+def _resolve(options: dict[str, Any]) -> dict[str, Any]:
+    """Consumer's options, checked, for a stream consumer (see StreamConsumer)."""
+    for key in _NOT_HERE:
+        if key in options:
+            raise ConfigError(f"option {key!r} does not apply to a stream consumer (it "
+                              "starts at the stream's first message)", option=key)
+    opts = resolve(CONSUMER_OPTIONS, options)
+    if opts["checkpoint_dir"] is None:
+        raise ConfigError("a stream consumer needs checkpoint_dir (a local folder for its "
+                          "checkpoint)", option="checkpoint_dir")
+    if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
+        raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
+                          option="dead_letter")
+    return opts
+
+
 class StreamConsumer(Runner):
     """Folds the events of a JetStream stream written by :class:`~eventpipe.jetstream.Bridge`
     into a state, exactly once, like :class:`eventpipe.Consumer` folds a local log.
@@ -107,6 +131,8 @@ class StreamConsumer(Runner):
     nothing is applied past what is sound), HandlerError as Consumer does.
     """
 
+    _dead_letters: DeadLetters | None
+
     def __init__(
         self,
         servers: list[str] | str,
@@ -122,25 +148,8 @@ class StreamConsumer(Runner):
         api_timeout: float = 5.0,
         **options: Any,
     ) -> None:
-        for key in _NOT_HERE:
-            if key in options:
-                raise ConfigError(f"option {key!r} does not apply to a stream consumer (it "
-                                  "starts at the stream's first message)", option=key)
-        self.options = opts = resolve(CONSUMER_OPTIONS, options)
-        if opts["checkpoint_dir"] is None:
-            raise ConfigError("a stream consumer needs checkpoint_dir (a local folder for "
-                              "its checkpoint)", option="checkpoint_dir")
-        if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
-            raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
-                              option="dead_letter")
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
-        if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
-            raise ConfigError("servers: give at least one NATS URL", option="servers")
-        if not stream or any(c in stream for c in " \t.*>/\\"):
-            raise ConfigError(f"stream name {stream!r} is invalid", option="stream")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch must be a positive integer, not {batch!r}",
-                              option="batch")
+        self.options = opts = _resolve(options)
+        self.servers = check_reader(servers, stream, batch)
         self.stream = stream
         self.name = validate_name(name)
         self.handler = handler
@@ -155,16 +164,7 @@ class StreamConsumer(Runner):
         except ValueError as exc:
             raise ConfigError(f"initial_state cannot be stored as JSON: {exc}",
                               option="initial_state") from None
-        config = LogConfig.from_options({})
-        self._mode = config.file_mode
-        make_dirs(opts["checkpoint_dir"], config.dir_mode)
-        self._folder = Folder.open(opts["checkpoint_dir"])
-        self._file = checkpoint_file(name)
-        self.checkpoint_path = self._folder.path_of(self._file)
-        self._source_log = _StreamAsLog(stream)
-        self._dead_letters: DeadLetters | None = None
-        self._lock = NameLock(self._folder, name, self._mode)
-        self.systemd = SystemdNotifier()
+        self._open_files(name, stream, opts["checkpoint_dir"])
         self._init_position()
         self.stopped_by: int | None = None
         """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
@@ -188,6 +188,19 @@ class StreamConsumer(Runner):
         except BaseException:
             self._close_files()
             raise
+
+    def _open_files(self, name: str, stream: str, checkpoint_dir: str) -> None:
+        """The checkpoint folder (created if missing) and what lives in it."""
+        config = LogConfig.from_options({})
+        self._mode = config.file_mode
+        make_dirs(checkpoint_dir, config.dir_mode)
+        self._folder = Folder.open(checkpoint_dir)
+        self._file = checkpoint_file(name)
+        self.checkpoint_path = self._folder.path_of(self._file)
+        self._source_log = _StreamAsLog(stream)
+        self._dead_letters = None
+        self._lock = NameLock(self._folder, name, self._mode)
+        self.systemd = SystemdNotifier()
 
     def _init_position(self) -> None:
         self.state: Any = orjson.loads(self._initial_json)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._systemd import SystemdNotifier
-from ..errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError, ConfigError
 from ._wire import (
     ServerUnavailableError,
     StreamGapError,
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
-__all__ = ["Entry", "MirrorMismatchError", "Runner", "StreamSource", "connect", "describe",
-           "retryable"]
+__all__ = ["Entry", "MirrorMismatchError", "Runner", "StreamSource", "check_reader", "connect",
+           "describe", "retryable"]
 
 log = logging.getLogger("eventpipe.jetstream")
 
@@ -64,6 +64,19 @@ class Entry(NamedTuple):
     time_ns: int | None  # its append time there (None when the log did not know it)
     data: bytes  # the stored JSON line, without its newline
     pending: int  # messages after this one in the stream when it was delivered
+
+
+def check_reader(servers: list[str] | str, stream: str, batch: int) -> list[str]:
+    """A reader's servers as a list; ConfigError for no server, a bad stream name or batch."""
+    listed = [servers] if isinstance(servers, str) else list(servers)
+    if not listed or not all(isinstance(s, str) and s for s in listed):
+        raise ConfigError("servers: give at least one NATS URL", option="servers")
+    if not stream or any(c in stream for c in " \t.*>/\\"):
+        raise ConfigError(f"stream name {stream!r} is invalid (no spaces, '.', '*', '>' or "
+                          "slashes)", option="stream")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch must be a positive integer, not {batch!r}", option="batch")
+    return listed
 
 
 def describe(exc: BaseException) -> str:
