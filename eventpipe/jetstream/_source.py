@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._systemd import SystemdNotifier
-from ..errors import CheckpointMismatchError, ConfigError
+from ..errors import CheckpointMismatchError, ConfigError, EventPipeError
 from ._wire import (
     ServerUnavailableError,
     StreamGapError,
@@ -97,6 +97,8 @@ def retryable(exc: BaseException) -> bool:
     where it is. eventpipe's typed errors and anything else are not."""
     import nats.errors
 
+    if isinstance(exc, EventPipeError):  # a StorageError is an OSError too: not the server's
+        return False
     return isinstance(exc, nats.errors.Error | TimeoutError | ConnectionError | OSError)
 
 
