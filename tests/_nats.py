@@ -331,3 +331,10 @@ def publish_events(urls: list[str], stream: str, log_id: str,
             await js.publish(subject, line, stream=stream, headers=headers)
 
     asyncio.run(_js_session(urls, pub))
+
+
+def delete_stream(urls: list[str], stream: str) -> None:
+    async def delete(js: Any) -> None:
+        await js.delete_stream(stream)
+
+    asyncio.run(_js_session(urls, delete))

@@ -288,3 +288,22 @@ def test_one_mirror_process_per_log(nats_server: NatsServer, tmp_path: Path,
     assert proc.returncode == 3 and "ConsumerBusyError" in proc.stderr, proc.stderr
     first.send_signal(signal.SIGTERM)
     assert first.wait(30) == 0
+
+
+def test_a_stream_rewritten_under_the_mirror_is_refused(nats_server: NatsServer,
+                                                        tmp_path: Path) -> None:
+    from ._nats import delete_stream
+
+    url, mirror = nats_server.url, tmp_path / "mirror"
+    line = [orjson.dumps({"i": i}) for i in range(10)]
+    create_stream([url], STREAM)
+    publish_events([url], STREAM, "L1", [(i, line[i], 1) for i in range(5)])
+    assert run_mirror(url, mirror).returncode == 0
+    delete_stream([url], STREAM)
+    create_stream([url], STREAM)
+    publish_events([url], STREAM, "L1", [(i, orjson.dumps({"i": -i}) if i == 4 else line[i], 1)
+                                         for i in range(8)])
+    proc = run_mirror(url, mirror)
+    assert proc.returncode == 3, proc.stderr
+    assert "MirrorMismatchError" in proc.stderr and "offset 4 differs" in proc.stderr
+    assert head(mirror) == 5

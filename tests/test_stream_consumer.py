@@ -674,3 +674,28 @@ def test_sd_notify_ready_status_watchdog_stopping(nats_server: NatsServer, tmp_p
         while "STOPPING=1" not in seen:
             seen += sock.recv(4096).decode().splitlines()
         assert proc.wait(30) == 0
+
+
+def test_a_stream_rewritten_under_the_checkpoint_is_refused(nats_server: NatsServer,
+                                                            tmp_path: Path,
+                                                            handler: str) -> None:
+    """The stream recreated with the same log's offsets but another event where the
+    checkpoint was taken: the checkpoint's fingerprint says so, nothing is applied."""
+    from ._nats import delete_stream
+
+    url = nats_server.url
+    line = [orjson.dumps({"i": i}) for i in range(10)]
+    create_stream([url], STREAM)
+    publish_events([url], STREAM, "L1", [(i, line[i], 1) for i in range(5)])
+    cpdir = tmp_path / "cp"
+    assert run_consumer(url, handler, cpdir).returncode == 0
+    before = (cpdir / "remote.json").read_bytes()
+    delete_stream([url], STREAM)
+    create_stream([url], STREAM)
+    other = orjson.dumps({"i": 40})
+    publish_events([url], STREAM, "L1", [(i, other if i == 4 else line[i], 1)
+                                         for i in range(8)])
+    proc = run_consumer(url, handler, cpdir)
+    assert proc.returncode == 3, proc.stderr
+    assert "CheckpointMismatchError" in proc.stderr and "offset 4" in proc.stderr
+    assert (cpdir / "remote.json").read_bytes() == before
