@@ -27,6 +27,7 @@ imported only by whoever uses it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -42,8 +43,9 @@ from typing import Any, NamedTuple, Self
 import orjson
 
 from ._changes import ChangeNotifier
-from ._checkpoint import validate_name
+from ._checkpoint import checkpoint_file, validate_name
 from ._config import CONSUMER_OPTIONS, resolve
+from ._consumer import checkpoint_at
 from ._deadletter import DeadLetters
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
@@ -64,7 +66,8 @@ from .errors import (
 __all__ = ["DbConsumer", "DbHandler", "Position", "PositionConflictError", "ResetHook",
            "SqliteStore", "StateStore", "db_position", "reset_db_consumer"]
 
-log = logging.getLogger("eventpipe.consumer")
+log_ = logging.getLogger("eventpipe.consumer")
+log = log_
 
 DbHandler = Callable[..., Any]
 """``handler(conn, event, offset)`` (or ``(conn, event, offset, time)`` with pass_time)."""
@@ -104,6 +107,31 @@ def database_errors(store: StateStore, doing: str) -> Iterator[None]:
     except Exception as exc:
         raise StorageError(f"{store.where}: {doing} failed: {type(exc).__name__}: "
                            f"{str(exc).strip()}") from exc
+
+
+HOLD_KEY = "eventpipe_db_consumer"
+"""The key of the marker state a database consumer's hold checkpoint carries."""
+
+
+def write_hold(log: EventLog, folder: Folder, name: str, store: StateStore, offset: int) -> None:
+    """Write ``<log>/consumers/<name>.json``: a checkpoint at ``offset`` whose state only says
+    where the real state lives. It is what retention, ``status`` and ``consumers`` read for
+    every consumer, so they hold back, and show, a database consumer like any other.
+
+    Written after the database commit (never ahead of the stored position: behind after a
+    crash, which only keeps more), without fsync, best effort: the database is the truth and
+    the consumer never reads this file. A warning when it cannot be written.
+    """
+    try:
+        cp = dataclasses.replace(
+            checkpoint_at(log, name, max(offset, log.first_offset), {HOLD_KEY: {
+                "store": store.kind, "database": store.where, "table": store.table}}),
+            offset=offset)
+        folder.write_atomic(checkpoint_file(name), cp.to_bytes(), log.config.file_mode,
+                            durable=False)
+    except (EventPipeError, OSError) as exc:
+        log_.warning("consumer %s: could not write its retention hold %s: %s", name,
+                     checkpoint_file(name), exc)
 
 
 class PositionConflictError(ConsumerBusyError):
@@ -366,6 +394,8 @@ class DbConsumer:
         self._committed_fp = pos.fingerprint
         self._last_line = None
         self.last_commit_at = pos.updated_at if pos.updated_at >= 0 else None
+        if self._folder is not None:
+            write_hold(self.log, self._folder, self.name, self.store, pos.next_offset)
         self._skip_offset = None
         dead = self._dead_letters
         if pos.dead_letter_from is not None and dead is not None and dead.holds(
@@ -456,6 +486,8 @@ class DbConsumer:
         self._committed_fp = pos.fingerprint
         self.offset = pos.next_offset
         self.last_commit_at = pos.updated_at
+        if self._folder is not None:
+            write_hold(self.log, self._folder, self.name, self.store, pos.next_offset)
         self._due = time.monotonic() + self.options["checkpoint_interval"]
 
     def _abort(self) -> None:
@@ -689,7 +721,8 @@ class DbConsumer:
             raise ConsumerBusyError(f"consumer {self.name!r} does not hold its name yet",
                                     path=self.log.path)
         self.commit()
-        _reset_position(self.log, self.name, self.store, offset, self.reset_hook)
+        _reset_position(self.log, self.name, self.store, offset, self.reset_hook,
+                        self._folder)
         self._load()
 
     def _status(self) -> str:
@@ -852,13 +885,13 @@ def reset_db_consumer(log: EventLog, name: str, store: StateStore, offset: int,
                 raise ConsumerBusyError(
                     f"consumer {name!r} is running ({lock.holder()}): stop it first",
                     holder=lock.holder(), path=lock.path)
-            return _reset_position(log, name, store, offset, reset)
+            return _reset_position(log, name, store, offset, reset, folder)
         finally:
             lock.release()
 
 
 def _reset_position(log: EventLog, name: str, store: StateStore, offset: int,
-                    reset: ResetHook | None) -> Position:
+                    reset: ResetHook | None, folder: Folder | None) -> Position:
     """reset_db_consumer's work, the name held by the caller."""
     head, first = log.head, log.first_offset
     if offset > head or offset < 0:
@@ -896,6 +929,8 @@ def _reset_position(log: EventLog, name: str, store: StateStore, offset: int,
             for chunk in log.chunks(offset - 1, offset):
                 fp = zlib.crc32(chunk.lines[0])
         pos = Position(name, log.log_id, offset, fp, None, time.time())
+        if folder is not None and current is not None and offset < current.next_offset:
+            write_hold(log, folder, name, store, offset)  # back first: never ahead of the row
         with database_errors(store, f"committing position {offset}"):
             store.save(pos, None if current is None else current.next_offset)
             store.commit()
@@ -903,4 +938,6 @@ def _reset_position(log: EventLog, name: str, store: StateStore, offset: int,
         with contextlib.suppress(Exception):
             store.rollback()
         raise
+    if folder is not None:
+        write_hold(log, folder, name, store, offset)
     return pos

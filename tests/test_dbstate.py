@@ -486,3 +486,28 @@ def test_pass_time_hands_the_append_time(tmp_path: Path, log_path: Path) -> None
         assert [o for o, _ in seen] == list(range(30))
         assert all(t is not None and before <= t <= time.time_ns() for _, t in seen)
         assert [t for _, t in seen] == [log.time_of(o) for o in range(30)]
+
+
+def test_retention_status_and_consumers_know_a_database_consumer(db: Db, log_path: Path,
+                                                                 cli: Cli) -> None:
+    """Its place is held in <log>/consumers/<name>.json (a checkpoint whose state says where
+    the state lives): retention keeps what it has not handled, consumers shows its lag, and a
+    plain consumer reset is refused."""
+    with EventLog(log_path, segment_max_events=100) as log:
+        log.append_many(_events(550))
+        with DbConsumer(log, "p", apply, store=db.store(), commit_every=250) as c:
+            c.catch_up()
+        log.append_many(_events(450, 550))
+        report = log.prune(before=1000)
+        assert log.first_offset <= 550 < log.first_offset + 100, report
+        r = cli("consumers", log_path, "--json")
+        assert r.code == 0, r.err
+        (entry,) = [e for e in r.json()["consumers"] if e["name"] == "p"]
+        assert entry["offset"] == 550 and entry["lag"] == 450
+        r = cli("consumer", "reset", log_path, "p", "--to-offset", "600", "--keep-state")
+        assert r.code == 2 and "--sqlite/--postgres" in r.err, r.err
+        with DbConsumer(log, "p", apply, store=db.store()) as c:
+            c.catch_up()
+        assert db.totals() == fold(_events(1000))  # the pruned events included
+        pos = db.position()
+        assert pos is not None and pos.next_offset == 1000

@@ -412,6 +412,12 @@ def _plan(args: argparse.Namespace, folder: Any, target: _Target, log_id: str, t
     """What a reset to ``to`` does: (where the consumer is now, the state it gets, how), or
     _Refused (exit 2) when moving the offset without --state or --keep-state."""
     cp, problem = _current(folder, target, log_id)
+    if cp is not None and isinstance(cp.state, dict) and "eventpipe_db_consumer" in cp.state:
+        raise _Refused(
+            f"consumer {target.name!r} keeps its state in "
+            f"{cp.state['eventpipe_db_consumer'].get('database')}: its checkpoint here only "
+            "holds its place for retention; reset it with --sqlite/--postgres and "
+            "--reset-hook", EXIT_USAGE)
     was = f"offset {cp.offset:,}" if cp is not None else (
         f"no usable checkpoint ({problem})" if problem else "no checkpoint")
     if args.state is None and not args.keep_state and (cp is None or cp.offset != to):
