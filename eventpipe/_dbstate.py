@@ -43,13 +43,14 @@ from typing import Any, NamedTuple, Self
 import orjson
 
 from ._changes import ChangeNotifier
-from ._checkpoint import checkpoint_file, validate_name
+from ._checkpoint import Checkpoint, checkpoint_file, validate_name
 from ._config import CONSUMER_OPTIONS, resolve
 from ._consumer import checkpoint_at
 from ._deadletter import DeadLetters
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
 from ._namelock import NameLock
+from ._segment import LineChunk
 from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointMismatchError,
@@ -113,20 +114,28 @@ HOLD_KEY = "eventpipe_db_consumer"
 """The key of the marker state a database consumer's hold checkpoint carries."""
 
 
-def write_hold(log: EventLog, folder: Folder, name: str, store: StateStore, offset: int) -> None:
+def write_hold(log: EventLog, folder: Folder, name: str, store: StateStore, offset: int,
+               last: tuple[int, int, int] | None = None) -> None:
     """Write ``<log>/consumers/<name>.json``: a checkpoint at ``offset`` whose state only says
     where the real state lives. It is what retention, ``status`` and ``consumers`` read for
     every consumer, so they hold back, and show, a database consumer like any other.
 
-    Written after the database commit (never ahead of the stored position: behind after a
-    crash, which only keeps more), without fsync, best effort: the database is the truth and
-    the consumer never reads this file. A warning when it cannot be written.
+    ``last`` is (segment, byte position, CRC) of the event at ``offset - 1`` when the caller
+    knows it; otherwise it is read from the log (a read of a gzip'd segment costs a
+    decompression up to it). Written after the database commit (never ahead of the stored
+    position: behind after a crash, which only keeps more), without fsync, best effort: the
+    database is the truth and the consumer never reads this file. A warning when it cannot be
+    written.
     """
     try:
-        cp = dataclasses.replace(
-            checkpoint_at(log, name, max(offset, log.first_offset), {HOLD_KEY: {
-                "store": store.kind, "database": store.where, "table": store.table}}),
-            offset=offset)
+        marker = {HOLD_KEY: {"store": store.kind, "database": store.where,
+                             "table": store.table}}
+        if last is not None and offset > log.first_offset:
+            seg, pos, crc = last
+            cp = Checkpoint(name, log.log_id, offset, marker, seg, pos, crc, time.time())
+        else:
+            cp = dataclasses.replace(
+                checkpoint_at(log, name, max(offset, log.first_offset), marker), offset=offset)
         folder.write_atomic(checkpoint_file(name), cp.to_bytes(), log.config.file_mode,
                             durable=False)
     except (EventPipeError, OSError) as exc:
@@ -348,6 +357,7 @@ class DbConsumer:
         self._since = 0  # events in the open transaction
         self._due = 0.0
         self._skip_offset: int | None = None
+        self._chunk: LineChunk | None = None  # the chunk being handled (for the hold)
         self._stop_flag = False
         self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
@@ -487,8 +497,22 @@ class DbConsumer:
         self.offset = pos.next_offset
         self.last_commit_at = pos.updated_at
         if self._folder is not None:
-            write_hold(self.log, self._folder, self.name, self.store, pos.next_offset)
+            write_hold(self.log, self._folder, self.name, self.store, pos.next_offset,
+                       self._last_event(pos.next_offset))
         self._due = time.monotonic() + self.options["checkpoint_interval"]
+
+    def _last_event(self, offset: int) -> tuple[int, int, int] | None:
+        """(segment, byte position, CRC) of the event at ``offset - 1`` when it is in the
+        chunk being handled (no read of the log), else None."""
+        chunk = self._chunk
+        if chunk is None:
+            return None
+        i = offset - 1 - chunk.first_offset
+        if not 0 <= i < len(chunk.lines):
+            return None
+        lines = chunk.lines
+        position = chunk.position + sum(map(len, lines[:i])) + i
+        return chunk.segment_base, position, zlib.crc32(lines[i])
 
     def _abort(self) -> None:
         """Roll the open transaction back: back to the stored position."""
@@ -520,6 +544,7 @@ class DbConsumer:
         clock = time.monotonic
         try:
             for chunk in self.log.chunks(self.offset, stop):
+                self._chunk = chunk
                 times = (self.log.time_index.times(chunk.segment_base, chunk.first_offset,
                                                    len(chunk.lines)) if pass_time else None)
                 o = chunk.first_offset
