@@ -592,10 +592,15 @@ class Bridge:
                 continue  # appends may have come meanwhile: look at the head again
             while inflight:
                 await self._ack_oldest(inflight)
-            self._checkpoint(force=True)
+            # Caught up. Not a checkpoint at every wake-up (two fsyncs on the loop, in the way
+            # of the next event): at most one per checkpoint_interval, the last one when due.
+            self._checkpoint()
             sd.status(self._status())
             log_.check_replaced()
-            await notifier.wait_async(self._until_ping(self.poll_interval))
+            wait = self.poll_interval
+            if self._done() != self._checkpointed:
+                wait = min(wait, max(0.0, self._checkpoint_due - time.monotonic()))
+            await notifier.wait_async(self._until_ping(wait))
             sd.maybe_ping_watchdog()
         # Stopping: what was sent gets its ack (or the next run finds it in the stream).
         while inflight:
@@ -649,13 +654,17 @@ class Bridge:
 
     # ------------------------------------------------------------------------ checkpoints
 
+    def _done(self) -> int:
+        """The offset after the last one the stream holds: the checkpoint's offset."""
+        if self.last_acked is not None:
+            return self.last_acked + 1
+        # Nothing in the stream yet: it starts at _stream_first.
+        return self._stream_first if self._stream_first is not None else self.next_offset
+
     def _checkpoint(self, *, force: bool = False) -> None:
         """Write the bridge's progress (the offset after the last acked) if it moved, at most
         every ``checkpoint_interval`` seconds unless ``force``."""
-        if self.last_acked is not None:
-            done = self.last_acked + 1
-        else:  # nothing in the stream yet: it starts at _stream_first
-            done = self._stream_first if self._stream_first is not None else self.next_offset
+        done = self._done()
         if done == self._checkpointed or not self._lock.held:
             return
         now = time.monotonic()
