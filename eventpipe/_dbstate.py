@@ -80,6 +80,9 @@ DEFAULT_TABLE = "eventpipe_positions"
 _MAX_BACKOFF = 3600.0
 _MAIN_THREAD_SLICE = 0.1
 _TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+# A database consumer's hold checkpoint (retention's and status's view of it) is rewritten at
+# most this often while it works through events (seconds); always when it catches up or stops.
+_HOLD_INTERVAL = 1.0
 # The clock is read every this many events between commits (the per-event loop stays lean).
 _CLOCK_EVERY = 64
 _loads = orjson.loads
@@ -358,6 +361,7 @@ class DbConsumer:
         self._due = 0.0
         self._skip_offset: int | None = None
         self._chunk: LineChunk | None = None  # the chunk being handled (for the hold)
+        self._hold_due = 0.0
         self._stop_flag = False
         self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
@@ -496,10 +500,19 @@ class DbConsumer:
         self._committed_fp = pos.fingerprint
         self.offset = pos.next_offset
         self.last_commit_at = pos.updated_at
-        if self._folder is not None:
-            write_hold(self.log, self._folder, self.name, self.store, pos.next_offset,
-                       self._last_event(pos.next_offset))
-        self._due = time.monotonic() + self.options["checkpoint_interval"]
+        now = time.monotonic()
+        self._due = now + self.options["checkpoint_interval"]
+        if now >= self._hold_due:
+            self._write_hold()
+
+    def _write_hold(self) -> None:
+        """The hold checkpoint at the committed offset (see :func:`write_hold`): after a
+        commit at most every _HOLD_INTERVAL seconds (a rename per commit costs more than the
+        commit), and whenever the consumer catches up, goes idle or stops."""
+        self._hold_due = time.monotonic() + _HOLD_INTERVAL
+        if self._folder is not None and self._committed is not None:
+            write_hold(self.log, self._folder, self.name, self.store, self._committed,
+                       self._last_event(self._committed))
 
     def _last_event(self, offset: int) -> tuple[int, int, int] | None:
         """(segment, byte position, CRC) of the event at ``offset - 1`` when it is in the
@@ -672,6 +685,7 @@ class DbConsumer:
             return self.offset
         self._process(self.log.head)
         self.commit()
+        self._write_hold()
         return self.offset
 
     def run(self) -> int:
@@ -701,6 +715,7 @@ class DbConsumer:
             if not self._stop_flag:
                 self._process(self.log.head)
             self.commit()
+            self._write_hold()
             if not self._caught_up_once:
                 self._caught_up_once = True
                 if self.on_caught_up is not None:
@@ -719,6 +734,7 @@ class DbConsumer:
                     self.commit()
                 if not idle_reported:
                     idle_reported = True
+                    self._write_hold()
                     sd.status(self._status())
                     if self.on_idle is not None:
                         self.on_idle(self)
@@ -732,6 +748,7 @@ class DbConsumer:
             try:
                 if self._txn:
                     self.commit()
+                self._write_hold()
             finally:
                 sd.stopping()
                 self._notifier = None
