@@ -121,8 +121,8 @@ def test_background_passes_killed_at_random_moments_keep_the_watermark_true(
     assert not [n for n in final if ".tmp" in n]
     bases = [n.split(".")[0] for n in final if ".jsonl" in n]
     assert len(bases) == len(set(bases)), "a segment left in both forms"
-    active = max(m for m in final if ".jsonl" in m)
-    assert all(n.endswith(".jsonl.gz") for n in final if ".jsonl" in n and n != active)
+    active_name = max(m for m in final if ".jsonl" in m)
+    assert all(n.endswith(".jsonl.gz") for n in final if ".jsonl" in n and n != active_name)
     doc = json.loads((log_path / "compress.state").read_bytes())
     active = max(int(b) for b in bases)
     assert doc["checksummed_below"] == doc["compressed_below"] == active
