@@ -208,6 +208,9 @@ class Mirror(Runner):
                     target = await self._start(source)
                 entries = await self._fetch(source, self.poll_interval if follow
                                             else min(self.poll_interval, 0.5))
+                end = target
+                if entries is not None and not entries and source.next_seq <= target:
+                    end = await source.last_seq()  # the stream may have lost its tail
             except Exception as exc:
                 if not retryable(exc):
                     raise
@@ -224,8 +227,7 @@ class Mirror(Runner):
             backoff = _RECONNECT_BACKOFF[0]
             if entries:
                 self._append(entries, source.log_id)
-            caught_up = source.next_seq > target or (
-                not entries and source.next_seq > await source.last_seq())
+            caught_up = source.next_seq > min(target, end)
             if caught_up and not follow:
                 return
             if caught_up and not ready:

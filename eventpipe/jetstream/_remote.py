@@ -526,6 +526,9 @@ class StreamConsumer(Runner):
                 entries = await self._fetch(source, wait if follow else min(wait, 0.5))
                 if entries is None:
                     break  # stopped
+                end = target
+                if not entries and source.next_seq <= target:
+                    end = await source.last_seq()  # the stream may have lost its tail
                 if entries and self.log_id is None:
                     self.log_id = source.log_id
                     self._source_log.log_id = source.log_id or ""
@@ -545,8 +548,7 @@ class StreamConsumer(Runner):
                 self.lag = entries[-1].pending
                 idle_reported = False
                 await self._fold(entries)
-            caught_up = source.next_seq > target or (
-                not entries and source.next_seq > await source.last_seq())
+            caught_up = source.next_seq > min(target, end)
             if caught_up and not self._caught_up_once:
                 self._caught_up_once = True
                 self.checkpoint()
