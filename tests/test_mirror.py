@@ -155,16 +155,26 @@ def _soak(nats_server: NatsServer, tmp_path: Path, children: Children, rounds: i
     create_stream([nats_server.url], STREAM)
     total = 0
     cut_short = 0
+
+    def copied() -> int:
+        return head(mirror) if (mirror / "eventpipe.json").exists() else 0
+
     for _ in range(rounds):
         more = rng.randint(500, 3000)
         append(src, total, more, batches=rng.randint(1, 60))
         publish_log([nats_server.url], STREAM, src, start=total)
         total += more
+        before = copied()
         proc = children.popen(mirror_cmd(nats_server.url, mirror, "--batch",
                                          str(rng.choice([16, 128, 1024]))),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=env(**MIRROR_ENV))
-        time.sleep(rng.uniform(0.25, 0.8))
+        if rng.random() < 0.65:  # once it is under way (its head moved), soon after
+            wait_until(lambda: copied() > before or proc.poll() is not None,  # noqa: B023
+                       "the mirror under way")
+            time.sleep(rng.uniform(0, 0.1))
+        else:  # any moment, its startup included
+            time.sleep(rng.uniform(0.05, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         cut_short += not (mirror / "eventpipe.json").exists() or head(mirror) < total
