@@ -15,14 +15,12 @@ import contextlib
 import faulthandler
 import logging
 import os
-import signal
 import threading
 import time
 import zlib
 from collections.abc import Callable, Generator
 from datetime import datetime
 from itertools import count
-from types import FrameType
 from typing import Any, NamedTuple, NoReturn, Self
 
 import orjson
@@ -47,6 +45,7 @@ from ._namelock import NameLock
 from ._record import Record
 from ._registry import register_external
 from ._segment import LineChunk
+from ._signals import stop_on_signals
 from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointError,
@@ -301,7 +300,7 @@ class Consumer:
                         sd.ready()  # a waiting standby is up and healthy
                     shown = holder
                 sd.maybe_ping_watchdog()
-                hinted = yield self._until_ping(poll)
+                hinted = yield self.systemd.wait_at_most(poll)
                 if hinted:
                     retries = list(_TAKEOVER_RETRIES)
             return False
@@ -847,7 +846,7 @@ class Consumer:
         with the watchdog on, a watchdog abort (SIGABRT) dumps every thread's stack to stderr.
         """
         self._check_usable()
-        restore = self._install_signal_handlers()
+        restore = stop_on_signals(self.stop)
         disarm = self._arm_faulthandler()
         try:
             self._drive(self._steps(False))
@@ -924,12 +923,6 @@ class Consumer:
                                       durable=False)
             self._failure_noted = True
 
-    def _until_ping(self, limit: float) -> float:
-        """``limit``, or less: the time until the next watchdog ping is due (at least 10 ms,
-        so a failing send is retried without spinning)."""
-        due = self.systemd.watchdog_due_in()
-        return limit if due is None else min(limit, max(due, 0.01))
-
     def _sleep(self, deadline: float) -> None:
         """Wait until ``deadline`` (monotonic) or stop(), pinging systemd's watchdog."""
         sd = self.systemd
@@ -939,7 +932,7 @@ class Consumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            step = self._until_ping(left)
+            step = self.systemd.wait_at_most(left)
             self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
 
     async def _sleep_async(self, deadline: float) -> None:
@@ -950,7 +943,7 @@ class Consumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            step = self._until_ping(left)
+            step = self.systemd.wait_at_most(left)
             notifier = self._notifier
             if notifier is not None:
                 await notifier.wait_async(step)  # a hint (an append) just loops
@@ -1006,7 +999,7 @@ class Consumer:
                         self.on_idle(self)
                     continue  # the hook may have appended or stopped: look again first
                 self._check_log()
-                timeout = self._until_ping(poll)
+                timeout = self.systemd.wait_at_most(poll)
                 if self.offset != self._checkpointed_offset:
                     timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
                 yield timeout
@@ -1073,23 +1066,6 @@ class Consumer:
         if base != self._seen_segment:
             self._seen_segment = base
             self.log.seal_soon()
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous: dict[int, Any] = {}
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
 
     # ------------------------------------------------------------------------------ closing
 

@@ -30,14 +30,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sqlite3
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from types import FrameType
 from typing import Any, NamedTuple, Self
 
 import orjson
@@ -51,6 +49,7 @@ from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
 from ._namelock import NameLock
 from ._segment import LineChunk
+from ._signals import stop_on_signals
 from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointMismatchError,
@@ -694,7 +693,7 @@ class DbConsumer:
         READY=1 after the first catch-up (a standby: while it waits), STATUS, WATCHDOG=1,
         STOPPING=1."""
         self._check_usable()
-        restore = self._install_signal_handlers()
+        restore = stop_on_signals(self.stop)
         try:
             self._run()
         finally:
@@ -740,7 +739,7 @@ class DbConsumer:
                         self.on_idle(self)
                     continue
                 self.log.check_replaced()
-                timeout = self._until_ping(opts["poll_interval"])
+                timeout = self.systemd.wait_at_most(opts["poll_interval"])
                 if self._txn:
                     timeout = min(timeout, max(0.0, self._due - time.monotonic()))
                 notifier.wait(timeout)
@@ -812,16 +811,12 @@ class DbConsumer:
                         sd.ready()
                     shown = holder
                 sd.maybe_ping_watchdog()
-                if notifier.wait(self._until_ping(self.options["poll_interval"])):
+                if notifier.wait(self.systemd.wait_at_most(self.options["poll_interval"])):
                     retries = list(_TAKEOVER_RETRIES)
             return False
         finally:
             self._notifier = None
             notifier.close()
-
-    def _until_ping(self, limit: float) -> float:
-        due = self.systemd.watchdog_due_in()
-        return limit if due is None else min(limit, max(due, 0.01))
 
     def _sleep(self, deadline: float) -> None:
         main = threading.current_thread() is threading.main_thread()
@@ -830,7 +825,7 @@ class DbConsumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            step = self._until_ping(left)
+            step = self.systemd.wait_at_most(left)
             self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
 
     def stop(self) -> None:
@@ -844,23 +839,6 @@ class DbConsumer:
     @property
     def stopping(self) -> bool:
         return self._stop_flag
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous: dict[int, Any] = {}
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -168,6 +168,12 @@ class SystemdNotifier:
             return False
         return self._send(("WATCHDOG=1",), now)
 
+    def wait_at_most(self, limit: float) -> float:
+        """``limit``, or less: the time until the next watchdog ping is due (at least 10 ms,
+        so a failing send is retried without spinning): how long a runner may block."""
+        due = self.watchdog_due_in()
+        return limit if due is None else min(limit, max(due, 0.01))
+
     def watchdog_due_in(self, now: float | None = None) -> float | None:
         """Seconds until :meth:`maybe_ping_watchdog` will send the next ping (0: due now).
 

@@ -392,7 +392,7 @@ class Bridge:
                         sd.ready()
                     shown = holder
                 sd.maybe_ping_watchdog()
-                if await watch.wait_async(self._until_ping(self.poll_interval)):
+                if await watch.wait_async(self.systemd.wait_at_most(self.poll_interval)):
                     retries = list(_TAKEOVER_RETRIES)
             return False
         finally:
@@ -600,7 +600,7 @@ class Bridge:
             wait = self.poll_interval
             if self._done() != self._checkpointed:
                 wait = min(wait, max(0.0, self._checkpoint_due - time.monotonic()))
-            await notifier.wait_async(self._until_ping(wait))
+            await notifier.wait_async(self.systemd.wait_at_most(wait))
             sd.maybe_ping_watchdog()
         # Stopping: what was sent gets its ack (or the next run finds it in the stream).
         while inflight:
@@ -697,10 +697,6 @@ class Bridge:
 
     # ------------------------------------------------------------------------------ waits
 
-    def _until_ping(self, limit: float) -> float:
-        due = self.systemd.watchdog_due_in()
-        return limit if due is None else min(limit, max(due, 0.01))
-
     async def _sleep(self, seconds: float) -> None:
         """Wait ``seconds`` or until stop() (appends hinted meanwhile just loop)."""
         loop = asyncio.get_running_loop()
@@ -714,7 +710,7 @@ class Bridge:
             if notifier is None:
                 await asyncio.sleep(min(left, 0.2))
             else:
-                await notifier.wait_async(self._until_ping(left))
+                await notifier.wait_async(self.systemd.wait_at_most(left))
 
     # ---------------------------------------------------------------------------- closing
 
