@@ -47,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from . import _catalog as catalog
 from ._checksum import (
     BLOCK_BYTES,
     SUM_SUFFIX,
@@ -74,7 +75,8 @@ from ._segment import (
     segment_name,
     segment_path,
 )
-from .errors import CorruptLogError
+from ._timeindex import read_first_time
+from .errors import CorruptLogError, EventPipeError
 
 __all__ = ["FINISH_TIMEOUT", "STATE_FILE", "Compressor", "SealState", "clean_stale",
            "compress_segment", "load_state", "save_state", "visible_size"]
@@ -594,6 +596,9 @@ class Compressor:
                 except _Damaged as d:
                     nxt = self._record_damage(pos, d, state, result, counted=pos
                                               < state.summed_below)
+                    self._catalog_add(pos, nxt, state)
+                else:
+                    self._catalog_add(pos, nxt, state)
                 result.done += 1
                 pos = max(nxt, pos + 1)
                 state.summed_below = max(state.summed_below, pos)
@@ -780,7 +785,47 @@ class Compressor:
         state.summed_below = end
         state.gzipped_below = end if plain_from is None else min(plain_from, end)
         self._save(state, result)
+        self._catalog_rebuild(state.first_base,
+                              [(s.base, n) for s, n in zip(segs, nexts, strict=True)
+                               if s.base < end])
         return state
+
+    # ------------------------------------------------------------------------ the catalog
+
+    def _catalog_add(self, base: int, end: int, state: SealState) -> None:
+        """Record sealed segment ``base`` in the segment catalog (see :mod:`._catalog`)."""
+        folder = self._folder
+        try:
+            catalog.append_record(
+                self._root, base, end, read_first_time(folder, base), self._mode,
+                first_stored=state.first_base,
+                listing=lambda: self._catalog_records(
+                    [(s.base, 0) for s in list_segments(folder) if s.base < end], end))
+        except (OSError, EventPipeError) as exc:
+            self._catalog_failed(exc)
+
+    def _catalog_rebuild(self, first_base: int, bounds: list[tuple[int, int]]) -> None:
+        """Write the catalog afresh for the sealed segments ``(base, end)`` of a listing."""
+        try:
+            catalog.rebuild(self._root, first_base,
+                            self._catalog_records(bounds, None), self._mode)
+        except (OSError, EventPipeError) as exc:
+            self._catalog_failed(exc)
+
+    def _catalog_records(self, bounds: list[tuple[int, int]],
+                         end: int | None) -> list[tuple[int, int, int]]:
+        """Catalog records for segments ``(base, end)``; with ``end`` given, each segment's
+        end is the next one's base (the last one's ``end``)."""
+        if end is not None:
+            bases = [b for b, _ in bounds]
+            bounds = list(zip(bases, [*bases[1:], end], strict=True))
+        return [(b, e, read_first_time(self._folder, b) or 0) for b, e in bounds]
+
+    @staticmethod
+    def _catalog_failed(exc: BaseException) -> None:
+        # The catalog only speeds lookups up: readers list the segments when it is not right.
+        _log.warning("could not update the segment catalog (time lookups list segments "
+                     "until the next sealing pass): %s: %s", type(exc).__name__, exc)
 
     def _seal_listed(self, base: int, nxt: int, has_plain: bool, has_sum: bool,
                      compress: bool, limit: int, abandon: Callable[[], bool]) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "META_FILE",
     "QUARANTINE_DIR",
     "SEGMENTS_DIR",
+    "SEGMENT_CATALOG",
     "WRITER_LOCK",
     "FlockFile",
     "Folder",
@@ -51,6 +52,7 @@ HEAD_FILE = "head"  # the commit point (see _header)
 WRITER_LOCK = "writer.lock"  # flock'd by the appending process
 COMPRESS_LOCK = "compress.lock"  # held by the process that seals (checksums, compresses)
 COMPRESS_STATE = "compress.state"  # the sealing watermark
+SEGMENT_CATALOG = "segments.idx"  # sealed segments' bounds and first times (see _catalog)
 SEGMENTS_DIR = "segments"  # <first offset>.jsonl[.gz] (+ .sum)
 QUARANTINE_DIR = "quarantine"  # bytes cut from a torn tail, kept
 CONSUMERS_DIR = "consumers"  # <name>.json checkpoints, .lock, .owner, .error

@@ -32,6 +32,7 @@ import orjson
 from . import _header
 from ._appender import Appender
 from ._buffered import BufferedWriter
+from ._catalog import open_view
 from ._compress import FINISH_TIMEOUT, Compressor
 from ._config import ENV_PREFIX, LogConfig
 from ._follow import Follower
@@ -667,7 +668,22 @@ class EventLog:
         self._check_open()
         time_ns = to_ns(when)
         h = self.committed_header()
-        bases = [b for b in self.segment_index.bases(h.segment_base) if b <= h.segment_base]
+        if h.segment_base == 0:
+            bases = [0]  # the first segment is the active one: nothing to list
+        else:
+            # The catalog first: one file bisected with single reads, where a listing of
+            # segments/ and a time index opened per probed segment grow with the log.
+            view = open_view(self.folder, h.segment_base)
+            if view is not None:
+                try:
+                    found = self.time_index.offset_at_by_catalog(time_ns, view,
+                                                                 h.segment_base, h.head)
+                finally:
+                    view.close()
+                if found is not None:
+                    return found
+            bases = [b for b in self.segment_index.bases(h.segment_base)
+                     if b <= h.segment_base]
         return self.time_index.offset_at(time_ns, bases, h.head)
 
     def lag_seconds(self, offset: int, *, now: float | None = None) -> float | None:

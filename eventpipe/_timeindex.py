@@ -29,6 +29,7 @@ first entry at the first offset the new writer appended.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import NamedTuple
 
+from ._catalog import CatalogView, bisect_by_time
 from ._layout import Folder
 from .errors import StorageError
 
@@ -55,6 +57,7 @@ __all__ = [
     "parse_time",
     "parse_times_name",
     "read_entries",
+    "read_first_time",
     "times_name",
     "to_ns",
 ]
@@ -157,6 +160,22 @@ def to_ns(when: datetime | int | float) -> int:
             + delta.microseconds * 1_000
     raise TypeError(f"a time must be a datetime, int nanoseconds or float seconds, "
                     f"not {type(when).__name__}")
+
+
+def read_first_time(segments: Folder, base: int) -> int | None:
+    """The time of segment ``base``'s first entry, read from ``segments/``; None when it has
+    no time index or its first entry fails its check."""
+    try:
+        fd = segments.open_file(times_name(base), os.O_RDONLY)
+    except StorageError as exc:
+        if exc.errno == errno.ENOENT:  # written before times existed, or removed
+            return None
+        raise
+    try:
+        found = parse_entries(os.pread(fd, ENTRY_SIZE, 0))
+    finally:
+        os.close(fd)
+    return found.times[0] if found.times else None
 
 
 class _Cached(NamedTuple):
@@ -281,14 +300,7 @@ class TimeIndex:
                     return self._first[base]
         elif claimed == 0:
             return None
-        fd = self._open(base)
-        first = None
-        if fd is not None:
-            try:
-                found = parse_entries(os.pread(fd, ENTRY_SIZE, 0))
-            finally:
-                os.close(fd)
-            first = found.times[0] if found.times else None
+        first = read_first_time(self._segments(), base)
         if claimed is not None:
             return first  # the active segment's: not kept (a recovery may cut its index)
         with self._lock:
@@ -359,6 +371,35 @@ class TimeIndex:
         finally:
             os.close(fd)
         return None if found is None else base + found
+
+    def offset_at_by_catalog(self, time_ns: int, view: CatalogView, active_base: int,
+                             head: int) -> int | None:
+        """:meth:`offset_at` with the sealed segments' bounds and first times read from the
+        catalog (see :mod:`eventpipe._catalog`), which covers them all; None when the catalog
+        turns out not to be right (a record fails its check, a segment it names is gone):
+        the caller then lists the segments."""
+        i = bisect_by_time(view, time_ns)
+        if i is None:
+            return None
+        # The answer is in the segment before the first one starting at or after the time,
+        # or is that one's first timed event (it has a known first time, so a time index:
+        # finding nothing there means it is gone). Past the last record: the active one.
+        candidates: list[tuple[int, bool]] = []
+        for j in (i - 1, i):
+            if j == view.count:
+                candidates.append((active_base, False))
+            elif j >= 0:
+                rec = view.record(j)
+                if rec is None:
+                    return None
+                candidates.append((rec[0], j == i))
+        for base, must_find in candidates:
+            found = self.first_at_or_after(base, time_ns)
+            if found is not None:
+                return found
+            if must_find:
+                return None
+        return head
 
     def offset_at(self, time_ns: int, bases: list[int], head: int) -> int:
         """The first offset appended at or after ``time_ns``, ``head`` if none: ``bases`` are

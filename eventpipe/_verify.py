@@ -29,11 +29,12 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from . import _catalog as catalog
 from ._checkpoint import load_checkpoint
 from ._checksum import BLOCK_BYTES, first_damaged_block, read_sum, sum_blocks
 from ._config import LOG_OPTIONS, resolve
 from ._header import HEADER_SIZE, Header, decode_header
-from ._layout import CONSUMERS_DIR, Folder
+from ._layout import CONSUMERS_DIR, SEGMENT_CATALOG, Folder
 from ._ownership import group_name, user_name
 from ._segment import SegmentFile, list_segments, segment_path
 from ._timeindex import ENTRY_SIZE, parse_entries, times_name
@@ -45,7 +46,8 @@ __all__ = ["Problem", "check_layout", "verify_log"]
 class Problem(NamedTuple):
     """One thing wrong: the file, the event offset (when known), what, and its kind.
 
-    Kinds: ``data`` (metadata, header, segments), ``checkpoint``, and the layout's
+    Kinds: ``data`` (metadata, header, segments), ``checkpoint``, ``catalog`` (the segment
+    catalog, a cache of what the segments say), and the layout's
     ``symlink``, ``hardlink``, ``special_file``, ``foreign_owner``, ``world_writable``,
     ``setuid``, ``unreadable`` (problems) and ``mode`` (a warning).
     """
@@ -470,6 +472,7 @@ def verify_log(
             summary["segments"] += 1
     if progress is not None:
         progress(len(segs), len(segs))
+    _check_catalog(root, segs, header, problems, warnings)
     first_checkpoint_problem = len(problems)
     _check_checkpoints(root, meta, header.head, segs, problems, summary)
     problems[first_checkpoint_problem:] = [
@@ -534,6 +537,66 @@ def _check_times(folder: str, base: int, events: int, active: Header | None, las
         problems.append(Problem(path, base, "time index holds a time later than the header's "
                                             "last time"))
     return found.times[-1] if found.times else last_time
+
+
+def _check_catalog(root: str, segs: list[SegmentFile], header: Header,
+                   problems: list[Problem], warnings: list[Problem]) -> None:
+    """Check the segment catalog (see :mod:`eventpipe._catalog`) against the segments and
+    their time indexes. One that fails its checksums is only a warning: readers then list
+    the segments. One that passes them but says something else than the segments is a
+    problem (kind ``catalog``): time lookups would trust it."""
+    path = os.path.join(root, SEGMENT_CATALOG)
+    try:
+        parsed = catalog.parse(_read_inside(path, 1))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        warnings.append(Problem(path, None, f"segment catalog unreadable: {_reason(exc)}",
+                                "catalog"))
+        return
+    if parsed is None:
+        warnings.append(Problem(path, None, "segment catalog is damaged or torn (time lookups "
+                                            "list the segments instead; the next sealing pass "
+                                            "or `eventpipe compress` rebuilds it)", "catalog"))
+        return
+    from_base, records = parsed
+    listed = [s.base for s in segs]
+    ends = dict(zip(listed, [*listed[1:], header.head], strict=True))
+    folder = os.path.join(root, "segments")
+
+    def wrong(base: int, what: str) -> None:
+        problems.append(Problem(path, base, f"segment catalog {what}; run `eventpipe compress`"
+                                            " to rebuild it", "catalog"))
+
+    expected = from_base
+    for base, end, first in records:
+        if base != expected:
+            wrong(base, f"does not follow on at segment {base} (expected {expected})")
+        if end > header.segment_base:
+            # The writer may have rolled (and the sealer recorded it) since the header was
+            # read: only a fresh header can say the record is wrong.
+            fresh = _read_header(os.path.join(root, "head"))
+            if fresh is None or end > fresh.segment_base:
+                wrong(base, f"names segment {base} ending at {end}, past the active segment")
+        elif base in ends:
+            if end != ends[base]:
+                wrong(base, f"says segment {base} ends at {end}, it ends at {ends[base]}")
+            elif (first or None) != _first_time(folder, base):
+                wrong(base, f"gives segment {base} a first time the time index does not")
+        expected = end
+    missing = [b for b in listed if from_base <= b < min(expected, header.segment_base)
+               and b not in {r[0] for r in records}]
+    if missing:
+        wrong(missing[0], f"lacks {len(missing)} segment(s) from {missing[0]}")
+
+
+def _first_time(folder: str, base: int) -> int | None:
+    try:
+        raw = _read_inside(os.path.join(folder, times_name(base)), 2, ENTRY_SIZE)
+    except OSError:
+        return None
+    found = parse_entries(raw)
+    return found.times[0] if found.times else None
 
 
 def _reason(exc: OSError) -> str:
