@@ -101,6 +101,7 @@ class EventLog:
         self._closed = False
         self._compressor: Compressor | None = None
         self._compressor_pid = 0
+        self._lookups_list = False  # offset_at: list segments (after a first lookup)
         try:
             check_owner(self.folder.stat(), self.path, self.config.trust_owner)
             self._appender = Appender(self.folder, self.config, self._sealed)
@@ -671,9 +672,15 @@ class EventLog:
         if h.segment_base == 0:
             bases = [0]  # the first segment is the active one: nothing to list
         else:
-            # The catalog first: one file bisected with single reads, where a listing of
-            # segments/ and a time index opened per probed segment grow with the log.
-            view = open_view(self.folder, h.segment_base)
+            # A reader's first lookup reads the catalog: one file bisected with single reads,
+            # where a listing of segments/ and a time index opened per probed segment grow
+            # with the log. A reader that looks up again lists once and bisects the listing
+            # and the first times it caches, in memory, from then on.
+            listed = self.segment_index.cached(h.segment_base)
+            view = None
+            if listed is None and not self._lookups_list:
+                self._lookups_list = True
+                view = open_view(self.folder, h.segment_base)
             if view is not None:
                 try:
                     found = self.time_index.offset_at_by_catalog(time_ns, view,

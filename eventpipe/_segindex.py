@@ -95,6 +95,13 @@ class SegmentIndex:
             self._generation += 1
             self._bases = ()
 
+    def cached(self, active_base: int) -> tuple[int, ...] | None:
+        """The cached listing if it reaches ``active_base`` (what :meth:`bases` would give
+        without listing), else None."""
+        with self._lock:
+            cached = self._bases
+        return cached if cached and cached[-1] >= active_base else None
+
     def bases(self, active_base: int) -> tuple[int, ...]:
         """Sorted bases of the segment files, reaching at least ``active_base`` if it exists.
 
