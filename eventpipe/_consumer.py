@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import logging
 import os
-import threading
 import time
 import zlib
-from collections.abc import Callable, Generator
-from datetime import datetime
+from collections.abc import Callable, Generator, Iterator
 from itertools import count
-from typing import Any, NamedTuple, NoReturn, Self
+from typing import Any, NamedTuple, NoReturn
 
 import orjson
 
@@ -34,28 +31,34 @@ from ._checkpoint import (
     remove_temp_files,
     save_checkpoint,
     storage_context,
-    validate_name,
 )
-from ._config import CONSUMER_OPTIONS, resolve
-from ._deadletter import DeadLetters
+from ._config import CONSUMER_OPTIONS
 from ._fsutil import make_dirs
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
-from ._namelock import NameLock
 from ._record import Record
 from ._registry import register_external
+from ._runner import (
+    Finished,
+    Runner,
+    Standby,
+    advance,
+    arm_faulthandler,
+    poll_wait,
+    sleep_until,
+    sleep_until_async,
+    start_offset,
+    watch,
+)
 from ._segment import LineChunk
 from ._signals import stop_on_signals
-from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
-    ConsumerBusyError,
     CorruptLogError,
     EventPipeError,
     HandlerError,
-    LogClosedError,
     OffsetOutOfRangeError,
     StateNotStorableError,
 )
@@ -78,13 +81,6 @@ _MAX_STRIDE = 2048
 _FIRST_STRIDE = 16
 # run_async() hands the loop back at least this often while it works through a backlog.
 _ASYNC_SLICE = 0.005
-# On the main thread, a signal handler's stop() cannot cut short a wait that began just before
-# it ran: waits there are sliced (as ChangeNotifier's are) so a stop is seen within this.
-_MAIN_THREAD_SLICE = 0.1
-# A standby woken by the holder's close retries the name at these delays (seconds): the close
-# is reported just before the kernel drops the flock. Past them, it waits for the next hint or
-# its poll interval.
-_TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 # Retry delays double up to this (seconds), whatever retry_backoff and max_retries say.
 _MAX_BACKOFF = 3600.0
 
@@ -105,7 +101,7 @@ _Request = float | _Sleep | None
 _Steps = Generator[_Request, bool | None, Any]
 
 
-class Consumer:
+class Consumer(Runner):
     """Follows a log from its own persisted position, folding events into a state.
 
     ``handler(state, event, offset)`` returns the new state, which must be JSON-serialisable;
@@ -133,35 +129,18 @@ class Consumer:
         on_idle: Hook | None = None,
         **options: Any,
     ) -> None:
-        self.options = resolve(CONSUMER_OPTIONS, options)
-        opts = self.options
-        if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
-            raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
-                              option="dead_letter")
-        validate_name(name)
-        self._owns_log = not isinstance(log_or_path, EventLog)
-        self.log = EventLog(log_or_path) if not isinstance(log_or_path, EventLog) \
-            else log_or_path
-        self._dead_letters: DeadLetters | None = None
+        self._configure(name, handler, options, on_caught_up, on_idle)
+        self._open(log_or_path)
         try:
-            if opts["on_error"] == "dead_letter":
-                self._dead_letters = DeadLetters(opts["dead_letter"], self.log, name)
-            self._setup(name, handler, initial_state, on_caught_up, on_idle)
+            self._dead_letters = self._open_dead_letters()
+            self._setup(initial_state)
         except BaseException:
-            if self._dead_letters is not None:
-                self._dead_letters.close()
-            if self._owns_log:
-                self.log.close()
+            self._close_parts()
             raise
 
-    def _setup(self, name: str, handler: Handler | TimedHandler, initial_state: Any,
-               on_caught_up: Hook | None, on_idle: Hook | None) -> None:
+    def _setup(self, initial_state: Any) -> None:
         opts = self.options
-        self.name = name
-        self.handler: Callable[..., Any] = handler
         self._pass_time: bool = opts["pass_time"]
-        self.on_caught_up = on_caught_up
-        self.on_idle = on_idle
         try:
             self._initial_json = encode_state(initial_state)  # as a checkpoint would store it
             initial = _loads(self._initial_json)  # a private copy
@@ -171,22 +150,19 @@ class Consumer:
         # Every checkpoint, lock and owner file is reached relative to this folder, open for
         # the consumer's life, never through a link (see _layout): <log>/consumers/ is shared.
         self._folder = self._open_folder(opts["checkpoint_dir"])
-        try:
-            self._setup_in(self._folder, name, initial)
-        except BaseException:
-            self._folder.close()
-            raise
+        self._setup_in(self._folder, self.name, initial)
 
     def _open_folder(self, checkpoint_dir: str | os.PathLike[str] | None) -> Folder:
         """The checkpoint folder: ``<log>/consumers`` (created if missing; a link there is
         refused), or ``checkpoint_dir``, the operator's choice (a link there is followed;
         links inside it are not)."""
-        dir_mode = self.log.config.dir_mode
         if checkpoint_dir is None or os.path.abspath(checkpoint_dir) == os.path.join(
                 self.log.path, CONSUMERS_DIR):
-            return self.log.folder.sub(CONSUMERS_DIR, create_mode=dir_mode)
-        make_dirs(checkpoint_dir, dir_mode)
-        return Folder.open(checkpoint_dir)
+            return self._consumers_folder()
+        make_dirs(checkpoint_dir, self.log.config.dir_mode)
+        folder = Folder.open(checkpoint_dir)
+        self._on_close(folder.close)
+        return folder
 
     def _in_log(self, folder: Folder) -> bool:
         """Whether ``folder`` is the log's own consumers folder (also when a checkpoint_dir
@@ -206,7 +182,6 @@ class Consumer:
             # Retention must know what this consumer still needs (see _registry).
             register_external(self.log.folder, name, self.checkpoint_path,
                               self.log.config.file_mode, self.log.config.dir_mode)
-        self._name_lock = NameLock(folder, name, self.log.config.file_mode)
         self.state: Any = initial
         self.offset = 0
         self._last: tuple[int, int, bytes] | None = None  # (segment, position, line) consumed
@@ -221,8 +196,6 @@ class Consumer:
         self._consistent = True
         self._stride = _FIRST_STRIDE
         self._yielded_at = 0.0
-        self._stop_flag = [False]
-        self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
         # Dead letters: the (offset, dead-letter head) of a checkpoint written just before a
         # dead-letter append; the offset whose entry a restart found already written (skipped,
@@ -237,22 +210,9 @@ class Consumer:
         self._failure_noted = True
         self._seen_segment = -1  # the active segment when we last looked (see _help_seal)
         self.last_checkpoint_at: float | None = None
-        self.systemd = SystemdNotifier()
-        self._closed = False
-        try:
-            acquired = self._name_lock.try_acquire()
-            if not acquired and not opts["standby"]:
-                raise ConsumerBusyError(
-                    f"consumer {name!r} is already running ({self._name_lock.holder()}); "
-                    "use standby to wait for it",
-                    holder=self._name_lock.holder(), path=self._name_lock.path,
-                )
-            if acquired:
-                self._load()
-        except BaseException:
-            self._name_lock.release()
-            self.systemd.close()
-            raise
+        self._name_lock, acquired = self._lock_name(folder, opts["standby"])
+        if acquired:
+            self._load()
 
     # ------------------------------------------------------------------- name and checkpoint
 
@@ -266,47 +226,8 @@ class Consumer:
         healthy, not starting: it reports READY=1 and a STATUS naming the holder, and keeps
         pinging the watchdog.
         """
-        lock = self._name_lock
-        if lock.try_acquire():
-            self._load()
-            return True
-        sd = self.systemd
-        # The watch only reads events (it opens no file), so it may name the folder by path.
-        notifier = ChangeNotifier(lock.folder.path, lock.filename,
-                                  notifications=self.options["notifications"],
-                                  poll_interval=self.options["poll_interval"])
-        notifier.start()  # before the next attempt: a release after it leaves a hint
-        self._notifier = notifier
-        try:
-            poll = self.options["poll_interval"]
-            shown: str | None = None
-            retries: list[float] = []
-            while not self._stop_flag[0]:
-                if lock.try_acquire():
-                    sd.status(f"consumer {self.name}: took the name over, catching up")
-                    log.info("consumer %s: took the name over (pid %d), catching up",
-                             self.name, os.getpid())
-                    self._load()
-                    return True
-                if retries:
-                    yield retries.pop(0)
-                    continue
-                holder = lock.holder()
-                if holder != shown:
-                    sd.status(f"consumer {self.name}: standing by, the name is held by {holder}")
-                    log.info("consumer %s: standing by, the name is held by %s", self.name,
-                             holder)
-                    if shown is None:
-                        sd.ready()  # a waiting standby is up and healthy
-                    shown = holder
-                sd.maybe_ping_watchdog()
-                hinted = yield self.systemd.wait_at_most(poll)
-                if hinted:
-                    retries = list(_TAKEOVER_RETRIES)
-            return False
-        finally:
-            self._notifier = None
-            notifier.close()
+        standby = Standby(self, self._name_lock, log, self.options["poll_interval"])
+        return (yield from self._stand_by(standby, self.options["notifications"], self._load))
 
     def _read_checkpoint(self) -> Checkpoint | None:
         """The checkpoint to resume from: ours, or (when ours is damaged) the previous one.
@@ -382,12 +303,7 @@ class Consumer:
         and pass over the events appended meanwhile. Offset 0 from "earliest" or 0 needs
         none (a restart finds the same start)."""
         start = self.options["start"]
-        first = self.log.first_offset
-        if isinstance(start, datetime):
-            offset = max(first, self.log.offset_at(start))
-        else:
-            offset = (first if start == "earliest" else self.log.head if start == "latest"
-                      else start)
+        offset = start_offset(self.log, start)
         if offset == 0 and start != "latest":
             return None
         if start == "earliest":
@@ -823,11 +739,7 @@ class Consumer:
         A stop during a retry backoff ends it: the consumer stops before the failing event.
         A standby waiting for the name stops waiting.
         """
-        self._stop_flag[0] = True
-        self._stop_event.set()
-        notifier = self._notifier
-        if notifier is not None:
-            notifier.wake()
+        self._request_stop()
 
     @property
     def stopping(self) -> bool:
@@ -847,7 +759,7 @@ class Consumer:
         """
         self._check_usable()
         restore = stop_on_signals(self.stop)
-        disarm = self._arm_faulthandler()
+        disarm = arm_faulthandler(self.systemd)
         try:
             self._drive(self._steps(False))
         finally:
@@ -863,54 +775,49 @@ class Consumer:
         (call :meth:`stop`).
         """
         self._check_usable()
-        disarm = self._arm_faulthandler()
+        disarm = arm_faulthandler(self.systemd)
         steps = self._steps(True)
-        result: bool | None = None
         try:
-            while True:
-                try:
-                    request = steps.send(result)
-                except StopIteration:
-                    break
-                result = None
-                if request is None:
-                    await asyncio.sleep(0)
-                    self._yielded_at = time.monotonic()
-                elif isinstance(request, _Sleep):
-                    await self._sleep_async(request.deadline)
-                else:
-                    notifier = self._notifier
-                    assert notifier is not None  # every wait happens with one in place
-                    result = await notifier.wait_async(request)
-        except (HandlerError, StateNotStorableError) as exc:
-            self._note_failure(exc)
-            raise
+            with self._noting_failures(steps):
+                result: bool | None = None
+                while not isinstance(request := advance(steps, result), Finished):
+                    result = None
+                    if request is None:
+                        await asyncio.sleep(0)
+                        self._yielded_at = time.monotonic()
+                    elif isinstance(request, _Sleep):
+                        await sleep_until_async(request.deadline, self.systemd,
+                                                self._stopped, self._notifier)
+                    else:
+                        result = await self._watching().wait_async(request)
         finally:
-            steps.close()
             disarm()
         return self.state
 
     def _drive(self, steps: _Steps) -> None:
         """Run step generators to their end in this thread, blocking for their waits."""
-        result: bool | None = None
-        try:
-            while True:
-                try:
-                    request = steps.send(result)
-                except StopIteration:
-                    return
+        with self._noting_failures(steps):
+            result: bool | None = None
+            while not isinstance(request := advance(steps, result), Finished):
                 result = None
                 if isinstance(request, _Sleep):
-                    self._sleep(request.deadline)
+                    sleep_until(request.deadline, self.systemd, self._stopped,
+                                self._stop_event)
                 elif request is not None:
-                    notifier = self._notifier
-                    assert notifier is not None  # every wait happens with one in place
-                    result = notifier.wait(request)
+                    result = self._watching().wait(request)
+
+    @contextlib.contextmanager
+    def _noting_failures(self, steps: _Steps) -> Iterator[None]:
+        """Around a drive of ``steps``: what stopped the consumer is noted (see
+        :meth:`_note_failure`); the steps are closed whatever ends the drive (e.g.
+        KeyboardInterrupt in a wait: their cleanup still runs)."""
+        try:
+            yield
         except (HandlerError, StateNotStorableError) as exc:
             self._note_failure(exc)
             raise
         finally:
-            steps.close()  # e.g. KeyboardInterrupt in a wait: the steps' cleanup still runs
+            steps.close()
 
     def _note_failure(self, exc: HandlerError | StateNotStorableError) -> None:
         """Leave ``<name>.error`` beside the checkpoint: what stopped this consumer, for
@@ -923,33 +830,6 @@ class Consumer:
                                       durable=False)
             self._failure_noted = True
 
-    def _sleep(self, deadline: float) -> None:
-        """Wait until ``deadline`` (monotonic) or stop(), pinging systemd's watchdog."""
-        sd = self.systemd
-        main = threading.current_thread() is threading.main_thread()
-        while not self._stop_flag[0]:
-            sd.maybe_ping_watchdog()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            step = self.systemd.wait_at_most(left)
-            self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
-
-    async def _sleep_async(self, deadline: float) -> None:
-        """:meth:`_sleep` without blocking the loop (stop() wakes the notifier)."""
-        sd = self.systemd
-        while not self._stop_flag[0]:
-            sd.maybe_ping_watchdog()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            step = self.systemd.wait_at_most(left)
-            notifier = self._notifier
-            if notifier is not None:
-                await notifier.wait_async(step)  # a hint (an append) just loops
-            else:
-                await asyncio.sleep(min(step, _MAIN_THREAD_SLICE))
-
     def _steps(self, yields: bool) -> _Steps:
         """The run loop as a generator of requests (see _Request) for run() or run_async()."""
         # Long on purpose: the run's states (standby, catch-up, follow, idle, stop) in the
@@ -958,10 +838,9 @@ class Consumer:
         if not self._name_lock.held and not (yield from self._await_name()):
             sd.stopping()
             return
-        notifier = ChangeNotifier(self.log.path, "head",
-                                  notifications=self.options["notifications"],
-                                  poll_interval=self.options["poll_interval"])
-        notifier.start()  # before the catch-up read, so nothing appended meanwhile is missed
+        # Before the catch-up read, so nothing appended meanwhile is missed.
+        notifier = watch(self.log.path, "head", self.options["notifications"],
+                         self.options["poll_interval"])
         self._notifier = notifier
         self._yielded_at = time.monotonic()
         try:
@@ -970,12 +849,8 @@ class Consumer:
                 yield from self._process(target, yields)
             self.checkpoint()
             self._help_seal()
-            if not self._caught_up_once:
-                self._caught_up_once = True
-                if self.on_caught_up is not None:
-                    self.on_caught_up(self)
-            sd.ready()
-            sd.status(self._status())
+            first, self._caught_up_once = not self._caught_up_once, True
+            self._caught_up(first)
             idle_reported = False
             poll = self.options["poll_interval"]
             while not self._stop_flag[0]:
@@ -994,15 +869,11 @@ class Consumer:
                     self.checkpoint()
                 if not idle_reported:
                     idle_reported = True
-                    sd.status(self._status())
-                    if self.on_idle is not None:
-                        self.on_idle(self)
+                    self._went_idle()
                     continue  # the hook may have appended or stopped: look again first
                 self._check_log()
-                timeout = self.systemd.wait_at_most(poll)
-                if self.offset != self._checkpointed_offset:
-                    timeout = min(timeout, max(0.0, self._checkpoint_due - time.monotonic()))
-                yield timeout
+                yield poll_wait(sd, poll, self._checkpoint_due
+                                if self.offset != self._checkpointed_offset else None)
                 self._yielded_at = time.monotonic()
         finally:
             try:
@@ -1044,20 +915,6 @@ class Consumer:
                 path=self.log.path, offset=self.offset)
         return head
 
-    def _arm_faulthandler(self) -> Callable[[], None]:
-        """Under systemd's watchdog: dump every thread's stack if it aborts us (SIGABRT).
-
-        systemd sends SIGABRT (by default) to a service that stopped pinging, such as one whose
-        handler hangs: the journal then shows where.
-        """
-        if self.systemd.watchdog_interval is None or faulthandler.is_enabled():
-            return lambda: None
-        try:
-            faulthandler.enable(all_threads=True)
-        except (AttributeError, ValueError, RuntimeError, OSError):
-            return lambda: None  # no usable stderr
-        return faulthandler.disable
-
     def _help_seal(self) -> None:
         """When segments rolled since we last looked, ask for their sealing work (checksums,
         compression, retention) in this process too: it then gets done even where every
@@ -1069,9 +926,9 @@ class Consumer:
 
     # ------------------------------------------------------------------------------ closing
 
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"consumer {self.name!r} is closed", path=self.checkpoint_path)
+    @property
+    def _error_path(self) -> str:
+        return self.checkpoint_path
 
     def close(self) -> None:
         """Release the name and close what the consumer opened. Idempotent.
@@ -1079,22 +936,7 @@ class Consumer:
         Does not checkpoint: run() and catch_up() already did; call checkpoint() first if
         you handled events some other way.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._name_lock.release()
-        self._folder.close()
-        self.systemd.close()
-        if self._dead_letters is not None:
-            self._dead_letters.close()
-        if self._owns_log:
-            self.log.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"Consumer({self.log.path!r}, {self.name!r}, offset={self.offset})"

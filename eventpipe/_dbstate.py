@@ -31,26 +31,22 @@ import dataclasses
 import logging
 import os
 import sqlite3
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import orjson
 
 from ._changes import ChangeNotifier
 from ._checkpoint import Checkpoint, checkpoint_file, validate_name
-from ._config import CONSUMER_OPTIONS, resolve
 from ._consumer import checkpoint_at
-from ._deadletter import DeadLetters
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
 from ._namelock import NameLock
+from ._runner import Runner, Standby, poll_wait, sleep_until, start_offset, watch
 from ._segment import LineChunk
 from ._signals import stop_on_signals
-from ._systemd import SystemdNotifier
 from .errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -58,7 +54,6 @@ from .errors import (
     CorruptLogError,
     EventPipeError,
     HandlerError,
-    LogClosedError,
     OffsetOutOfRangeError,
     StorageError,
 )
@@ -77,8 +72,6 @@ the transaction that then moves the position there."""
 
 DEFAULT_TABLE = "eventpipe_positions"
 _MAX_BACKOFF = 3600.0
-_MAIN_THREAD_SLICE = 0.1
-_TAKEOVER_RETRIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 # A database consumer's hold checkpoint (retention's and status's view of it) is rewritten at
 # most this often while it works through events (seconds); always when it catches up or stops.
 _HOLD_INTERVAL = 1.0
@@ -290,7 +283,7 @@ class SqliteStore(StateStore):
             self.conn.execute("ROLLBACK")
 
 
-class DbConsumer:
+class DbConsumer(Runner):
     """Follows a log, applying each event to a database through ``handler(conn, event,
     offset)``, with the position committed in the handler's transaction (see the module).
 
@@ -322,35 +315,27 @@ class DbConsumer:
         reset: ResetHook | None = None,
         **options: Any,
     ) -> None:
-        if "checkpoint_dir" in options:
-            raise ConfigError("a database consumer's position lives in its database, not in "
-                              "checkpoint_dir", option="checkpoint_dir")
-        env = os.environ
-        if commit_every is not None:
-            options["checkpoint_every"] = commit_every
-        elif "EVENTPIPE_CHECKPOINT_EVERY" not in env:
-            options["checkpoint_every"] = 1000
-        if commit_interval is not None:
-            options["checkpoint_interval"] = commit_interval
-        self.options = resolve(CONSUMER_OPTIONS, options)
-        opts = self.options
-        if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
-            raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
-                              option="dead_letter")
-        validate_name(name)
-        self.name = name
-        self.handler = handler
+        opts = self._configure(name, handler, _commit_options(options, commit_every,
+                                                                commit_interval),
+                               on_caught_up, on_idle)
         self.store = store
         self.reset_hook = reset
-        self.on_caught_up = on_caught_up
-        self.on_idle = on_idle
-        self._owns_log = not isinstance(log_or_path, EventLog)
-        self.log = log_or_path if isinstance(log_or_path, EventLog) else EventLog(log_or_path)
-        self._dead_letters: DeadLetters | None = None
+        self._init_position()
+        self._open(log_or_path)
         self._folder: Folder | None = None
         self._lock: NameLock | None = None
-        self.systemd = SystemdNotifier()
-        self._closed = False
+        try:
+            self._dead_letters = self._open_dead_letters()
+            self._folder = self._consumers_folder()
+            self._lock, acquired = self._lock_name(self._folder, opts["standby"])
+            if acquired:
+                self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_position(self) -> None:
+        """Nowhere yet (the position is loaded once the name is ours)."""
         self.offset = 0  # the next event to handle (in the open transaction, if any)
         self._committed: int | None = None  # the stored next offset (None: no row yet)
         self._committed_fp: int | None = None
@@ -361,27 +346,9 @@ class DbConsumer:
         self._skip_offset: int | None = None
         self._chunk: LineChunk | None = None  # the chunk being handled (for the hold)
         self._hold_due = 0.0
-        self._stop_flag = False
-        self._stop_event = threading.Event()
         self._notifier: ChangeNotifier | None = None
         self._caught_up_once = False
         self.last_commit_at: float | None = None
-        try:
-            if opts["on_error"] == "dead_letter":
-                self._dead_letters = DeadLetters(opts["dead_letter"], self.log, name)
-            self._folder = self.log.folder.sub(CONSUMERS_DIR,
-                                               create_mode=self.log.config.dir_mode)
-            self._lock = NameLock(self._folder, name, self.log.config.file_mode)
-            acquired = self._lock.try_acquire()
-            if not acquired and not opts["standby"]:
-                raise ConsumerBusyError(
-                    f"consumer {name!r} is already running ({self._lock.holder()}); use "
-                    "standby to wait for it", holder=self._lock.holder(), path=self._lock.path)
-            if acquired:
-                self._load()
-        except BaseException:
-            self.close()
-            raise
 
     # ------------------------------------------------------------------------ the position
 
@@ -420,12 +387,7 @@ class DbConsumer:
         """No row yet: where the ``start`` option says. Any start but offset 0 is stored at
         once (a restart must not resolve "latest" again)."""
         start = self.options["start"]
-        first = self.log.first_offset
-        if isinstance(start, datetime):
-            offset = max(first, self.log.offset_at(start))
-        else:
-            offset = (first if start == "earliest" else self.log.head if start == "latest"
-                      else start)
+        offset = start_offset(self.log, start)
         if offset == 0 and start != "latest":
             return Position(self.name, self.log.log_id, 0, None, None, -1.0)
         pos = Position(self.name, self.log.log_id, offset, self._crc_before(offset), None,
@@ -549,55 +511,10 @@ class DbConsumer:
         stop = head if stop is None else stop
         if self.offset >= stop:
             return
-        handler = self.handler
-        every = self.options["checkpoint_every"]
-        pass_time = self.options["pass_time"]
-        sd = self.systemd
-        clock = time.monotonic
         try:
             for chunk in self.log.chunks(self.offset, stop):
-                self._chunk = chunk
-                times = (self.log.time_index.times(chunk.segment_base, chunk.first_offset,
-                                                   len(chunk.lines)) if pass_time else None)
-                o = chunk.first_offset
-                for i, line in enumerate(chunk.lines):
-                    o = chunk.first_offset + i
-                    if o != self.offset:
-                        continue  # already handled (a retry path re-read this chunk)
-                    if o == self._skip_offset:
-                        self._skip_offset = None
-                        self.commit()
-                        self._save(self._position(o + 1, zlib.crc32(line)))
-                        continue
-                    try:
-                        event = _loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        self.commit()
-                        raise CorruptLogError(f"stored event is not valid JSON ({exc})",
-                                              path=self.log.segments_dir, offset=o) from None
-                    if not self._txn:
-                        self._begin()
-                    try:
-                        if times is not None:
-                            handler(self.store.conn, event, o, times[i])
-                        else:
-                            handler(self.store.conn, event, o)
-                    except Exception as exc:
-                        if not self._failed(o, line, event, exc):
-                            return  # stopped during retries
-                    else:
-                        self.offset = o + 1
-                        self._last_line = line
-                        self._since += 1
-                        if self._since >= every:
-                            self.commit()
-                        elif self._since % _CLOCK_EVERY == 0:
-                            now = clock()
-                            sd.maybe_ping_watchdog(now)
-                            if now >= self._due:
-                                self.commit()
-                    if self._stop_flag:
-                        return
+                if not self._handle(chunk):
+                    return
         except OffsetOutOfRangeError:
             if self.log.head < self.offset:
                 raise CheckpointMismatchError(
@@ -608,8 +525,60 @@ class DbConsumer:
             if self._txn:
                 self._abort()  # an interrupted handler: nothing of the batch is kept
             raise
-        if self._txn and clock() >= self._due:
+        if self._txn and time.monotonic() >= self._due:
             self.commit()
+
+    def _handle(self, chunk: LineChunk) -> bool:
+        """Handle the events of ``chunk`` from ``offset`` on; False when stopped."""
+        # One function on purpose: the per-event loop, with nothing but a counter and a
+        # stop check per event between the calls of the handler.
+        handler = self.handler
+        every = self.options["checkpoint_every"]
+        sd = self.systemd
+        clock = time.monotonic
+        self._chunk = chunk
+        times = (self.log.time_index.times(chunk.segment_base, chunk.first_offset,
+                                           len(chunk.lines))
+                 if self.options["pass_time"] else None)
+        for i, line in enumerate(chunk.lines):
+            o = chunk.first_offset + i
+            if o != self.offset:
+                continue  # already handled (a retry path re-read this chunk)
+            if o == self._skip_offset:
+                self._skip_offset = None
+                self.commit()
+                self._save(self._position(o + 1, zlib.crc32(line)))
+                continue
+            try:
+                event = _loads(line)
+            except orjson.JSONDecodeError as exc:
+                self.commit()
+                raise CorruptLogError(f"stored event is not valid JSON ({exc})",
+                                      path=self.log.segments_dir, offset=o) from None
+            if not self._txn:
+                self._begin()
+            try:
+                if times is not None:
+                    handler(self.store.conn, event, o, times[i])
+                else:
+                    handler(self.store.conn, event, o)
+            except Exception as exc:
+                if not self._failed(o, line, event, exc):
+                    return False  # stopped during retries
+            else:
+                self.offset = o + 1
+                self._last_line = line
+                self._since += 1
+                if self._since >= every:
+                    self.commit()
+                elif self._since % _CLOCK_EVERY == 0:
+                    now = clock()
+                    sd.maybe_ping_watchdog(now)
+                    if now >= self._due:
+                        self.commit()
+            if self._stop_flag[0]:
+                return False
+        return True
 
     def _failed(self, offset: int, line: bytes, event: Any, exc: Exception) -> bool:
         """Apply on_error to the event at ``offset``; False when stopped during the retries
@@ -622,8 +591,9 @@ class DbConsumer:
         t = self.log.time_of(offset) if opts["pass_time"] else None
         args = (event, offset, t) if opts["pass_time"] else (event, offset)
         for _ in range(retries):
-            self._sleep(time.monotonic() + delay)
-            if self._stop_flag:
+            sleep_until(time.monotonic() + delay, self.systemd, self._stopped,
+                        self._stop_event)
+            if self._stop_flag[0]:
                 return False
             delay = min(2 * delay, _MAX_BACKOFF)
             self._begin()
@@ -706,23 +676,18 @@ class DbConsumer:
             sd.stopping()
             return
         opts = self.options
-        notifier = ChangeNotifier(self.log.path, "head", notifications=opts["notifications"],
-                                  poll_interval=opts["poll_interval"])
-        notifier.start()  # before the catch-up read: nothing appended meanwhile is missed
+        # Before the catch-up read: nothing appended meanwhile is missed.
+        notifier = watch(self.log.path, "head", opts["notifications"], opts["poll_interval"])
         self._notifier = notifier
         try:
-            if not self._stop_flag:
+            if not self._stop_flag[0]:
                 self._process(self.log.head)
             self.commit()
             self._write_hold()
-            if not self._caught_up_once:
-                self._caught_up_once = True
-                if self.on_caught_up is not None:
-                    self.on_caught_up(self)
-            sd.ready()
-            sd.status(self._status())
+            first, self._caught_up_once = not self._caught_up_once, True
+            self._caught_up(first)
             idle_reported = False
-            while not self._stop_flag:
+            while not self._stop_flag[0]:
                 sd.maybe_ping_watchdog()
                 before = self.offset
                 self._process(None)
@@ -734,15 +699,11 @@ class DbConsumer:
                 if not idle_reported:
                     idle_reported = True
                     self._write_hold()
-                    sd.status(self._status())
-                    if self.on_idle is not None:
-                        self.on_idle(self)
+                    self._went_idle()
                     continue
                 self.log.check_replaced()
-                timeout = self.systemd.wait_at_most(opts["poll_interval"])
-                if self._txn:
-                    timeout = min(timeout, max(0.0, self._due - time.monotonic()))
-                notifier.wait(timeout)
+                notifier.wait(poll_wait(sd, opts["poll_interval"],
+                                        self._due if self._txn else None))
         finally:
             try:
                 if self._txn:
@@ -778,100 +739,48 @@ class DbConsumer:
 
     def _await_name(self) -> bool:
         """Standby: wait until the name is ours (True, position loaded) or stop() (False)."""
-        lock = self._lock
-        assert lock is not None
-        if lock.try_acquire():
-            self._load()
-            return True
-        sd = self.systemd
-        notifier = ChangeNotifier(lock.folder.path, lock.filename,
-                                  notifications=self.options["notifications"],
-                                  poll_interval=self.options["poll_interval"])
-        notifier.start()
-        self._notifier = notifier
-        try:
-            shown: str | None = None
-            retries: list[float] = []
-            while not self._stop_flag:
-                if lock.try_acquire():
-                    sd.status(f"consumer {self.name}: took the name over, catching up")
-                    log.info("consumer %s: took the name over (pid %d), catching up",
-                             self.name, os.getpid())
-                    self._load()
-                    return True
-                if retries:
-                    notifier.wait(retries.pop(0))
-                    continue
-                holder = lock.holder()
-                if holder != shown:
-                    sd.status(f"consumer {self.name}: standing by, the name is held by {holder}")
-                    log.info("consumer %s: standing by, the name is held by %s", self.name,
-                             holder)
-                    if shown is None:
-                        sd.ready()
-                    shown = holder
-                sd.maybe_ping_watchdog()
-                if notifier.wait(self.systemd.wait_at_most(self.options["poll_interval"])):
-                    retries = list(_TAKEOVER_RETRIES)
-            return False
-        finally:
-            self._notifier = None
-            notifier.close()
-
-    def _sleep(self, deadline: float) -> None:
-        main = threading.current_thread() is threading.main_thread()
-        while not self._stop_flag:
-            self.systemd.maybe_ping_watchdog()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            step = self.systemd.wait_at_most(left)
-            self._stop_event.wait(min(step, _MAIN_THREAD_SLICE) if main else step)
+        assert self._lock is not None
+        standby = Standby(self, self._lock, log, self.options["poll_interval"])
+        return self._stand_by_blocking(standby, self.options["notifications"], self._load)
 
     def stop(self) -> None:
         """Ask run() to finish after the event it is handling (thread- and signal-safe)."""
-        self._stop_flag = True
-        self._stop_event.set()
-        notifier = self._notifier
-        if notifier is not None:
-            notifier.wake()
+        self._request_stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop_flag
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"consumer {self.name!r} is closed", path=self.log.path)
+        return self._stop_flag[0]
 
     def close(self) -> None:
         """Roll back anything uncommitted, close the store, release the name. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        super().close()
+
+    def _close_parts(self) -> None:
         try:
             self.store.close()
         except Exception:
             log.debug("closing the store failed", exc_info=True)
-        if self._lock is not None:
-            self._lock.release()
-        if self._folder is not None:
-            self._folder.close()
-        self.systemd.close()
-        if self._dead_letters is not None:
-            self._dead_letters.close()
-        if self._owns_log:
-            self.log.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super()._close_parts()
 
     def __repr__(self) -> str:
         return f"DbConsumer({self.log.path!r}, {self.name!r}, {self.store.where}, " \
                f"offset={self.offset})"
+
+
+def _commit_options(options: dict[str, Any], commit_every: int | None,
+                    commit_interval: float | None) -> dict[str, Any]:
+    """A database consumer's options as a consumer's: commit_every and commit_interval are
+    checkpoint_every (1000 by default) and checkpoint_interval; checkpoint_dir is refused."""
+    if "checkpoint_dir" in options:
+        raise ConfigError("a database consumer's position lives in its database, not in "
+                          "checkpoint_dir", option="checkpoint_dir")
+    if commit_every is not None:
+        options["checkpoint_every"] = commit_every
+    elif "EVENTPIPE_CHECKPOINT_EVERY" not in os.environ:
+        options["checkpoint_every"] = 1000
+    if commit_interval is not None:
+        options["checkpoint_interval"] = commit_interval
+    return options
 
 
 def db_position(store: StateStore, name: str) -> Position | None:

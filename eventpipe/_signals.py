@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["stop_on_signals"]
+__all__ = ["stop_on_loop_signals", "stop_on_signals"]
 
 
 def stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
@@ -29,3 +31,20 @@ def stop_on_signals(stop: Callable[[], None]) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+@contextlib.contextmanager
+def stop_on_loop_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """:func:`stop_on_signals` for a run in the running event loop: ``on_signal(signum)`` on
+    SIGTERM and SIGINT, through the loop, while the block runs (in the main thread only)."""
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (int(signal.SIGTERM), int(signal.SIGINT)):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import random
-import signal
-import threading
 import time
 import zlib
 from collections import deque
@@ -44,17 +42,11 @@ from .._checkpoint import (
     validate_name,
 )
 from .._consumer import checkpoint_at
-from .._layout import CONSUMERS_DIR, HEAD_FILE
+from .._layout import HEAD_FILE
 from .._log import EventLog
-from .._namelock import NameLock
-from .._systemd import SystemdNotifier
-from ..errors import (
-    CheckpointMismatchError,
-    ConfigError,
-    ConsumerBusyError,
-    EventPipeError,
-    LogClosedError,
-)
+from .._runner import Runner, Standby, poll_wait, sleep_until_async, watch
+from .._signals import stop_on_loop_signals
+from ..errors import CheckpointMismatchError, ConfigError, EventPipeError
 from ._wire import (
     API_ERR_WRONG_LAST_MSG_ID,
     API_ERR_WRONG_LAST_SEQUENCE,
@@ -155,7 +147,7 @@ class _AckTimeout(Exception):
         self.offset = offset
 
 
-class Bridge:
+class Bridge(Runner):
     """Publishes a log's events, in offset order and exactly once, to a JetStream stream.
 
     ``log_or_path`` is an :class:`~eventpipe.EventLog` or the path of one (which must exist).
@@ -179,6 +171,8 @@ class Bridge:
     log or holding messages eventpipe did not write (:class:`~._wire.StreamMismatchError`),
     a stream that does not meet the log (:class:`~._wire.StreamGapError`).
     """
+
+    kind = "bridge"
 
     def __init__(
         self,
@@ -217,7 +211,18 @@ class Bridge:
         self.checkpoint_interval = checkpoint_interval
         self.poll_interval = poll_interval
         self.notifications = notifications
+        self._init_progress()
+        self._open(log_or_path, create=False)
+        try:
+            self._folder = self._consumers_folder()
+            self._checkpoint_file = checkpoint_file(self.name)
+            self._lock, _ = self._lock_name(self._folder, standby)
+        except BaseException:
+            self._close_parts()
+            raise
 
+    def _init_progress(self) -> None:
+        """Where the bridge stands (nothing published yet) and what it counted."""
         self.next_offset = 0
         """The offset of the next event to publish."""
         self.last_acked: int | None = None
@@ -231,12 +236,6 @@ class Bridge:
         """Failures retried (each resumes from the stream's last message)."""
         self.stopped_by: int | None = None
         """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
-
-        self._owns_log = not isinstance(log_or_path, EventLog)
-        self.log = log_or_path if isinstance(log_or_path, EventLog) else EventLog(
-            log_or_path, create=False)
-        self._stopping = False
-        self._closed = False
         self._notifier: ChangeNotifier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream_first: int | None = None  # the offset the stream's first message carries
@@ -250,24 +249,6 @@ class Bridge:
         self._checkpoint_due = 0.0
         self._backoff = _FIRST_BACKOFF
         self._last_error: str | None = None
-        self.systemd = SystemdNotifier()
-        try:
-            self._folder = self.log.folder.sub(CONSUMERS_DIR,
-                                               create_mode=self.log.config.dir_mode)
-            self._checkpoint_file = checkpoint_file(self.name)
-            self._lock = NameLock(self._folder, self.name, self.log.config.file_mode)
-            if not self._lock.try_acquire() and not standby:
-                holder = self._lock.holder()
-                self._lock.release()
-                self._folder.close()
-                raise ConsumerBusyError(
-                    f"bridge {self.name!r} is already running ({holder}); use standby to "
-                    "wait for it", holder=holder, path=self._lock.path)
-        except BaseException:
-            self.systemd.close()
-            if self._owns_log:
-                self.log.close()
-            raise
 
     # --------------------------------------------------------------------------- reporting
 
@@ -291,10 +272,7 @@ class Bridge:
     def stop(self) -> None:
         """Ask the run to finish (from any thread or a signal handler): it stops publishing,
         awaits the acks in flight (for up to ``ack_timeout``), checkpoints and returns."""
-        self._stopping = True
-        notifier = self._notifier
-        if notifier is not None:
-            notifier.wake()
+        self._request_stop()
 
     def run(self) -> None:
         """Publish until :meth:`stop`, SIGTERM or SIGINT (in the main thread: which one
@@ -303,17 +281,8 @@ class Bridge:
         asyncio.run(self._run_with_signals())
 
     async def _run_with_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        installed: list[int] = []
-        if threading.current_thread() is threading.main_thread():
-            for sig in (int(signal.SIGTERM), int(signal.SIGINT)):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-                installed.append(sig)
-        try:
+        with stop_on_loop_signals(self._on_signal):
             await self.run_async()
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
         if self.stopped_by is None:
@@ -327,9 +296,8 @@ class Bridge:
         truth, and the next run resumes from it)."""
         self._check_usable()
         self._loop = asyncio.get_running_loop()
-        notifier = ChangeNotifier(self.log.path, HEAD_FILE, notifications=self.notifications,
-                                  poll_interval=self.poll_interval)
-        notifier.start()  # watch first, read second: an append racing the first read hints
+        # Watch first, read second: an append racing the first read hints.
+        notifier = watch(self.log.path, HEAD_FILE, self.notifications, self.poll_interval)
         self._notifier = notifier
         sd = self.systemd
         try:
@@ -365,39 +333,9 @@ class Bridge:
 
     async def _await_name(self) -> bool:
         """The name, now or (standby) once its holder lets go; False if stopped first."""
-        lock = self._lock
-        if lock.try_acquire():
-            return self._took_name()
-        sd = self.systemd
-        watch = ChangeNotifier(lock.folder.path, lock.filename, notifications=self.notifications,
-                               poll_interval=self.poll_interval)
-        watch.start()
-        self._notifier, head_watch = watch, self._notifier
-        try:
-            shown: str | None = None
-            retries: list[float] = []
-            while not self._stopping:
-                if lock.try_acquire():
-                    log.info("bridge %s: took the name over (pid %d)", self.name, os.getpid())
-                    return self._took_name()
-                if retries:
-                    await asyncio.sleep(retries.pop(0))
-                    continue
-                holder = lock.holder()
-                if holder != shown:
-                    sd.status(f"bridge {self.name}: standing by, the name is held by {holder}")
-                    log.info("bridge %s: standing by, the name is held by %s", self.name,
-                             holder)
-                    if shown is None:
-                        sd.ready()
-                    shown = holder
-                sd.maybe_ping_watchdog()
-                if await watch.wait_async(self.systemd.wait_at_most(self.poll_interval)):
-                    retries = list(_TAKEOVER_RETRIES)
-            return False
-        finally:
-            self._notifier = head_watch
-            watch.close()
+        standby = Standby(self, self._lock, log, self.poll_interval, retries=_TAKEOVER_RETRIES,
+                          catching_up=False)
+        return await self._stand_by_async(standby, self.notifications, self._took_name)
 
     async def _connect(self) -> Client:
         import nats
@@ -512,7 +450,7 @@ class Bridge:
         """Find the stream and where it stands, then publish; on a failure that may mend
         (a cluster still electing its leaders at start included), back off and resume."""
         ready = False
-        while not self._stopping:
+        while not self._stop_flag[0]:
             inflight: deque[tuple[int, asyncio.Future[_Ack], float]] = deque()
             try:
                 if not ready:
@@ -540,22 +478,18 @@ class Bridge:
                 log.warning("bridge %s: %s; resuming from the stream in %.1f s", self.name,
                             self._last_error, self._backoff)
                 self.systemd.status(self._status())
-                await self._sleep(self._backoff * random.uniform(0.8, 1.2))
+                await sleep_until_async(  # appends hinted meanwhile just loop
+                    time.monotonic() + self._backoff * random.uniform(0.8, 1.2),
+                    self.systemd, self._stopped, self._notifier)
                 self._backoff = min(self.max_backoff, self._backoff * 2)
 
     async def _pump(self, publisher: _Publisher,
                     inflight: deque[tuple[int, asyncio.Future[_Ack], float]]) -> None:
         """Publish from :attr:`next_offset` on, following the log; returns on stop."""
-        loop = asyncio.get_running_loop()
         notifier = self._notifier
         assert notifier is not None
-        log_ = self.log
-        log_id, subject, stream = log_.log_id, self.subject, self.stream
-        window, timeout, sd = self.window, self.ack_timeout, self.systemd
-        times_of = log_.time_index.times
-        publish = publisher.publish
-        seq_offset = self._seq_offset - 1  # the expected last sequence of offset o: o + this
-        while not self._stopping:
+        log_, sd = self.log, self.systemd
+        while not self._stop_flag[0]:
             head = log_.head
             if head < self.next_offset:
                 raise CheckpointMismatchError(
@@ -563,32 +497,7 @@ class Bridge:
                     "bridge published: the log was cut back or restored from an older copy",
                     path=log_.path, offset=self.next_offset)
             if self.next_offset < head:
-                for chunk in log_.chunks(self.next_offset, head, position=self._next_position):
-                    self._next_position = None
-                    self._recent.append(chunk)
-                    first = chunk.first_offset
-                    times = times_of(chunk.segment_base, first, len(chunk.lines))
-                    for i, line in enumerate(chunk.lines):
-                        while len(inflight) >= window:
-                            await self._ack_oldest(inflight)
-                        offset = first + i
-                        headers = msg_headers(log_id, offset, times[i],
-                                              offset == self._stream_first,
-                                              offset + seq_offset)
-                        headers[_HDR_EXPECTED_STREAM] = stream
-                        future = await publish(subject, line, headers)
-                        inflight.append((offset, future, loop.time() + timeout))
-                        self.published += 1
-                        self.next_offset = offset + 1
-                        if self._stopping:
-                            break
-                    else:  # the whole chunk is out: the next line starts right after it
-                        self._next_position = (chunk.segment_base, chunk.position + len(
-                            chunk.lines) + sum(map(len, chunk.lines)))
-                    sd.maybe_ping_watchdog()
-                    self._checkpoint()
-                    if self._stopping:
-                        break
+                await self._publish_to(head, publisher, inflight)
                 continue  # appends may have come meanwhile: look at the head again
             while inflight:
                 await self._ack_oldest(inflight)
@@ -597,15 +506,50 @@ class Bridge:
             self._checkpoint()
             sd.status(self._status())
             log_.check_replaced()
-            wait = self.poll_interval
-            if self._done() != self._checkpointed:
-                wait = min(wait, max(0.0, self._checkpoint_due - time.monotonic()))
-            await notifier.wait_async(self.systemd.wait_at_most(wait))
+            due = self._checkpoint_due if self._done() != self._checkpointed else None
+            await notifier.wait_async(poll_wait(sd, self.poll_interval, due))
             sd.maybe_ping_watchdog()
         # Stopping: what was sent gets its ack (or the next run finds it in the stream).
         while inflight:
             await self._ack_oldest(inflight)
         self._checkpoint(force=True)
+
+    async def _publish_to(self, head: int, publisher: _Publisher,
+                          inflight: deque[tuple[int, asyncio.Future[_Ack], float]]) -> None:
+        """Publish the events from :attr:`next_offset` up to ``head`` (or a stop), at most
+        ``window`` unacked, checkpointing what is acked after each chunk."""
+        loop = asyncio.get_running_loop()
+        log_ = self.log
+        log_id, subject, stream = log_.log_id, self.subject, self.stream
+        window, timeout, sd = self.window, self.ack_timeout, self.systemd
+        times_of = log_.time_index.times
+        publish = publisher.publish
+        seq_offset = self._seq_offset - 1  # the expected last sequence of offset o: o + this
+        for chunk in log_.chunks(self.next_offset, head, position=self._next_position):
+            self._next_position = None
+            self._recent.append(chunk)
+            first = chunk.first_offset
+            times = times_of(chunk.segment_base, first, len(chunk.lines))
+            for i, line in enumerate(chunk.lines):
+                while len(inflight) >= window:
+                    await self._ack_oldest(inflight)
+                offset = first + i
+                headers = msg_headers(log_id, offset, times[i], offset == self._stream_first,
+                                      offset + seq_offset)
+                headers[_HDR_EXPECTED_STREAM] = stream
+                future = await publish(subject, line, headers)
+                inflight.append((offset, future, loop.time() + timeout))
+                self.published += 1
+                self.next_offset = offset + 1
+                if self._stop_flag[0]:
+                    break
+            else:  # the whole chunk is out: the next line starts right after it
+                self._next_position = (chunk.segment_base, chunk.position + len(
+                    chunk.lines) + sum(map(len, chunk.lines)))
+            sd.maybe_ping_watchdog()
+            self._checkpoint()
+            if self._stop_flag[0]:
+                break
 
     async def _ack_oldest(self, inflight: deque[tuple[int, asyncio.Future[_Ack], float]]
                           ) -> None:
@@ -694,46 +638,6 @@ class Bridge:
                 return Checkpoint(self.name, self.log.log_id, done, state, chunk.segment_base,
                                   position, zlib.crc32(lines[i]), time.time())
         return checkpoint_at(self.log, self.name, done, state)
-
-    # ------------------------------------------------------------------------------ waits
-
-    async def _sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` or until stop() (appends hinted meanwhile just loop)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        notifier = self._notifier
-        while not self._stopping:
-            self.systemd.maybe_ping_watchdog()
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            if notifier is None:
-                await asyncio.sleep(min(left, 0.2))
-            else:
-                await notifier.wait_async(self.systemd.wait_at_most(left))
-
-    # ---------------------------------------------------------------------------- closing
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"bridge {self.name!r} is closed", path=self.log.path)
-
-    def close(self) -> None:
-        """Release the name and close what the bridge opened. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._lock.release()
-        self._folder.close()
-        self.systemd.close()
-        if self._owns_log:
-            self.log.close()
-
-    def __enter__(self) -> Bridge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"Bridge({self.log.path!r}, stream={self.stream!r}, "
