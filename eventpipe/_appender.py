@@ -27,6 +27,7 @@ from typing import NoReturn
 from . import _header, _meta, _recovery, _timeindex
 from ._config import LogConfig
 from ._fsutil import os_errors, write_all
+from ._groupsync import GroupSync, SyncFailed
 from ._header import ROLLING, Header, boot_id, encode_header
 from ._layout import HEAD_FILE, SEGMENTS_DIR, WRITER_LOCK, Folder
 from ._segment import list_segments, segment_name, segment_path
@@ -127,6 +128,7 @@ class Appender:
         self._closed = False
         self._failure: DurabilityError | None = None  # set once durability is unknown
         self._syncer: threading.Thread | None = None
+        self._group: GroupSync | None = None  # sync="always": the shared flush
         self._syncer_stop = threading.Event()
         # Options the hot path reads, as plain attributes.
         self._max_bytes = config.segment_max_bytes
@@ -166,6 +168,9 @@ class Appender:
             w = self._state = _WriterState(lock_fd, head_fd)
             if self.config.sync == "interval":
                 self._start_syncer()
+            elif self._always and self._group is None:
+                self._group = GroupSync(self.root, self._segments_folder(), self._boot,
+                                        self.config.file_mode)
             self._on_roll()  # finish sealing what earlier writers left
         return w
 
@@ -213,6 +218,8 @@ class Appender:
         self._state = None
         self._syncer = None
         self._syncer_stop = threading.Event()
+        if self._group is not None:
+            self._group.forget_after_fork()
 
     # ------------------------------------------------------------------------------ locking
 
@@ -295,6 +302,8 @@ class Appender:
             if self._failure is not None:
                 raise self._failure
             w = self._state or self.open()
+            group = self._group
+            flush = False
             if self._lock_timeout is None:
                 # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
                 # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
@@ -347,12 +356,13 @@ class Appender:
                             # A time entry for this batch (see _timeindex for the grain).
                             write_all(w.times_fd, pack_entry(head - base, now),
                                       tcount * ENTRY_SIZE)
-                            if self._always:
-                                os.fdatasync(w.times_fd)
                             new_tcount, new_tlast = tcount + 1, now
-                        if self._always:
-                            os.fdatasync(seg_fd)
-                            synced = position
+                        if group is not None:
+                            # Flushed after the lock is released (see _groupsync); the
+                            # header claims only what a finished flush made durable.
+                            mark = group.mark()
+                            if mark.base == base and mark.committed > synced:
+                                synced = mark.committed
                     except BaseException as exc:
                         h = Header(head, base, committed, synced, boot, 0, tcount, tlast)
                         self._undo(w, h, [])
@@ -364,8 +374,8 @@ class Appender:
                     try:
                         # The commit point: readers see the new events from this pwrite on.
                         _pwrite(w.head_fd, header, 0)
-                        if self._always:
-                            os.fdatasync(w.head_fd)
+                        if group is not None:
+                            flush = True
                         elif not w.dirty:
                             w.dirty = True
                             w.unsynced_from = head
@@ -383,7 +393,40 @@ class Appender:
                     _flock(w.lock_fd, _LOCK_UN)
                 except OSError as exc:
                     self._unlock_failed(w, exc, done)
+        if flush:
+            self._wait_durable(w, done)
         return done
+
+    def _wait_durable(self, w: _WriterState, done: range) -> None:
+        """Under ``sync="always"``: return once the committed ``done`` is durable (one
+        flush shared with every writer waiting, see _groupsync); DurabilityError if the flush
+        that covered it failed."""
+        group = self._group
+        assert group is not None
+        try:
+            group.wait_durable(done, w.head_fd)
+        except SyncFailed as exc:
+            with self.mutex:
+                cause: BaseException = exc.cause or OSError(
+                    errno.EIO, f"a flush of offsets {exc.failed.start}..{exc.failed.stop - 1}"
+                               " by another writer failed")
+                self._fail(cause, "fsync", done)
+        except (OSError, EventPipeError) as exc:
+            with self.mutex:
+                self._fail(exc, "fsync", done)
+        except BaseException as exc:
+            # Interrupted after the commit (KeyboardInterrupt, a signal handler's exception):
+            # make it as durable as promised, then let the interrupt through, saying what
+            # was stored.
+            try:
+                group.wait_durable(done, w.head_fd)
+            except (SyncFailed, OSError, EventPipeError) as sync_exc:
+                with contextlib.suppress(DurabilityError), self.mutex:
+                    self._fail(sync_exc, "fsync", done)  # this process appends no more
+            exc.add_note(f"eventpipe: the append was committed at offsets {done.start}.."
+                         f"{done.stop - 1} before this was raised; do not append them again")
+            exc.committed = done  # type: ignore[attr-defined]  # as DurabilityError has it
+            raise
 
     def _publish(self, w: _WriterState, before: Header, header: bytes, done: range,
                  created: list[tuple[int, int, int]]) -> None:
@@ -521,6 +564,8 @@ class Appender:
                                   " it from", path=self.head_path)
         self._open_active(w, segs[-1].base)
         h = _recovery.rebuild_header(w.seg_fd, segs[-1].path, segs[-1].base)
+        if self._group is not None:
+            self._group.reset()  # offsets past the rebuilt head will be handed out again
         size = os.fstat(w.seg_fd).st_size
         if size > h.committed:
             self._quarantine(w.seg_fd, h.segment_base, h.committed, size)
@@ -849,6 +894,9 @@ class Appender:
                 if self._state is not None:
                     self._state.close()
                     self._state = None
+                if self._group is not None:
+                    self._group.close()
+                    self._group = None
                 if self._segments is not None:
                     self._segments.close()
                     self._segments = None

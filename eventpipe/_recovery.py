@@ -8,8 +8,9 @@ Three cases, all handled under the writer lock:
   header is still running (same boot), the page cache never lost a byte, so this is damage:
   reported as :class:`CorruptLogError` with the byte range, nothing cut, no offset reassigned.
   After a reboot, bytes from the header's ``synced`` mark on may never have reached the disk
-  (a power loss under ``sync="none"/"interval"``): the log is cut back to the last whole event
-  before the first missing or damaged byte, never below ``synced``.
+  (a power loss under ``sync="none"/"interval"``, or under ``"always"`` before the group flush
+  of appends that had not returned, see ``_groupsync``): the log is cut back to the last whole
+  event before the first missing or damaged byte, never below ``synced``.
 * **Both header copies invalid**: the header is rebuilt from the last segment's whole lines when
   the damage is a tail; damage followed by more events is reported, not cut.
 """
@@ -107,9 +108,10 @@ def check_active(fd: int, path: str, h: Header) -> Header:
             f"active segment holds more lines ({head - h.segment_base}) than the header "
             f"commits ({h.head - h.segment_base})", path=path, offset=h.head)
     log.warning("%s: after a restart, events %d..%d (bytes %d..%d) were not on disk; cutting "
-                "the log back to offset %d (sync=%s never made them durable)",
+                "the log back to offset %d (%s)",
                 path, head, h.head - 1, good_end, h.committed, head,
-                "none or interval")
+                "appends that had not been made durable: under sync=none or interval, or "
+                "under always appends that had not returned")
     return h._replace(head=head, committed=good_end, synced=min(h.synced, good_end),
                       boot=boot_id(), flags=0)
 

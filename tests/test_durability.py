@@ -1,10 +1,12 @@
 """sync="always" in the system calls themselves: what reaches the disk, and in which order.
 
-Power loss cannot be staged here, but its guarantee rests on an order of syscalls that can be
-watched: under ``sync="always"`` every append's segment bytes are fdatasync'd before the header
-that commits them is written, the header is fdatasync'd before the append returns, and a new
+Its guarantee rests on an order of syscalls that can be watched: under ``sync="always"`` an
+append returns only once its segment bytes and a header that commits them were fdatasync'd
+(group commit writes the header first and flushes both after the writer lock is released:
+recovery after a reboot handles a header that reached the disk before its data), and a new
 segment file's directory entry is fsync'd before a header names it. strace records a real
-writer process; the test replays the trace against those rules.
+writer process; the test replays the trace against those rules. ``test_power_loss.py`` goes
+further: it rebuilds what the disk could hold at any point of such a trace and recovers it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ LINE = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)")
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed "
                     "(.ci/run installs it)")
-def test_sync_always_flushes_data_then_header_then_returns(tmp_path: Path) -> None:
+def test_sync_always_returns_after_flushing_data_then_header(tmp_path: Path) -> None:
     log = tmp_path / "log"
     prefix = tmp_path / "trace"
     proc = subprocess.run(
@@ -48,6 +50,7 @@ def test_sync_always_flushes_data_then_header_then_returns(tmp_path: Path) -> No
     unsynced_data: set[str] = set()  # segments written since their last fdatasync
     uncommitted_dirs = False  # segment created, folder not yet fsync'd
     header_unflushed = False
+    header_since_data = True  # a header was written since the last segment write
     commits = 0
     for raw in lines:
         m = LINE.match(raw)
@@ -66,16 +69,24 @@ def test_sync_always_flushes_data_then_header_then_returns(tmp_path: Path) -> No
             continue
         path = paths.get(fd, "")
         if call == "pwrite64" and path.endswith(".jsonl"):
-            assert not header_unflushed, "next append began before the last header was flushed"
+            if header_since_data:
+                # A new append: the previous one has returned, so its data and then its
+                # header were flushed (a batch's later parts are written with no header
+                # between them).
+                assert not header_unflushed, "next append began before the last header was flushed"
+                assert not unsynced_data, "next append began before the last one's data was flushed"
+                header_since_data = False
             unsynced_data.add(path)
         elif call == "pwrite64" and path == str(log / "head"):
-            assert not unsynced_data, f"header written before its data was flushed: {raw}"
             assert not uncommitted_dirs, "header names a segment whose folder entry is unflushed"
             header_unflushed = True
+            header_since_data = True
             commits += 1
         elif call in ("fdatasync", "fsync"):
             unsynced_data.discard(path)
             if path == str(log / "head"):
+                # A header flush makes an append durable only if its data was flushed first.
+                assert not unsynced_data, f"header flushed before the data it commits: {raw}"
                 header_unflushed = False
             if path == str(log / "segments"):
                 uncommitted_dirs = False

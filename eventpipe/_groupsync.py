@@ -1,0 +1,221 @@
+"""Group commit for ``sync="always"``: one flush makes every writer's committed appends durable.
+
+Under ``sync="always"`` an append returns only once its events and a header that commits them
+are on disk. Flushing under the writer lock (segment, then header) would make every other
+writer, thread or process, wait behind two flushes per append, so adding writers could not
+raise throughput. Instead a writer commits under the writer lock (data, time entry, header:
+readers see the events at once), releases it, and then waits until the append is durable:
+
+* ``sync.state`` in the log folder holds the **durable mark**: the head up to which a flush has
+  made everything durable in this boot, with the segment and bytes it covered, and the range of
+  offsets of any flush that failed. It is read and written only under a ``flock`` on that same
+  file, which the flushing writer holds while it flushes.
+* A writer whose append is below the mark returns at once: a flush that began after its commit
+  covered it. Otherwise it leads: it reads the header (everything committed so far, its own
+  append included), fdatasyncs the active segment and its time index (an fsync covers every
+  byte written to the file before it, by any process) and then the header, and moves the mark
+  to that header's head. Writers that committed meanwhile wait on the flock and usually find
+  themselves covered when they get it: one flush for all of them.
+* Threads of one process queue on a mutex first (a flock does not exclude threads sharing a
+  descriptor), then the same protocol.
+
+Segments sealed by a roll are flushed by the rolling writer before its header is published, so
+the leader only ever flushes the active segment of the header it read.
+
+The header may now reach the disk before the data it commits (the kernel writes pages back when
+it likes). Recovery after a reboot already handles it: bytes past the header's ``synced`` may
+be cut back to the last whole event, never below it, and a committing writer sets ``synced``
+from the mark, so it only ever claims bytes a finished flush made durable. An append that has
+returned was covered by a flush of its data and of a header at least as new, so no cut reaches
+it.
+
+**A failed flush** (an I/O error) leaves the durability of ``[mark, header head)`` unknown, and
+the kernel may have dropped those dirty pages, so a later flush could succeed without them: the
+range is recorded in ``sync.state`` (merged with any earlier one in this boot) and every writer
+whose append lies in it gets ``DurabilityError``, whichever process led the flush. Appends
+committed after the failure get a flush of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import zlib
+from typing import NamedTuple
+
+from . import _header
+from ._layout import SYNC_STATE, Folder
+from ._segment import segment_name
+from ._timeindex import times_name
+from .errors import StorageError
+
+__all__ = ["DurableMark", "GroupSync", "SyncFailed", "read_mark"]
+
+# boot, head, base, committed, failed_from, failed_to, flushes, tcount
+_STATE = struct.Struct("<QQQQQQQI")
+_SIZE = _STATE.size + 4
+_SALT = 0x45505347
+
+
+class DurableMark(NamedTuple):
+    """What ``sync.state`` says, for this boot (all zero when it is another boot's)."""
+
+    boot: int = 0
+    head: int = 0  # every offset below it is durable
+    base: int = 0  # the active segment the flush covered
+    committed: int = 0  # its bytes the flush covered
+    failed_from: int = 0  # offsets whose flush failed: [failed_from, failed_to)
+    failed_to: int = 0
+    flushes: int = 0  # flushes that moved the mark in this boot (how well they are shared)
+    tcount: int = 0  # time index entries of ``base`` the flush covered
+
+
+class SyncFailed(Exception):
+    """A flush covering ``failed`` failed (raised to the appender, which reports it)."""
+
+    def __init__(self, failed: range, cause: OSError | None) -> None:
+        super().__init__(failed)
+        self.failed = failed
+        self.cause = cause
+
+
+def _decode(raw: bytes, boot: int) -> DurableMark:
+    if len(raw) != _SIZE or zlib.crc32(raw[:-4], _SALT).to_bytes(4, "little") != raw[-4:]:
+        return DurableMark()
+    mark = DurableMark(*_STATE.unpack(raw[:-4]))
+    return mark if mark.boot == boot else DurableMark()
+
+
+def read_mark(root: Folder) -> DurableMark:
+    """The durable mark of the log in ``root`` for this boot (for tests and ``status``)."""
+    data = root.read_bytes(SYNC_STATE)
+    return DurableMark() if data is None else _decode(data[:_SIZE], _header.boot_id())
+
+
+def _encode(mark: DurableMark) -> bytes:
+    body = _STATE.pack(*mark)
+    return body + zlib.crc32(body, _SALT).to_bytes(4, "little")
+
+
+class GroupSync:
+    """This process's side of the group commit of one log (see the module docstring).
+
+    ``root`` is the log folder, ``segments`` opens ``segments/``; ``head_fd`` (set by the
+    appender when it opens) is the header's descriptor.
+    """
+
+    def __init__(self, root: Folder, segments: Folder, boot: int, file_mode: int) -> None:
+        self._root = root
+        self._segments = segments
+        self._boot = boot
+        self._mode = file_mode
+        self.mutex = threading.Lock()  # threads of this process, one at a time
+        self._opening = threading.Lock()
+        self._state_fd = root.open_shared(SYNC_STATE, file_mode)
+        self._base = -1  # the segment whose descriptors are open below
+        self._seg_fd = -1
+        self._times_fd = -1
+
+    def mark(self) -> DurableMark:
+        """The durable mark as it is now (a committing writer's ``synced``). No lock: a torn
+        read fails the CRC and reads as no mark, which only makes ``synced`` smaller."""
+        fd = self._open_state()
+        return _decode(os.pread(fd, _SIZE, 0), self._boot)
+
+    def wait_durable(self, done: range, head_fd: int) -> None:
+        """Return once offsets ``done`` (committed) are durable, flushing if nobody has.
+        Raises SyncFailed when a flush covering them failed."""
+        with self.mutex:
+            fd = self._open_state()
+            try:
+                # Inside the try: an interrupt just after the flock must still release it.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mark = _decode(os.pread(fd, _SIZE, 0), self._boot)
+                if done.start < mark.failed_to and done.stop > mark.failed_from:
+                    raise SyncFailed(range(mark.failed_from, mark.failed_to), None)
+                if mark.head >= done.stop:
+                    return
+                self._flush(fd, mark, head_fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _flush(self, fd: int, mark: DurableMark, head_fd: int) -> None:
+        h = _header.read_header(head_fd, "head", retries=2)
+        try:
+            if h.segment_base != self._base:
+                self._open_segment(h.segment_base)
+            if self._seg_fd >= 0:
+                os.fdatasync(self._seg_fd)
+                if h.tcount != mark.tcount or h.segment_base != mark.base:
+                    os.fdatasync(self._times_fd)
+            os.fdatasync(head_fd)
+        except OSError as exc:
+            failed = (min(mark.failed_from, mark.head) if mark.failed_to else mark.head,
+                      max(mark.failed_to, h.head))
+            after = mark._replace(boot=self._boot, failed_from=failed[0], failed_to=failed[1])
+            os.pwrite(fd, _encode(after), 0)
+            raise SyncFailed(range(*failed), exc) from exc
+        os.pwrite(fd, _encode(mark._replace(boot=self._boot, head=h.head, base=h.segment_base,
+                                            committed=h.committed, tcount=h.tcount,
+                                            flushes=mark.flushes + 1)), 0)
+
+    def _open_segment(self, base: int) -> None:
+        """Open segment ``base`` and its time index for flushing. A segment gone already was
+        sealed by a roll after the header was read, and a roll flushes what it seals."""
+        self._close_segment()
+        try:
+            seg = self._segments.open_file(segment_name(base), os.O_RDONLY)
+        except StorageError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return
+        try:
+            times = self._segments.open_file(times_name(base), os.O_RDONLY)
+        except BaseException:
+            os.close(seg)
+            raise
+        self._base, self._seg_fd, self._times_fd = base, seg, times
+
+    def _open_state(self) -> int:
+        if self._state_fd < 0:  # closed, or dropped after a fork: reopened by one thread
+            with self._opening:
+                if self._state_fd < 0:
+                    self._state_fd = self._root.open_shared(SYNC_STATE, self._mode)
+        return self._state_fd
+
+    def reset(self) -> None:
+        """Forget the mark (a recovery cut the log back: offsets below the old mark may be
+        handed out again). Caller holds the writer lock."""
+        with self.mutex:
+            fd = self._open_state()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                os.pwrite(fd, _encode(DurableMark(boot=self._boot)), 0)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _close_segment(self) -> None:
+        for fd in (self._seg_fd, self._times_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._base = self._seg_fd = self._times_fd = -1
+
+    def close(self) -> None:
+        """Close every descriptor (reopened on next use)."""
+        with self.mutex:
+            self._close_segment()
+            if self._state_fd >= 0:
+                os.close(self._state_fd)
+                self._state_fd = -1
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's mutex may be held by a thread not copied."""
+        self.mutex = threading.Lock()
+        self._opening = threading.Lock()
+        self._close_segment()
+        if self._state_fd >= 0:
+            os.close(self._state_fd)  # its flock is shared with the parent's description
+            self._state_fd = -1

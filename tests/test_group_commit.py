@@ -1,0 +1,154 @@
+"""Group commit under ``sync="always"`` (``_groupsync``): one flush for every waiting writer.
+
+The test holds the flush lock (a flock on ``sync.state``, as a flushing writer would) while
+writers commit; their appends are visible but none has returned, since none could flush. When
+it lets go, the first writer to get the lock flushes for all of them: the durable mark counts
+one flush. With a fault injected into that flush (strace), every writer it covered gets
+``DurabilityError``, whichever process led it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from eventpipe import EventLog
+from eventpipe._groupsync import read_mark
+from eventpipe._layout import Folder
+
+from ._wait import wait_until
+
+APPEND = r"""
+import json, sys, threading
+from eventpipe import EventLog, DurabilityError
+log = EventLog(sys.argv[1], sync="always", compression=None)
+out = {}
+def one(k):
+    try:
+        out[k] = {"offset": log.append({"writer": sys.argv[2], "k": k})}
+    except DurabilityError as exc:
+        out[k] = {"error": type(exc).__name__, "committed": [exc.committed.start,
+                                                             exc.committed.stop]}
+threads = [threading.Thread(target=one, args=(k,)) for k in range(int(sys.argv[3]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(out))
+try:
+    log.close()
+except DurabilityError:
+    pass
+"""
+
+
+@contextmanager
+def flush_lock(log: Path) -> Iterator[None]:
+    """Hold the flush lock of ``log`` as a flushing writer would."""
+    fd = os.open(log / "sync.state", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def head(log: Path) -> int:
+    with EventLog(log, create=False) as reader:
+        return reader.head
+
+
+def flushes(log: Path) -> int:
+    root = Folder.open(log)
+    try:
+        return read_mark(root).flushes
+    finally:
+        root.close()
+
+
+def start(log: Path, writer: str, threads: int = 1,
+          strace: list[str] | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-c", APPEND, str(log), writer, str(threads)]
+    return subprocess.Popen([*(strace or []), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, dict[str, object]]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result: dict[str, dict[str, object]] = json.loads(out.splitlines()[-1])
+    return result
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Path:
+    path = tmp_path / "log"
+    with EventLog(path, sync="always", compression=None) as first:
+        first.append({"warm": True})  # creates sync.state through a first flush
+    return path
+
+
+@pytest.mark.parametrize(("processes", "threads"), [(5, 1), (1, 6), (3, 3)],
+                         ids=["5 processes", "6 threads", "3 processes x 3 threads"])
+def test_one_flush_covers_every_writer_that_committed_before_it(
+        log: Path, processes: int, threads: int) -> None:
+    before = flushes(log)
+    total = processes * threads
+    with flush_lock(log):
+        procs = [start(log, f"p{k}", threads) for k in range(processes)]
+        # Committed (readers see them) but not returned: nobody could flush.
+        wait_until(lambda: head(log) == 1 + total, timeout=60,
+                 what=f"{total} appends committed")
+        assert all(p.poll() is None for p in procs)
+    results = [finish(p) for p in procs]
+    offsets = sorted(int(str(r["offset"])) for res in results for r in res.values())
+    assert offsets == list(range(1, 1 + total))
+    assert flushes(log) == before + 1
+
+
+def test_appends_after_a_flush_began_get_one_of_their_own(log: Path) -> None:
+    before = flushes(log)
+    with flush_lock(log):
+        first = start(log, "a", 2)
+        wait_until(lambda: head(log) == 3, timeout=60, what="two appends committed")
+    assert len(finish(first)) == 2
+    second = start(log, "b", 2)
+    assert len(finish(second)) == 2
+    assert before + 2 <= flushes(log) <= before + 3
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed "
+                    "(.ci/run installs it)")
+def test_a_failed_flush_reaches_every_writer_it_covered(log: Path) -> None:
+    """The first header fdatasync of each writer fails: whichever leads the shared flush
+    fails it, and every writer whose append it covered gets DurabilityError naming that
+    append as committed. Appends after it flush anew and succeed."""
+    inject = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(log / "head"),
+              "-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO:when=1"]
+    with flush_lock(log):
+        procs = [start(log, f"p{k}", 2, strace=inject) for k in range(3)]
+        wait_until(lambda: head(log) == 7, timeout=60, what="six appends committed")
+    results = [finish(p) for p in procs]
+    outcomes = [r for res in results for r in res.values()]
+    assert all(r.get("error") == "DurabilityError" for r in outcomes), outcomes
+    committed = sorted(tuple(map(int, r["committed"])) for r in outcomes)  # type: ignore[call-overload]
+    assert committed == [(k, k + 1) for k in range(1, 7)]
+    root = Folder.open(log)
+    try:
+        mark = read_mark(root)
+    finally:
+        root.close()
+    assert (mark.failed_from, mark.failed_to) == (1, 7)
+    with EventLog(log, create=False) as reader:  # committed: visible, never handed out again
+        assert sorted(r.event["k"] for r in reader.read(1)) == [0, 0, 0, 1, 1, 1]
+    later = finish(start(log, "after", 2))
+    assert sorted(int(str(r["offset"])) for r in later.values()) == [7, 8]
