@@ -149,6 +149,23 @@ CASES = [
      "no eventpipe log at MISSING"),
     (["bridge", "LOG", "--nats", "nats://127.0.0.1:1", "--stream", "S"], b"", 3,
      "ServerUnavailableError: cannot connect to NATS"),
+    # consume-stream and mirror (tests/test_stream_consumer.py and tests/test_mirror.py run
+    # them against real servers); the checkpoint folder of consume-stream is NOTLOG's
+    (["consume-stream"], b"", 2, "the following arguments are required: --nats, --stream, "
+     "--name, --handler, --checkpoint-dir"),
+    (["consume-stream", "--nats", "nats://127.0.0.1:1", "--stream", "a.b", "--name", "c",
+      "--handler", COUNTER, "--checkpoint-dir", "NOTLOG"], b"", 2,
+     "stream name 'a.b' is invalid"),
+    (["consume-stream", "--nats", "nats://127.0.0.1:1", "--stream", "S", "--name", "c",
+      "--handler", COUNTER, "--checkpoint-dir", "NOTLOG"], b"", 3,
+     "ServerUnavailableError: cannot connect to NATS"),
+    (["mirror", "MISSING"], b"", 2, "the following arguments are required: --nats, --stream"),
+    (["mirror", "MISSING", "--nats", "nats://127.0.0.1:1", "--stream", "a.b"], b"", 2,
+     "stream name 'a.b' is invalid"),
+    (["mirror", "MISSING", "--nats", "nats://127.0.0.1:1", "--stream", "S"], b"", 3,
+     "ServerUnavailableError: cannot connect to NATS"),
+    (["mirror", "LOG", "--nats", "nats://127.0.0.1:1", "--stream", "S"], b"", 3,
+     "MirrorMismatchError"),
     # demo (--help only: the demo itself runs for seconds; tests/test_demo.py runs it)
     (["demo", "--help"], b"", 0, ""),
     (["demo", "--seconds", "soon"], b"", 2, "invalid float value"),

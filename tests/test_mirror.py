@@ -212,6 +212,28 @@ def test_it_follows_the_stream_and_stops_on_sigterm(nats_server: NatsServer, tmp
 # ---------------------------------------------------------------------------- bad input
 
 
+def test_a_missing_stream_is_refused_and_nothing_is_created(nats_server: NatsServer,
+                                                             tmp_path: Path,
+                                                             children: Children) -> None:
+    """No stream (or no server): exit 3 with the typed error, and no empty log left behind,
+    whether catching up or following."""
+    mirror = tmp_path / "mirror"
+    proc = run_mirror(nats_server.url, mirror, stream="NOPE")
+    assert proc.returncode == 3, proc.stderr
+    assert "StreamNotFoundError: stream NOPE does not exist" in proc.stderr
+    following = children.popen(mirror_cmd(nats_server.url, mirror, stream="NOPE"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=env(**MIRROR_ENV))
+    assert following.wait(60) == 3
+    assert following.stderr is not None
+    assert b"StreamNotFoundError" in following.stderr.read()
+    nats_server.kill()
+    proc = run_mirror(nats_server.url, mirror)
+    assert proc.returncode == 3, proc.stderr
+    assert "ServerUnavailableError" in proc.stderr
+    assert not mirror.exists()
+
+
 def test_a_folder_holding_another_log_is_refused(nats_server: NatsServer,
                                                  tmp_path: Path) -> None:
     src, other = tmp_path / "src", tmp_path / "other"

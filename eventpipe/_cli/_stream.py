@@ -166,10 +166,15 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     if not _have_nats("mirror"):
         return EXIT_USAGE
     from ..jetstream import Mirror
+    from ..jetstream._mirror import check_stream
 
     options: dict[str, Any] = {"batch": args.batch}
     if args.poll_interval is not None:
         options["poll_interval"] = args.poll_interval
+    if not os.path.lexists(args.path):
+        # Mirror creates the log: first make sure there is a stream to fill it from (an
+        # unreachable server or a missing stream leaves nothing behind).
+        check_stream(_servers(args.nats), args.stream, **options)
     with Mirror(args.path, _servers(args.nats), args.stream, **options) as mirror:
         if args.catch_up:
             mirror.catch_up()

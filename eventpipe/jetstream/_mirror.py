@@ -42,8 +42,9 @@ from ._source import (
     describe,
     retryable,
 )
+from ._wire import StreamNotFoundError
 
-__all__ = ["MIRROR_NAME", "Mirror"]
+__all__ = ["MIRROR_NAME", "Mirror", "check_stream"]
 
 log = logging.getLogger("eventpipe.mirror")
 
@@ -51,6 +52,45 @@ MIRROR_NAME = "mirror"
 """The consumer name whose checkpoint records what a mirror log follows."""
 
 _RECONNECT_BACKOFF = (0.1, 5.0)
+
+
+def _checked(servers: list[str] | str, stream: str, batch: int, *intervals: float) -> list[str]:
+    """The servers as a list; ConfigError for no server, a bad stream name, batch, timeout or
+    interval."""
+    listed = check_reader(servers, stream, batch)
+    for value in intervals:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"timeouts and intervals must be positive, not {value!r}")
+    return listed
+
+
+def check_stream(servers: list[str] | str, stream: str, *, batch: int = 1024,
+                 poll_interval: float = 1.0, connect_timeout: float = 2.0,
+                 api_timeout: float = 5.0) -> None:
+    """What to ask before creating a mirror log that does not exist yet, so that a failure
+    leaves nothing behind: the options (ConfigError, as :class:`Mirror` checks them), a
+    server (:class:`~eventpipe.jetstream.ServerUnavailableError`) and the stream
+    (:class:`~eventpipe.jetstream.StreamNotFoundError`). Any other failure (a timeout, the
+    server restarting) is left to the mirror's run, which retries it."""
+    listed = _checked(servers, stream, batch, poll_interval, connect_timeout, api_timeout)
+    asyncio.run(_check_stream(listed, stream, connect_timeout, api_timeout))
+
+
+async def _check_stream(servers: list[str], stream: str, connect_timeout: float,
+                        api_timeout: float) -> None:
+    from nats.js.errors import NotFoundError
+
+    nc = await connect(servers, f"mirror of stream {stream}", connect_timeout)
+    try:
+        await nc.jetstream(timeout=api_timeout).stream_info(stream)
+    except NotFoundError:
+        raise StreamNotFoundError(f"stream {stream} does not exist", stream=stream) from None
+    except Exception as exc:
+        if not retryable(exc):
+            raise
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), api_timeout)
 
 
 class Mirror(Runner):
@@ -74,10 +114,8 @@ class Mirror(Runner):
     def __init__(self, path: str | os.PathLike[str], servers: list[str] | str, stream: str, *,
                  batch: int = 1024, poll_interval: float = 1.0, connect_timeout: float = 2.0,
                  api_timeout: float = 5.0, **log_options: Any) -> None:
-        self.servers = check_reader(servers, stream, batch)
-        for value in (poll_interval, connect_timeout, api_timeout):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"timeouts and intervals must be positive, not {value!r}")
+        self.servers = _checked(servers, stream, batch, poll_interval, connect_timeout,
+                                api_timeout)
         self.stream = stream
         self.batch = batch
         self.poll_interval = poll_interval
