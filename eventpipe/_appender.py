@@ -304,6 +304,10 @@ class Appender:
             w = self._state or self.open()
             group = self._group
             flush = False
+            # The durable mark, read before taking the lock (it only grows, so an older
+            # value only makes the header's ``synced`` claim less): the header claims only
+            # what a finished flush made durable.
+            mark = group.mark() if group is not None else None
             if self._lock_timeout is None:
                 # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
                 # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
@@ -357,12 +361,9 @@ class Appender:
                             write_all(w.times_fd, pack_entry(head - base, now),
                                       tcount * ENTRY_SIZE)
                             new_tcount, new_tlast = tcount + 1, now
-                        if group is not None:
-                            # Flushed after the lock is released (see _groupsync); the
-                            # header claims only what a finished flush made durable.
-                            mark = group.mark()
-                            if mark.base == base and mark.committed > synced:
-                                synced = mark.committed
+                        if (mark is not None and mark.base == base
+                                and mark.committed > synced):
+                            synced = mark.committed
                     except BaseException as exc:
                         h = Header(head, base, committed, synced, boot, 0, tcount, tlast)
                         self._undo(w, h, [])
