@@ -1,5 +1,7 @@
-"""What the runners share: the pieces every class that follows a source and keeps its progress
-under a name (Consumer, DbConsumer, the bridge) runs with, written once.
+"""What every runner (Consumer, DbConsumer, Bridge) shares: name, standby, waits, close().
+
+A runner follows a source and keeps its progress under a name; these are the pieces all of them
+run with, written once (the stream consumer and the mirror can adopt them too).
 
 * :class:`Runner`: the life cycle. What construction opens is closed by :meth:`Runner.close`
   (or by a failed construction), last opened first, once; a closed runner refuses work;
@@ -15,7 +17,7 @@ under a name (Consumer, DbConsumer, the bridge) runs with, written once.
 * :func:`consumer_options`, :meth:`Runner._configure`, :meth:`Runner._open_dead_letters`:
   the consumer option plumbing.
 
-Signals are :mod:`eventpipe._signals`'; the watchdog's clock is
+Signals are :mod:`eventpipe._signals`' job; the watchdog's clock is
 :meth:`~eventpipe._systemd.SystemdNotifier.wait_at_most`.
 """
 
