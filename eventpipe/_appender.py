@@ -408,10 +408,7 @@ class Appender:
             group.wait_durable(done, w.head_fd)
         except SyncFailed as exc:
             with self.mutex:
-                cause: BaseException = exc.cause or OSError(
-                    errno.EIO, f"a flush of offsets {exc.failed.start}..{exc.failed.stop - 1}"
-                               " by another writer failed")
-                self._fail(cause, "fsync", done)
+                self._flush_failed(exc, done)
         except (OSError, EventPipeError) as exc:
             with self.mutex:
                 self._fail(exc, "fsync", done)
@@ -429,20 +426,36 @@ class Appender:
             exc.committed = done  # type: ignore[attr-defined]  # as DurabilityError has it
             raise
 
+    def _flush_failed(self, exc: SyncFailed, done: range) -> NoReturn:
+        """DurabilityError for ``done``: the group flush covering it failed, here or in
+        another writer. Caller holds ``mutex``."""
+        cause: BaseException = exc.cause or OSError(
+            errno.EIO, f"a flush of offsets {exc.failed.start}..{exc.failed.stop - 1} by "
+                       "another writer failed")
+        self._fail(cause, "fsync", done)
+
     def _publish(self, w: _WriterState, before: Header, header: bytes, done: range,
                  created: list[tuple[int, int, int]]) -> None:
         """Write ``header``: the commit point, after which the append of ``done`` happened;
         from then on this process appends to the last of the ``created`` segments, if any."""
         try:
             _pwrite(w.head_fd, header, 0)
-            if self._always:
-                os.fdatasync(w.head_fd)
-            elif not w.dirty:
-                w.dirty = True
-                w.unsynced_from = done.start
+            self._owe_durability(w, done)
         except BaseException as exc:
             self._after_failed_publish(w, before, header, done, created, exc)
         self._adopt(w, created)
+
+    def _owe_durability(self, w: _WriterState, done: range) -> None:
+        """After the commit of ``done`` outside the hot path (a roll, an interrupted
+        commit): under ``always`` make it durable now, else note it for the next sync."""
+        if not self._always:
+            if not w.dirty:
+                w.dirty = True
+                w.unsynced_from = done.start
+        elif self._group is not None:
+            self._group.wait_durable(done, w.head_fd)  # the data too, and moves the mark
+        else:
+            os.fdatasync(w.head_fd)
 
     @staticmethod
     def _adopt(w: _WriterState, created: list[tuple[int, int, int]]) -> None:
@@ -471,16 +484,17 @@ class Appender:
             self._undo(w, before, created)
             self._raise_write_error(exc, before)
         self._adopt(w, created)
+        if isinstance(exc, SyncFailed):
+            self._flush_failed(exc, done)
         if isinstance(exc, OSError):
             self._fail(exc, "fsync of the log header", done)
         # Interrupted after the commit: make it as durable as promised, then let the
         # interrupt through, saying what was stored.
         try:
-            if self._always:
-                os.fdatasync(w.head_fd)
-            elif not w.dirty:
-                w.dirty = True
-                w.unsynced_from = done.start
+            self._owe_durability(w, done)
+        except SyncFailed as sync_exc:
+            with contextlib.suppress(DurabilityError):
+                self._flush_failed(sync_exc, done)
         except OSError as sync_exc:
             with contextlib.suppress(DurabilityError):
                 self._fail(sync_exc, "fsync of the log header", done)
