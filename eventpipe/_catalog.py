@@ -27,14 +27,12 @@ no fsync on append and no recovery of its own.
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 import struct
 import zlib
 from collections.abc import Callable, Sequence
 
 from ._layout import SEGMENT_CATALOG, Folder
-from .errors import StorageError
 
 __all__ = ["RECORD_SIZE", "CatalogView", "append_record", "bisect_by_time", "open_view",
            "parse", "rebuild"]
@@ -91,12 +89,9 @@ def open_view(root: Folder, active_base: int) -> CatalogView | None:
     """The catalog of the log in ``root`` if it covers every sealed segment below
     ``active_base`` (its last record ends there, or it has none and starts there); None
     otherwise: the caller then lists ``segments/``."""
-    try:
-        fd = root.open_file(SEGMENT_CATALOG, os.O_RDONLY)
-    except StorageError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
+    fd = root.open_existing(SEGMENT_CATALOG, os.O_RDONLY)
+    if fd is None:
+        return None
     try:
         size = os.fstat(fd).st_size
         head = _check(os.pread(fd, RECORD_SIZE, 0))
@@ -173,11 +168,8 @@ def append_record(root: Folder, base: int, end: int, first_time: int | None, mod
     segments on disk). Rewrites it without the records below ``first_stored`` (the first
     segment still stored) once there are many of them.
     """
-    try:
-        fd = root.open_file(SEGMENT_CATALOG, os.O_RDWR)
-    except StorageError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    fd = root.open_existing(SEGMENT_CATALOG, os.O_RDWR)
+    if fd is None:
         fd = -1
     try:
         if fd >= 0 and _appendable(fd, base):

@@ -38,7 +38,6 @@ committed after the failure get a flush of their own.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import struct
@@ -51,7 +50,6 @@ from . import _header
 from ._layout import SYNC_STATE, Folder
 from ._segment import segment_name
 from ._timeindex import times_name
-from .errors import StorageError
 
 __all__ = ["DurableMark", "GroupSync", "SyncFailed", "read_mark"]
 
@@ -197,11 +195,8 @@ class GroupSync:
         """Open segment ``base`` and its time index for flushing. A segment gone already was
         sealed by a roll after the header was read, and a roll flushes what it seals."""
         self._close_segment()
-        try:
-            seg = self._segments.open_file(segment_name(base), os.O_RDONLY)
-        except StorageError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        seg = self._segments.open_existing(segment_name(base), os.O_RDONLY)
+        if seg is None:
             return
         try:
             times = self._segments.open_file(times_name(base), os.O_RDONLY)

@@ -154,6 +154,15 @@ class Folder:
             raise
         return fd
 
+    def open_existing(self, name: str, flags: int) -> int | None:
+        """:meth:`open_file`, or None when there is no entry ``name`` (never creates it)."""
+        try:
+            return self.open_file(name, flags)
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
     def open_shared(self, name: str, mode: int) -> int:
         """Open ``name`` read-write, creating it with exactly ``mode`` if missing (lock files).
 
@@ -170,12 +179,9 @@ class Folder:
 
     def read_bytes(self, name: str) -> bytes | None:
         """The content of file ``name``; None if there is no such entry."""
-        try:
-            fd = self.open_file(name, os.O_RDONLY)
-        except StorageError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
+        fd = self.open_existing(name, os.O_RDONLY)
+        if fd is None:
+            return None
         try:
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return f.read()

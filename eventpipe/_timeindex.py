@@ -29,7 +29,6 @@ first entry at the first offset the new writer appended.
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 import os
 import re
@@ -43,7 +42,6 @@ from typing import NamedTuple
 
 from ._catalog import CatalogView, bisect_by_time
 from ._layout import Folder
-from .errors import StorageError
 
 __all__ = [
     "ENTRY_SIZE",
@@ -165,12 +163,9 @@ def to_ns(when: datetime | int | float) -> int:
 def read_first_time(segments: Folder, base: int) -> int | None:
     """The time of segment ``base``'s first entry, read from ``segments/``; None when it has
     no time index or its first entry fails its check."""
-    try:
-        fd = segments.open_file(times_name(base), os.O_RDONLY)
-    except StorageError as exc:
-        if exc.errno == errno.ENOENT:  # written before times existed, or removed
-            return None
-        raise
+    fd = segments.open_existing(times_name(base), os.O_RDONLY)
+    if fd is None:  # written before times existed, or removed
+        return None
     try:
         found = parse_entries(os.pread(fd, ENTRY_SIZE, 0))
     finally:
@@ -222,12 +217,8 @@ class TimeIndex:
         return tcount if base >= active else None
 
     def _open(self, base: int) -> int | None:
-        try:
-            return self._segments().open_file(times_name(base), os.O_RDONLY)
-        except StorageError as exc:
-            if exc.errno == 2:  # ENOENT: written before times existed, or removed
-                return None
-            raise
+        # None: written before times existed, or removed
+        return self._segments().open_existing(times_name(base), os.O_RDONLY)
 
     def entries(self, base: int) -> tuple[list[int], list[int]]:
         """``(rels, times)``: the valid entries of segment ``base`` (see :class:`Entries`)."""
