@@ -153,15 +153,7 @@ def run_demo(
             head = log.head
             print(f"  writers stopped at {head:,} events; waiting for consumers to drain",
                   file=out)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and any(
-                _offset(path, n) != head for n in PROJECTIONS
-            ):
-                time.sleep(0.05)
-            for p in consumers:
-                if p.pid is not None and p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)
-            problems += _joined(consumers)
+            problems += _drain(path, head, consumers)
             elapsed = time.monotonic() - started
             bad = _check(path, log, head, dlq, problems)
     finally:
@@ -180,6 +172,18 @@ def run_demo(
           f"{verdict}: " + "; ".join(problems), file=out)
     print(f"  files kept in {base} (try: eventpipe status {path})", file=out)
     return result
+
+
+def _drain(path: str, head: int, consumers: Sequence[BaseProcess]) -> list[str]:
+    """Let the consumers reach ``head`` (at most 60 s), stop them with SIGTERM as systemd
+    would, and return what went wrong with them."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_offset(path, n) != head for n in PROJECTIONS):
+        time.sleep(0.05)  # a progress poll of checkpoint files, not a synchronisation
+    for p in consumers:
+        if p.pid is not None and p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    return _joined(consumers)
 
 
 def _show_progress(path: str, log: EventLog, started: float, seconds: float,

@@ -434,24 +434,11 @@ def verify_log(
     problems, warnings = check_layout(root, file_mode)
     summary: dict[str, Any] = {"segments": 0, "events": 0, "checkpoints": 0,
                                "warnings": warnings}
-    meta_path = os.path.join(root, "eventpipe.json")
-    try:
-        meta = orjson.loads(_read_inside(meta_path, 1))
-        if not isinstance(meta, dict) or meta.get("format") != "eventpipe-log":
-            problems.append(Problem(meta_path, None, "not an eventpipe log's metadata"))
-            meta = {}
-    except (OSError, orjson.JSONDecodeError) as exc:
-        problems.append(Problem(meta_path, None, f"metadata unreadable: {exc}"))
+    opened = _meta_and_header(root, problems)
+    if opened is None:
         return problems, summary
+    meta, header = opened
     head_path = os.path.join(root, "head")
-    try:
-        header = _read_header(head_path)
-    except OSError as exc:
-        problems.append(Problem(head_path, None, f"header unreadable: {exc}"))
-        return problems, summary
-    if header is None:
-        problems.append(Problem(head_path, None, "header checksum or magic is wrong"))
-        return problems, summary
     folder = os.path.join(root, "segments")
     segs = [s for s in _listing(folder) if s.base <= header.segment_base]
     if (not segs or segs[-1].base != header.segment_base) and not (
@@ -478,6 +465,30 @@ def verify_log(
     problems[first_checkpoint_problem:] = [
         p._replace(kind="checkpoint") for p in problems[first_checkpoint_problem:]]
     return problems, summary
+
+
+def _meta_and_header(root: str, problems: list[Problem]) -> tuple[dict[str, Any], Header] | None:
+    """The log's metadata (``{}`` if foreign) and header; None, with the problem noted, when
+    either cannot be read at all (nothing else can be checked then)."""
+    meta_path = os.path.join(root, "eventpipe.json")
+    try:
+        meta = orjson.loads(_read_inside(meta_path, 1))
+        if not isinstance(meta, dict) or meta.get("format") != "eventpipe-log":
+            problems.append(Problem(meta_path, None, "not an eventpipe log's metadata"))
+            meta = {}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        problems.append(Problem(meta_path, None, f"metadata unreadable: {exc}"))
+        return None
+    head_path = os.path.join(root, "head")
+    try:
+        header = _read_header(head_path)
+    except OSError as exc:
+        problems.append(Problem(head_path, None, f"header unreadable: {exc}"))
+        return None
+    if header is None:
+        problems.append(Problem(head_path, None, "header checksum or magic is wrong"))
+        return None
+    return meta, header
 
 
 def _check_listed(listed: SegmentFile, next_base: int, header: Header, head_path: str,

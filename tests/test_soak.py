@@ -11,7 +11,8 @@ of them at random moments, and runs one writer under strace with a random syscal
 * offsets are dense and each writer's events are in its own order;
 * every few rounds, and at the end, ``verify`` finds nothing wrong.
 
-``EVENTPIPE_SOAK_ROUNDS`` sets the number of rounds (default 300).
+``EVENTPIPE_SOAK_ROUNDS`` sets the number of rounds (default 300); ``EVENTPIPE_SOAK_SYNC`` the
+sync policies drawn from (default ``none,interval,always``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .conftest import ROOT, WORKERS
 pytestmark = pytest.mark.slow
 
 ROUNDS = int(os.environ.get("EVENTPIPE_SOAK_ROUNDS", "300"))
+# EVENTPIPE_SOAK_SYNC=always runs every writer under one policy (group commit under fire).
+SYNCS = tuple(os.environ.get("EVENTPIPE_SOAK_SYNC", "none,interval,always").split(","))
 FAULTS = [
     "pwrite64:error=ENOSPC", "pwrite64:error=EIO", "fdatasync:error=EIO", "fsync:error=EIO",
     "ftruncate:error=EIO", "openat:error=ENOSPC", "renameat:error=EIO", "flock:error=ENOLCK",
@@ -67,8 +70,7 @@ def strace_writer(path: Path, wid: str, count: int, seed: int, fault: str,
     return subprocess.Popen(
         ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={call}",
          "-e", f"inject={fault}:when={when}", sys.executable, str(WORKERS), "soak_writer",
-         str(path), wid, str(count), str(seed), random.Random(seed).choice(
-             ("none", "interval", "always"))],
+         str(path), wid, str(count), str(seed), random.Random(seed).choice(SYNCS)],
         stdout=subprocess.PIPE, env=env)
 
 
@@ -117,7 +119,7 @@ def test_kill_and_fault_soak(tmp_path: Path) -> None:
     for rnd in range(ROUNDS):
         writers = {f"r{rnd}w{k}": fork_writer(path, f"r{rnd}w{k}", rng.randint(5, 60),
                                               rng.randrange(1 << 30),
-                                              rng.choice(("none", "interval", "always")))
+                                              rng.choice(SYNCS))
                    for k in range(3)}
         traced = None
         if rnd % 3 == 0:
