@@ -152,6 +152,7 @@ class Appender:
             mode = self.config.file_mode
             lock_path = self.root.path_of(WRITER_LOCK)
             lock_fd = self.root.open_shared(WRITER_LOCK, mode)
+            head_fd = -1
             try:
                 with os_errors("take writer lock", lock_path):
                     fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -161,8 +162,12 @@ class Appender:
                     _meta.upgrade(self.root, self.config.file_mode)
                     head_fd = self._open_head_for_writing()
                 finally:
-                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                    # (Closing lock_fd below releases the lock if this fails.)
+                    with os_errors("release writer lock", lock_path):
+                        fcntl.flock(lock_fd, fcntl.LOCK_UN)
             except BaseException:
+                if head_fd >= 0:
+                    os.close(head_fd)
                 os.close(lock_fd)
                 raise
             w = self._state = _WriterState(lock_fd, head_fd)

@@ -196,3 +196,20 @@ def test_failed_background_fsync_reaches_the_appender(tmp_path: Path) -> None:
     assert out["after"] == "refused" and out["close"] == "DurabilityError"
     with EventLog(log) as lg:  # every acknowledged append is there, once
         assert [r.event["n"] for r in lg.read()] == list(range(out["acked"]))
+
+
+@pytest.mark.parametrize("sync", ["always", "interval"])
+@pytest.mark.parametrize("when", range(1, 6))
+def test_every_failing_lock_call_is_a_typed_error(tmp_path: Path, sync: str, when: int) -> None:
+    """ENOLCK from any of the first flock calls on the writer lock (take or release, at open
+    or in an append) is a StorageError, never a bare OSError; and nothing committed is lost.
+    (Found by the kill-and-fault soak with every writer under sync="always": the release of
+    the writer lock at open raised a bare OSError.)"""
+    log = tmp_path / "log"
+    out = run_child(log, f"flock:error=ENOLCK:when={when}", "writer.lock", sync=sync)
+    for call in out["calls"]:
+        assert "ok" in call or call["error"] in ("StorageError", "DurabilityError", "LockTimeout")
+    acked = [c["ok"] for c in out["calls"] if "ok" in c]
+    names = stored(log)
+    for offset in acked:
+        assert offset < len(names)
