@@ -8,8 +8,10 @@ Usage::
 NEW defaults to HEAD. The script checks both commits out with ``git worktree add --detach`` in
 a temporary folder (removed afterwards, ``git worktree prune`` included; nothing in the work
 tree, index or branches is touched), then runs a small measuring program in a fresh subprocess
-per run with ``PYTHONPATH`` pointing at one checkout, alternating old and new (old first on
-even runs, new first on odd ones). Each subprocess is this interpreter (run it with the repo's
+per measurement with ``PYTHONPATH`` pointing at one checkout, alternating old and new (old first
+on even runs, new first on odd ones). One subprocess per measurement, not per run: what one
+measurement leaves in a process (100k ``append()`` calls) moved the next one (``append_many``)
+by 15-20%. Each subprocess is this interpreter (run it with the repo's
 venv: same Python, same orjson) and measures, in a fresh log with default options:
 
 - ``append()`` of ``--events`` events (default 100k), one call each (storage row 2);
@@ -190,7 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sides = [("old", old_tree), ("new", new_tree)]
                 kinds = list(KINDS) if run % 2 == 0 else list(KINDS)[::-1]
                 for side, tree in sides if run % 2 == 0 else sides[::-1]:
-                    got = measure(tree, a.events, data, kinds)
+                    got: dict[str, Any] = {}
+                    for kind in kinds:
+                        # One process per measurement: what one measurement leaves in a
+                        # process's heap moved the next one's time by 15-20% (append_many
+                        # after 100k append() calls; see benchmarks/README, issue 10).
+                        got.update(measure(tree, a.events, data, [kind]))
                     for kind in KINDS:
                         samples[kind][side].append(got[kind])
                     print(f"[{time.strftime('%H:%M:%S')}] run {run + 1}/{a.runs} {side}: "
