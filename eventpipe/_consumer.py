@@ -33,6 +33,7 @@ from ._checkpoint import (
     storage_context,
 )
 from ._config import CONSUMER_OPTIONS
+from ._deadletter import DeadLettering
 from ._fsutil import make_dirs
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
@@ -101,7 +102,7 @@ _Request = float | _Sleep | None
 _Steps = Generator[_Request, bool | None, Any]
 
 
-class Consumer(Runner):
+class Consumer(Runner, DeadLettering):
     """Follows a log from its own persisted position, folding events into a state.
 
     ``handler(state, event, offset)`` returns the new state, which must be JSON-serialisable;
@@ -681,32 +682,6 @@ class Consumer(Runner):
                 yield None
                 self._yielded_at = clock()
         return state
-
-    def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
-        """Append the failed event to the dead-letter log, exactly once.
-
-        First a checkpoint of the state before the event, marked with the dead-letter log's
-        head: a run killed after the append then finds its entry by reading from there (and
-        passes over the event, see _load), however many entries others appended meanwhile.
-        """
-        dead = self._dead_letters
-        assert dead is not None
-        if self._dead_lettered(offset):
-            return
-        self._save(dead_letter_from=dead.head)
-        dead.append(offset, event, exc)
-
-    def _dead_lettered(self, offset: int) -> bool:
-        """Whether the dead-letter log already holds our entry for ``offset``."""
-        dead = self._dead_letters
-        pending = self._pending_dead_letter
-        if dead is None:
-            return False
-        if pending is not None and pending[0] == offset:
-            return dead.holds(offset, pending[1])
-        if self._scan_all_dead_letters:
-            return dead.holds(offset, 0)
-        return False  # no mark: no append can have happened since the last checkpoint
 
     # ------------------------------------------------------------------------------ running
 

@@ -2,9 +2,10 @@
 
 The dead-letter log is an ordinary eventpipe log, shared by any number of consumers. An entry
 names the consumer, the consumed log (path and log id) and the event's offset, and quotes the
-event and the error; it always fits the dead-letter log's ``max_event_bytes``. Exactly-once is
-the consumer's part (a marked checkpoint before each append, see ``Consumer._dead_letter``);
-this module finds an entry from a given head, and builds and appends entries.
+event and the error; it always fits the dead-letter log's ``max_event_bytes``. Exactly-once
+takes the consumer's checkpoint (a marked one before each append): :class:`DeadLettering` is
+that part, for the consumers that checkpoint to files (Consumer, StreamConsumer); this module
+also finds an entry from a given head, and builds and appends entries.
 
 The consumer names its dead-letter log in each checkpoint (``Checkpoint.dead_letter``), which
 is how ``eventpipe status`` finds it; :func:`count_entries` counts what is there.
@@ -22,7 +23,7 @@ from ._checkpoint import Checkpoint, DeadLetterLog
 from ._log import EventLog
 from .errors import ConfigError, EventPipeError, NotAnEventLogError
 
-__all__ = ["DeadLetterCounts", "DeadLetters", "count_entries"]
+__all__ = ["DeadLetterCounts", "DeadLettering", "DeadLetters", "count_entries"]
 
 # A dead-letter entry quotes at most this much of the error and of its traceback (characters):
 # the entry must fit the dead-letter log's max_event_bytes whatever the failure.
@@ -126,6 +127,51 @@ class DeadLetters:
 
     def close(self) -> None:
         self.log.close()
+
+
+class DeadLettering:
+    """A consumer's exactly-once appends to its dead-letter log, through its checkpoints.
+
+    The consumer sets the three attributes (:attr:`_dead_letters`: None without a dead-letter
+    log; :attr:`_pending_dead_letter`: the (offset, dead-letter head) of a checkpoint written
+    just before an append; :attr:`_scan_all_dead_letters`: look through the whole dead-letter
+    log, with no mark to start from) and gives :meth:`_save`.
+    """
+
+    _dead_letters: DeadLetters | None
+    _pending_dead_letter: tuple[int, int] | None
+    _scan_all_dead_letters: bool
+
+    def _save(self, dead_letter_from: int | None = None) -> None:
+        """Checkpoint the state and position, marked with ``dead_letter_from`` (a head of the
+        dead-letter log) when an append follows."""
+        raise NotImplementedError
+
+    def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
+        """Append the failed event to the dead-letter log, exactly once.
+
+        First a checkpoint of the state before the event, marked with the dead-letter log's
+        head: a run killed after the append then finds its entry by reading from there (and
+        passes over the event), however many entries others appended meanwhile.
+        """
+        dead = self._dead_letters
+        assert dead is not None
+        if self._dead_lettered(offset):
+            return
+        self._save(dead_letter_from=dead.head)
+        dead.append(offset, event, exc)
+
+    def _dead_lettered(self, offset: int) -> bool:
+        """Whether the dead-letter log already holds our entry for ``offset``."""
+        dead = self._dead_letters
+        pending = self._pending_dead_letter
+        if dead is None:
+            return False
+        if pending is not None and pending[0] == offset:
+            return dead.holds(offset, pending[1])
+        if self._scan_all_dead_letters:
+            return dead.holds(offset, 0)
+        return False  # no mark: no append can have happened since the last checkpoint
 
 
 def _clip(text: str) -> str:

@@ -1,11 +1,12 @@
-"""What every runner (Consumer, DbConsumer, Bridge) shares: name, standby, waits, close().
+"""What every runner shares: name, standby, waits, close().
 
-A runner follows a source and keeps its progress under a name; these are the pieces all of them
-run with, written once (the stream consumer and the mirror can adopt them too).
+A runner (Consumer, DbConsumer, Bridge, StreamConsumer, Mirror) follows a source and keeps its
+progress under a name; these are the pieces all of them run with, written once.
 
 * :class:`Runner`: the life cycle. What construction opens is closed by :meth:`Runner.close`
   (or by a failed construction), last opened first, once; a closed runner refuses work;
-  ``with`` closes it. Hooks a folding runner calls when it caught up or went idle.
+  ``with`` closes it. Hooks a folding runner calls when it caught up or went idle. A stop
+  from anywhere; in an event loop, SIGTERM and SIGINT (kept in ``stopped_by``).
 * :func:`take_name` and :class:`Standby`: the name (``<name>.lock``, one process per name on
   this host): taken at construction, or waited for by a standby, which reports itself to
   systemd as ready and names the holder in its STATUS line while it waits.
@@ -30,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 
@@ -41,6 +42,7 @@ from ._deadletter import DeadLetters
 from ._layout import CONSUMERS_DIR, Folder
 from ._log import EventLog
 from ._namelock import NameLock
+from ._signals import stop_on_loop_signals
 from ._systemd import SystemdNotifier
 from .errors import ConfigError, ConsumerBusyError, LogClosedError
 
@@ -75,23 +77,29 @@ class Runner:
     handler: Callable[..., Any]
     on_caught_up: Hook | None = None
     on_idle: Hook | None = None
+    stopped_by: int | None = None
+    """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
     _closed: bool
     _parts: contextlib.ExitStack
     _notifier: ChangeNotifier | None = None
     _stop_flag: list[bool]  # a list: a hot loop holds it in a local and still sees a stop
     _stop_event: threading.Event
+    # A run in an event loop that waits on an asyncio.Event: the loop, and that event.
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop_async: asyncio.Event | None = None
 
-    def _open(self, log_or_path: EventLog | str | os.PathLike[str],
+    def _open(self, log_or_path: EventLog | str | os.PathLike[str] | None,
               **log_options: Any) -> None:
         """Start the parts: the log (``log_or_path`` itself, or opened here and then closed by
-        :meth:`close`) and the systemd notifier. Not stopped yet."""
+        :meth:`close`; None for a runner without a local log) and the systemd notifier. Not
+        stopped yet."""
         self._closed = False
         self._parts = contextlib.ExitStack()
         self._stop_flag = [False]
         self._stop_event = threading.Event()
         if isinstance(log_or_path, EventLog):
             self.log = log_or_path
-        else:
+        elif log_or_path is not None:
             self.log = EventLog(log_or_path, **log_options)
             self._parts.callback(self.log.close)
         self.systemd = SystemdNotifier()
@@ -103,10 +111,12 @@ class Runner:
         self._parts.callback(folder.close)
         return folder
 
-    def _lock_name(self, folder: Folder, standby: bool) -> tuple[NameLock, bool]:
-        """The name's lock in ``folder``, released by :meth:`close`, and whether it is ours
-        now (see :func:`take_name`)."""
-        lock = NameLock(folder, self.name, self.log.config.file_mode)
+    def _lock_name(self, folder: Folder, standby: bool,
+                   file_mode: int | None = None) -> tuple[NameLock, bool]:
+        """The name's lock in ``folder`` (its file made with ``file_mode``, default the log's),
+        released by :meth:`close`, and whether it is ours now (see :func:`take_name`)."""
+        mode = self.log.config.file_mode if file_mode is None else file_mode
+        lock = NameLock(folder, self.name, mode)
         self._parts.callback(lock.release)
         return lock, take_name(lock, self.kind, self.name, standby)
 
@@ -121,12 +131,14 @@ class Runner:
         self.on_idle = on_idle
         return self.options
 
-    def _open_dead_letters(self) -> DeadLetters | None:
+    def _open_dead_letters(self, consumed: Any = None) -> DeadLetters | None:
         """The dead-letter log this consumer appends to (None unless on_error='dead_letter'),
-        open until :meth:`close`."""
+        open until :meth:`close`. Its entries name ``consumed`` (default :attr:`log`: any
+        object with its ``path`` and ``log_id``)."""
         if self.options["on_error"] != "dead_letter":
             return None
-        dead = DeadLetters(self.options["dead_letter"], self.log, self.name)
+        dead = DeadLetters(self.options["dead_letter"],
+                           self.log if consumed is None else consumed, self.name)
         self._parts.callback(dead.close)
         return dead
 
@@ -142,9 +154,14 @@ class Runner:
         """The path a closed runner's error names."""
         return self.log.path
 
+    @property
+    def _described(self) -> str:
+        """The runner in a closed runner's error."""
+        return f"{self.kind} {self.name!r}"
+
     def _check_usable(self) -> None:
         if self._closed:
-            raise LogClosedError(f"{self.kind} {self.name!r} is closed", path=self._error_path)
+            raise LogClosedError(f"{self._described} is closed", path=self._error_path)
 
     def close(self) -> None:
         """Release the name and close what the runner opened. Idempotent."""
@@ -183,6 +200,22 @@ class Runner:
         notifier = self._notifier
         if notifier is not None:
             notifier.wake()
+        loop, event = self._loop, self._stop_async
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(event.set)
+
+    def _on_signal(self, sig: int) -> None:
+        """SIGTERM or SIGINT in a run: kept in :attr:`stopped_by` (the first), then stop()."""
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        self._request_stop()
+
+    async def _with_signals(self, work: Awaitable[object]) -> None:
+        """Await ``work`` with SIGTERM and SIGINT stopping the runner (see :meth:`_on_signal`;
+        in the main thread only)."""
+        with stop_on_loop_signals(self._on_signal):
+            await work
 
     def _stopped(self) -> bool:
         return self._stop_flag[0]
@@ -394,11 +427,15 @@ def sleep_until(deadline: float, systemd: SystemdNotifier, stopping: Callable[[]
 
 async def sleep_until_async(deadline: float, systemd: SystemdNotifier,
                             stopping: Callable[[], bool],
-                            notifier: ChangeNotifier | None) -> None:
+                            notifier: ChangeNotifier | asyncio.Event | None) -> None:
     """:func:`sleep_until` without blocking the loop: on ``notifier``, which a stop wakes (a
-    hint, an append, just loops); without one, in slices."""
+    change watch: a hint, an append, just loops; or an event a stop sets); without one, in
+    slices."""
     for step in _sleep_steps(deadline, systemd, stopping):
-        if notifier is not None:
+        if isinstance(notifier, asyncio.Event):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(notifier.wait(), step)
+        elif notifier is not None:
             await notifier.wait_async(step)
         else:
             await asyncio.sleep(min(step, MAIN_THREAD_SLICE))

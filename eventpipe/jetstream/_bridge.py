@@ -45,13 +45,12 @@ from .._consumer import checkpoint_at
 from .._layout import HEAD_FILE
 from .._log import EventLog
 from .._runner import Runner, Standby, poll_wait, sleep_until_async, watch
-from .._signals import stop_on_loop_signals
 from ..errors import CheckpointMismatchError, ConfigError, EventPipeError
+from ._source import connect
 from ._wire import (
     API_ERR_WRONG_LAST_MSG_ID,
     API_ERR_WRONG_LAST_SEQUENCE,
     PublishError,
-    ServerUnavailableError,
     StreamGapError,
     StreamMismatchError,
     StreamNotFoundError,
@@ -77,7 +76,6 @@ _API_ERR_WRONG_STREAM = 10060  # Nats-Expected-Stream names another stream
 _FIRST_BACKOFF = 0.1
 # The standby's attempts after a hint that the holder let go (as a consumer's).
 _TAKEOVER_RETRIES = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-_CONNECT_ATTEMPTS = 2  # per server, before the first connection counts as failed
 
 
 class _Ack(NamedTuple):
@@ -278,16 +276,7 @@ class Bridge(Runner):
         """Publish until :meth:`stop`, SIGTERM or SIGINT (in the main thread: which one
         is kept in :attr:`stopped_by`). Raises what ends the run otherwise."""
         self._check_usable()
-        asyncio.run(self._run_with_signals())
-
-    async def _run_with_signals(self) -> None:
-        with stop_on_loop_signals(self._on_signal):
-            await self.run_async()
-
-    def _on_signal(self, sig: int) -> None:
-        if self.stopped_by is None:
-            self.stopped_by = sig
-        self.stop()
+        asyncio.run(self._with_signals(self.run_async()))
 
     async def run_async(self) -> None:
         """:meth:`run` in an event loop (signals are the application's: call :meth:`stop`).
@@ -303,7 +292,8 @@ class Bridge(Runner):
         try:
             if not await self._await_name():
                 return
-            nc = await self._connect()
+            nc = await connect(self.servers, f"bridge {self.name}", self.connect_timeout,
+                               client_name=f"eventpipe {self.name}", logger=log)
             try:
                 js = nc.jetstream(timeout=self.ack_timeout)
                 publisher = _Publisher(nc)
@@ -336,40 +326,6 @@ class Bridge(Runner):
         standby = Standby(self, self._lock, log, self.poll_interval, retries=_TAKEOVER_RETRIES,
                           catching_up=False)
         return await self._stand_by_async(standby, self.notifications, self._took_name)
-
-    async def _connect(self) -> Client:
-        import nats
-        from nats.errors import AuthorizationError, NoServersError
-
-        seen: list[BaseException] = []
-
-        async def on_error(exc: Exception) -> None:
-            seen.append(exc)
-            log.warning("bridge %s: NATS: %s", self.name, _describe(exc))
-
-        async def quiet(*_: Any) -> None:
-            return None
-
-        try:
-            nc = await nats.connect(
-                servers=self.servers, name=f"eventpipe {self.name}",
-                connect_timeout=self.connect_timeout, reconnect_time_wait=0.5,
-                max_reconnect_attempts=_CONNECT_ATTEMPTS, allow_reconnect=True,
-                error_cb=on_error, disconnected_cb=quiet, reconnected_cb=quiet,
-                closed_cb=quiet,
-            )
-        except (NoServersError, AuthorizationError, OSError, TimeoutError) as exc:
-            cause = seen[-1] if seen else exc
-            auth = any(isinstance(e, AuthorizationError)
-                       or "authorization violation" in str(e).lower() for e in (*seen, exc))
-            why = "authorization failed" if auth else "no server reachable"
-            raise ServerUnavailableError(
-                f"cannot connect to NATS at {', '.join(self.servers)}: {why} "
-                f"({_describe(cause)})", reason=_describe(cause)) from None
-        # Connected: from now on reconnect for good (the first connection gave up above, so
-        # a wrong URL fails fast instead of retrying forever); nats-py reads this per attempt.
-        nc.options["max_reconnect_attempts"] = -1
-        return nc
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         from nats.js.errors import NotFoundError

@@ -23,26 +23,25 @@ import contextlib
 import itertools
 import logging
 import os
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from .._checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from .._consumer import checkpoint_at
-from .._layout import CONSUMERS_DIR
-from .._log import EventLog
 from .._namelock import NameLock
-from .._systemd import SystemdNotifier
-from ..errors import CheckpointMismatchError, ConfigError, ConsumerBusyError, LogClosedError
+from ..errors import CheckpointMismatchError, ConfigError, ConsumerBusyError
 from ._source import (
     Entry,
     MirrorMismatchError,
-    Runner,
+    StreamReader,
     StreamSource,
     check_reader,
     connect,
-    describe,
     retryable,
 )
 from ._wire import StreamNotFoundError
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
 
 __all__ = ["MIRROR_NAME", "Mirror", "check_stream"]
 
@@ -50,8 +49,6 @@ log = logging.getLogger("eventpipe.mirror")
 
 MIRROR_NAME = "mirror"
 """The consumer name whose checkpoint records what a mirror log follows."""
-
-_RECONNECT_BACKOFF = (0.1, 5.0)
 
 
 def _checked(servers: list[str] | str, stream: str, batch: int, *intervals: float) -> list[str]:
@@ -93,7 +90,7 @@ async def _check_stream(servers: list[str], stream: str, connect_timeout: float,
             await asyncio.wait_for(nc.close(), api_timeout)
 
 
-class Mirror(Runner):
+class Mirror(StreamReader):
     """Keeps the log at ``path`` (created if missing) identical to stream ``stream``.
 
     ``servers`` are NATS URLs. ``log_options`` are the mirror log's (segment size,
@@ -111,6 +108,8 @@ class Mirror(Runner):
     sound.
     """
 
+    _logger = log
+
     def __init__(self, path: str | os.PathLike[str], servers: list[str] | str, stream: str, *,
                  batch: int = 1024, poll_interval: float = 1.0, connect_timeout: float = 2.0,
                  api_timeout: float = 5.0, **log_options: Any) -> None:
@@ -125,28 +124,20 @@ class Mirror(Runner):
         """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
         self.appended = 0
         """Events this process appended."""
-        self._stop_flag = False
-        self._stop_event: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-        self.log = EventLog(path, **log_options)
-        self.systemd = SystemdNotifier()
+        self._open(path, **log_options)
         try:
-            config = self.log.config
-            self._folder = self.log.folder.sub(CONSUMERS_DIR, create_mode=config.dir_mode)
+            self._folder = self._consumers_folder()
             self._file = checkpoint_file(MIRROR_NAME)
-            self._lock = NameLock(self._folder, MIRROR_NAME, config.file_mode)
+            self._lock = NameLock(self._folder, MIRROR_NAME, self.log.config.file_mode)
+            self._on_close(self._lock.release)
             if not self._lock.try_acquire():
                 holder = self._lock.holder()
-                self._lock.release()
-                self._folder.close()
                 raise ConsumerBusyError(f"a mirror of {self.log.path} is already running "
                                         f"({holder})", holder=holder, path=self._lock.path)
             self.source_log_id: str | None = self._recorded_source()
             """The id of the log the mirror follows (None: nothing mirrored yet)."""
         except BaseException:
-            self.systemd.close()
-            self.log.close()
+            self._close_parts()
             raise
 
     def _recorded_source(self) -> str | None:
@@ -174,8 +165,7 @@ class Mirror(Runner):
 
     def run(self) -> None:
         """Copy the stream and follow it until stop(), SIGTERM or SIGINT."""
-        self._check_usable()
-        asyncio.run(self._with_signals(self._run(follow=True)))
+        self._run_blocking(follow=True)
 
     async def run_async(self) -> None:
         """:meth:`run` in an event loop (signals are the application's: call :meth:`stop`)."""
@@ -184,32 +174,18 @@ class Mirror(Runner):
 
     def catch_up(self) -> int:
         """Copy what the stream holds as of this call; returns the mirror's head."""
-        self._check_usable()
-        asyncio.run(self._with_signals(self._run(follow=False)))
+        self._run_blocking(follow=False)
         return self.log.head
 
-    async def _run(self, follow: bool) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        if self._stop_flag:
-            self._stop_event.set()
-        try:
-            nc = await connect(self.servers, f"mirror {self.log.path}", self.connect_timeout)
-            try:
-                source = StreamSource(
-                    nc.jetstream(timeout=self.api_timeout), self.stream, self.source_log_id,
-                    batch=self.batch, what=f"the mirror at {self.log.path}",
-                    foreign=self._foreign)
-                try:
-                    await self._read(source, follow)
-                finally:
-                    await source.close()
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), self.api_timeout)
-        finally:
-            self.systemd.stopping()
-            self._loop = self._stop_event = None
+    def _where(self) -> tuple[str, str]:
+        return f"mirror {self.log.path}", f"the mirror at {self.log.path}"
+
+    def _position(self) -> str:
+        return f"head {self.log.head}"
+
+    def _source(self, js: JetStreamContext, what: str) -> StreamSource:
+        return StreamSource(js, self.stream, self.source_log_id, batch=self.batch, what=what,
+                            foreign=self._foreign)
 
     def _foreign(self, log_id: str, seq: int) -> Exception:
         return MirrorMismatchError(
@@ -238,9 +214,9 @@ class Mirror(Runner):
     async def _read(self, source: StreamSource, follow: bool) -> None:
         sd = self.systemd
         target: int | None = None
-        backoff = _RECONNECT_BACKOFF[0]
+        self._read_again()
         ready = False
-        while not self._stop_flag:
+        while not self._stop_flag[0]:
             try:
                 if target is None:
                     target = await self._start(source)
@@ -250,19 +226,11 @@ class Mirror(Runner):
                 if entries is not None and not entries and source.next_seq <= target:
                     end = await source.last_seq()  # the stream may have lost its tail
             except Exception as exc:
-                if not retryable(exc):
-                    raise
-                log.warning("mirror %s: %s; reading again in %.1f s", self.log.path,
-                            describe(exc), backoff)
-                sd.status(f"mirror {self.log.path}: head {self.log.head}; retrying after: "
-                          f"{describe(exc)}")
-                await source.reset()
-                await self._sleep(backoff)
-                backoff = min(_RECONNECT_BACKOFF[1], backoff * 2)
+                await self._retry_after(exc, source)
                 continue
             if entries is None:
                 return  # stopped
-            backoff = _RECONNECT_BACKOFF[0]
+            self._read_again()
             if entries:
                 self._append(entries, source.log_id)
             caught_up = source.next_seq > min(target, end)
@@ -308,27 +276,9 @@ class Mirror(Runner):
                         checkpoint_at(self.log, MIRROR_NAME, self.log.head, state),
                         self.log.config.file_mode)
 
-    # ----------------------------------------------------------------------------- closing
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"mirror of {self.log.path} is closed", path=self.log.path)
-
-    def close(self) -> None:
-        """Release the name and close the log. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._lock.release()
-        self._folder.close()
-        self.systemd.close()
-        self.log.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def _described(self) -> str:
+        return f"mirror of {self.log.path}"
 
     def __repr__(self) -> str:
         return f"Mirror({self.log.path!r}, stream={self.stream!r}, head={self.head})"

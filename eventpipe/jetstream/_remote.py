@@ -16,18 +16,14 @@ stream and compared (a stream rewritten underneath the consumer is refused).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 import time
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .._changes import ChangeNotifier
 from .._checkpoint import (
     Checkpoint,
     checkpoint_file,
@@ -35,36 +31,24 @@ from .._checkpoint import (
     load_checkpoint,
     remove_temp_files,
     save_checkpoint,
-    validate_name,
 )
 from .._config import CONSUMER_OPTIONS, LogConfig, resolve
-from .._deadletter import DeadLetters
+from .._deadletter import DeadLettering
 from .._fsutil import make_dirs
 from .._layout import Folder
-from .._namelock import NameLock
-from .._systemd import SystemdNotifier
+from .._runner import Standby, consumer_options
 from ..errors import (
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
-    ConsumerBusyError,
     HandlerError,
-    LogClosedError,
     StateNotStorableError,
 )
-from ._source import (
-    Entry,
-    Runner,
-    StreamSource,
-    check_reader,
-    connect,
-    describe,
-    retryable,
-)
+from ._source import Entry, StreamReader, StreamSource, check_reader
 from ._wire import ForeignMessageError
 
 if TYPE_CHECKING:
-    from .._log import EventLog
+    from nats.js.client import JetStreamContext
 
 __all__ = ["StreamConsumer"]
 
@@ -74,7 +58,6 @@ log = logging.getLogger("eventpipe.consumer")  # the same logger as a local cons
 # first message and is woken by the server, not by the filesystem.
 _NOT_HERE = ("start", "notifications")
 _MAX_BACKOFF = 3600.0  # retry delays double up to this (as Consumer's)
-_RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest pause before reading again after a failure
 # Events handled since the last checkpoint are kept (their stored lines) so a failing handler's
 # state can be rebuilt by replaying them; past this many bytes a checkpoint is taken sooner.
 _REPLAY_BYTES = 8 << 20
@@ -102,13 +85,10 @@ def _resolve(options: dict[str, Any]) -> dict[str, Any]:
     if opts["checkpoint_dir"] is None:
         raise ConfigError("a stream consumer needs checkpoint_dir (a local folder for its "
                           "checkpoint)", option="checkpoint_dir")
-    if opts["on_error"] == "dead_letter" and opts["dead_letter"] is None:
-        raise ConfigError("on_error='dead_letter' needs the dead_letter option (a log path)",
-                          option="dead_letter")
-    return opts
+    return consumer_options(opts)
 
 
-class StreamConsumer(Runner):
+class StreamConsumer(StreamReader, DeadLettering):
     """Folds the events of a JetStream stream written by :class:`~eventpipe.jetstream.Bridge`
     into a state, exactly once, like :class:`eventpipe.Consumer` folds a local log.
 
@@ -131,7 +111,7 @@ class StreamConsumer(Runner):
     nothing is applied past what is sound), HandlerError as Consumer does.
     """
 
-    _dead_letters: DeadLetters | None
+    _logger = log
 
     def __init__(
         self,
@@ -148,13 +128,10 @@ class StreamConsumer(Runner):
         api_timeout: float = 5.0,
         **options: Any,
     ) -> None:
-        self.options = opts = _resolve(options)
+        opts = _resolve(options)
         self.servers = check_reader(servers, stream, batch)
         self.stream = stream
-        self.name = validate_name(name)
-        self.handler = handler
-        self.on_caught_up = on_caught_up
-        self.on_idle = on_idle
+        self._configure(name, handler, opts, on_caught_up, on_idle)
         self.batch = batch
         self.connect_timeout = connect_timeout
         self.api_timeout = api_timeout
@@ -164,43 +141,32 @@ class StreamConsumer(Runner):
         except ValueError as exc:
             raise ConfigError(f"initial_state cannot be stored as JSON: {exc}",
                               option="initial_state") from None
-        self._open_files(name, stream, opts["checkpoint_dir"])
-        self._init_position()
         self.stopped_by: int | None = None
         """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
-        self._stop_flag = False
-        self._stop_event: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._open(None)
         try:
-            if opts["on_error"] == "dead_letter":
-                # Any log standing in for the consumed one: it has the path and log_id fields.
-                self._dead_letters = DeadLetters(opts["dead_letter"],
-                                                 cast("EventLog", self._source_log), name)
-            if not self._lock.try_acquire():
-                if not opts["standby"]:
-                    raise ConsumerBusyError(
-                        f"consumer {name!r} is already running ({self._lock.holder()}); use "
-                        "standby to wait for it", holder=self._lock.holder(),
-                        path=self._lock.path)
-            else:
+            self._open_files(stream, opts["checkpoint_dir"])
+            self._init_position()
+            # The stream stands in for the consumed log: it has the path and log_id fields.
+            self._dead_letters = self._open_dead_letters(self._source_log)
+            self._lock, ours = self._lock_name(self._folder, opts["standby"], self._mode)
+            if ours:
                 self._load()
         except BaseException:
-            self._close_files()
+            self._close_parts()
             raise
 
-    def _open_files(self, name: str, stream: str, checkpoint_dir: str) -> None:
-        """The checkpoint folder (created if missing) and what lives in it."""
+    def _open_files(self, stream: str, checkpoint_dir: str) -> None:
+        """The checkpoint folder (created if missing), open until :meth:`close`."""
         config = LogConfig.from_options({})
         self._mode = config.file_mode
         make_dirs(checkpoint_dir, config.dir_mode)
         self._folder = Folder.open(checkpoint_dir)
-        self._file = checkpoint_file(name)
+        self._on_close(self._folder.close)
+        self._file = checkpoint_file(self.name)
         self.checkpoint_path = self._folder.path_of(self._file)
         self._source_log = _StreamAsLog(stream)
         self._dead_letters = None
-        self._lock = NameLock(self._folder, name, self._mode)
-        self.systemd = SystemdNotifier()
 
     def _init_position(self) -> None:
         self.state: Any = orjson.loads(self._initial_json)
@@ -320,7 +286,7 @@ class StreamConsumer(Runner):
         every = self.options["checkpoint_every"]
         sd = self.systemd
         for entry in entries:
-            if self._stop_flag:
+            if self._stop_flag[0]:
                 return
             if entry.offset == self._skip_offset:
                 self._skip_offset = None
@@ -357,9 +323,9 @@ class StreamConsumer(Runner):
         retries = opts["max_retries"] if opts["on_error"] != "stop" else 0
         delay = min(opts["retry_backoff"], _MAX_BACKOFF)
         for _ in range(retries):
-            if not self._stop_flag:
+            if not self._stop_flag[0]:
                 await self._sleep(delay)
-            if self._stop_flag:
+            if self._stop_flag[0]:
                 self.state = self._state_before(entry.offset)
                 self._consistent = True
                 return False
@@ -408,34 +374,13 @@ class StreamConsumer(Runner):
                     offset=kept.offset, event=None, path=self.checkpoint_path) from exc
         return state
 
-    def _dead_letter(self, offset: int, event: Any, exc: BaseException) -> None:
-        """Append the failed event to the dead-letter log, exactly once: a checkpoint marked
-        with the dead-letter log's head first (see Consumer._dead_letter)."""
-        dead = self._dead_letters
-        assert dead is not None
-        if self._dead_lettered(offset):
-            return
-        self._save(dead_letter_from=dead.head)
-        dead.append(offset, event, exc)
-
-    def _dead_lettered(self, offset: int) -> bool:
-        dead, pending = self._dead_letters, self._pending_dead_letter
-        if dead is None:
-            return False
-        if pending is not None and pending[0] == offset:
-            return dead.holds(offset, pending[1])
-        if self._scan_all_dead_letters:
-            return dead.holds(offset, 0)
-        return False
-
     # ---------------------------------------------------------------------------- running
 
     def run(self) -> Any:
         """Catch up, then follow the stream until stop(), SIGTERM or SIGINT (which one is
         kept in :attr:`stopped_by`); returns the state. Ends with a checkpoint. Under systemd:
         READY=1 after the first catch-up, STATUS, WATCHDOG=1, STOPPING=1."""
-        self._check_usable()
-        asyncio.run(self._with_signals(self._run(follow=True)))
+        self._run_blocking(follow=True)
         return self.state
 
     async def run_async(self) -> Any:
@@ -447,42 +392,31 @@ class StreamConsumer(Runner):
     def catch_up(self) -> Any:
         """Handle every message the stream holds as of this call, checkpoint, return the
         state (stop() and SIGTERM/SIGINT end it early, after a checkpoint)."""
-        self._check_usable()
-        asyncio.run(self._with_signals(self._run(follow=False)))
+        self._run_blocking(follow=False)
         return self.state
 
-    async def _run(self, follow: bool) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        if self._stop_flag:
-            self._stop_event.set()
-        sd = self.systemd
-        try:
-            if not self._lock.held and not await self._await_name():
-                return
-            if not self._consistent:
-                self._load()  # an earlier run was interrupted inside the handler
-            nc = await connect(self.servers, f"consumer {self.name}", self.connect_timeout)
-            try:
-                js = nc.jetstream(timeout=self.api_timeout)
-                source = StreamSource(
-                    js, self.stream, self.log_id, batch=self.batch,
-                    what=f"consumer {self.name}",
-                    foreign=self._foreign if self.log_id is not None else None)
-                try:
-                    await self._read(source, follow)
-                finally:
-                    await source.close()
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), self.api_timeout)
-        finally:
-            try:
-                if self._consistent:
-                    self.checkpoint()
-            finally:
-                sd.stopping()
-                self._loop = self._stop_event = None
+    async def _begin(self) -> bool:
+        """The name (standby: once its holder lets go; False if stopped first), and a state
+        of whole events."""
+        if not self._lock.held and not await self._await_name():
+            return False
+        if not self._consistent:
+            self._load()  # an earlier run was interrupted inside the handler
+        return True
+
+    def _end(self) -> None:
+        if self._consistent:
+            self.checkpoint()
+
+    def _where(self) -> tuple[str, str]:
+        return f"consumer {self.name}", f"consumer {self.name}"
+
+    def _position(self) -> str:
+        return f"offset {self.offset}"
+
+    def _source(self, js: JetStreamContext, what: str) -> StreamSource:
+        return StreamSource(js, self.stream, self.log_id, batch=self.batch, what=what,
+                            foreign=self._foreign if self.log_id is not None else None)
 
     def _foreign(self, log_id: str, seq: int) -> Exception:
         return CheckpointMismatchError(
@@ -514,9 +448,9 @@ class StreamConsumer(Runner):
         sd = self.systemd
         wait = self.options["poll_interval"]
         target: int | None = None
-        backoff = _RECONNECT_BACKOFF[0]
+        self._read_again()
         idle_reported = False
-        while not self._stop_flag:
+        while not self._stop_flag[0]:
             try:
                 if target is None:
                     target = await self._start(source)
@@ -533,17 +467,9 @@ class StreamConsumer(Runner):
                     self.log_id = source.log_id
                     self._source_log.log_id = source.log_id or ""
             except Exception as exc:
-                if not retryable(exc):
-                    raise
-                log.warning("consumer %s: %s; reading again in %.1f s", self.name,
-                            describe(exc), backoff)
-                sd.status(f"consumer {self.name}: offset {self.offset}; retrying after: "
-                          f"{describe(exc)}")
-                await source.reset()
-                await self._sleep(backoff)
-                backoff = min(_RECONNECT_BACKOFF[1], backoff * 2)
+                await self._retry_after(exc, source)
                 continue
-            backoff = _RECONNECT_BACKOFF[0]
+            self._read_again()
             if entries:
                 self.lag = entries[-1].pending
                 idle_reported = False
@@ -565,74 +491,22 @@ class StreamConsumer(Runner):
                     self.checkpoint()
                 if not idle_reported:
                     idle_reported = True
-                    sd.status(self._status())
-                    if self.on_idle is not None:
-                        self.on_idle(self)
+                    self._went_idle()
             sd.maybe_ping_watchdog()
 
     async def _await_name(self) -> bool:
         """Standby: wait for the name (True, checkpoint loaded) or stop() (False)."""
-        lock, sd = self._lock, self.systemd
-        poll = self.options["poll_interval"]
-        watch = ChangeNotifier(lock.folder.path, lock.filename, poll_interval=poll)
-        watch.start()
-        try:
-            shown: str | None = None
-            retries: list[float] = []
-            while not self._stop_flag:
-                if lock.try_acquire():
-                    log.info("consumer %s: took the name over (pid %d)", self.name,
-                             os.getpid())
-                    self._load()
-                    return True
-                if retries:
-                    await asyncio.sleep(retries.pop(0))
-                    continue
-                holder = lock.holder()
-                if holder != shown:
-                    sd.status(f"consumer {self.name}: standing by, the name is held by "
-                              f"{holder}")
-                    log.info("consumer %s: standing by, the name is held by %s", self.name,
-                             holder)
-                    if shown is None:
-                        sd.ready()
-                    shown = holder
-                sd.maybe_ping_watchdog()
-                due = sd.watchdog_due_in()
-                if await watch.wait_async(poll if due is None else min(poll, max(due, 0.01))):
-                    retries = list(_TAKEOVER_RETRIES)
-            return False
-        finally:
-            watch.close()
+        standby = Standby(self, self._lock, log, self.options["poll_interval"],
+                          retries=_TAKEOVER_RETRIES, catching_up=False)
+        return await self._stand_by_async(standby, True, self._load)
 
     def _status(self) -> str:
         return (f"consumer {self.name} <- stream {self.stream}: offset {self.offset}, "
                 f"lag {self.lag}")
 
-    # ---------------------------------------------------------------------------- closing
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LogClosedError(f"consumer {self.name!r} is closed", path=self.checkpoint_path)
-
-    def _close_files(self) -> None:
-        self._lock.release()
-        self._folder.close()
-        self.systemd.close()
-        if self._dead_letters is not None:
-            self._dead_letters.close()
-
-    def close(self) -> None:
-        """Release the name and close what the consumer opened. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._close_files()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def _error_path(self) -> str:
+        return self.checkpoint_path
 
     def __repr__(self) -> str:
         return f"StreamConsumer({self.stream!r}, {self.name!r}, offset={self.offset})"

@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from .._systemd import SystemdNotifier
+from .._runner import Runner, sleep_until_async
 from ..errors import CheckpointMismatchError, ConfigError, EventPipeError
 from ._wire import (
     ServerUnavailableError,
@@ -42,13 +40,14 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
-__all__ = ["Entry", "MirrorMismatchError", "Runner", "StreamSource", "check_reader", "connect",
-           "describe", "retryable"]
+__all__ = ["Entry", "MirrorMismatchError", "StreamReader", "StreamSource", "check_reader",
+           "connect", "describe", "retryable"]
 
 log = logging.getLogger("eventpipe.jetstream")
 
 _CONNECT_ATTEMPTS = 2  # per server, before the first connection counts as failed
 _INACTIVE_THRESHOLD = 30.0  # seconds: the server drops a reader's consumer left behind
+_RECONNECT_BACKOFF = (0.1, 5.0)  # first and longest pause before reading again after a failure
 
 
 class MirrorMismatchError(StreamMismatchError):
@@ -102,10 +101,13 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.Error | TimeoutError | ConnectionError | OSError)
 
 
-async def connect(servers: list[str], who: str, timeout: float) -> Client:
+async def connect(servers: list[str], who: str, timeout: float, *,
+                  client_name: str | None = None, logger: logging.Logger = log) -> Client:
     """A connection to the first reachable of ``servers``; once connected the client
     reconnects for good. Raises :class:`ServerUnavailableError` (none reachable, or a
-    refused login) after a couple of attempts each."""
+    refused login) after a couple of attempts each. ``who`` starts the warnings (to
+    ``logger``) of failures meanwhile; the server knows the client as ``client_name``
+    (default ``eventpipe <who>``)."""
     import nats
     from nats.errors import AuthorizationError, NoServersError
 
@@ -113,14 +115,14 @@ async def connect(servers: list[str], who: str, timeout: float) -> Client:
 
     async def on_error(exc: Exception) -> None:
         seen.append(exc)
-        log.warning("%s: NATS: %s", who, describe(exc))
+        logger.warning("%s: NATS: %s", who, describe(exc))
 
     async def quiet(*_: Any) -> None:
         return None
 
     try:
         nc = await nats.connect(
-            servers=servers, name=f"eventpipe {who}", connect_timeout=timeout,
+            servers=servers, name=client_name or f"eventpipe {who}", connect_timeout=timeout,
             reconnect_time_wait=0.5, max_reconnect_attempts=_CONNECT_ATTEMPTS,
             allow_reconnect=True, error_cb=on_error, disconnected_cb=quiet,
             reconnected_cb=quiet, closed_cb=quiet)
@@ -132,7 +134,9 @@ async def connect(servers: list[str], who: str, timeout: float) -> Client:
         raise ServerUnavailableError(
             f"cannot connect to NATS at {', '.join(servers)}: {why} ({describe(cause)})",
             reason=describe(cause)) from None
-    nc.options["max_reconnect_attempts"] = -1  # connected: a server away is waited for
+    # Connected: from now on reconnect for good (the first connection gave up above, so a
+    # wrong URL fails fast instead of retrying forever); nats-py reads this per attempt.
+    nc.options["max_reconnect_attempts"] = -1
     return nc
 
 
@@ -350,62 +354,119 @@ class StreamSource:
         await self.reset()
 
 
-class Runner:
-    """What the stream consumer and the mirror share to run: stop() from anywhere, SIGTERM
-    and SIGINT in :meth:`run` (kept in :attr:`stopped_by`), fetches and pauses that a stop
-    cuts short, systemd's watchdog fed meanwhile."""
+class StreamReader(Runner):
+    """What the stream consumer and the mirror share on top of :class:`~eventpipe._runner.Runner`:
+    a run that connects, reads the stream through a :class:`StreamSource` (retrying failures
+    that may mend, from where the reader is) and ends with systemd's STOPPING=1; fetches and
+    pauses that stop() cuts short, systemd's watchdog fed meanwhile.
 
-    systemd: SystemdNotifier
-    stopped_by: int | None
-    _stop_flag: bool
-    _stop_event: asyncio.Event | None
-    _loop: asyncio.AbstractEventLoop | None
+    A subclass sets the connection attributes, calls :meth:`Runner._open` in its constructor,
+    and gives :meth:`_read` (the reading itself), :meth:`_source` and :meth:`_where`."""
+
+    servers: list[str]
+    stream: str
+    batch: int
+    connect_timeout: float
+    api_timeout: float
+    _logger: ClassVar[logging.Logger] = log
+    _backoff: float = _RECONNECT_BACKOFF[0]
 
     def stop(self) -> None:
         """Ask the run to finish after the event being handled (from a handler, another
         thread or a signal handler); it checkpoints and returns."""
-        self._stop_flag = True
-        loop, event = self._loop, self._stop_event
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(event.set)
+        self._request_stop()
 
     @property
     def stopping(self) -> bool:
-        return self._stop_flag
+        return self._stop_flag[0]
 
-    async def _with_signals(self, work: Any) -> None:
-        loop = asyncio.get_running_loop()
-        installed: list[int] = []
-        if threading.current_thread() is threading.main_thread():
-            for sig in (int(signal.SIGTERM), int(signal.SIGINT)):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-                installed.append(sig)
+    def _run_blocking(self, follow: bool) -> None:
+        """:meth:`_run` in an event loop of its own, SIGTERM and SIGINT stopping it."""
+        self._check_usable()
+        asyncio.run(self._with_signals(self._run(follow)))
+
+    async def _run(self, follow: bool) -> None:
+        """Read the stream (see :meth:`_read`) until stopped or, without ``follow``, caught
+        up; :meth:`_begin` first, :meth:`_end` last, STOPPING=1 after."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_async = asyncio.Event()
+        if self._stop_flag[0]:
+            self._stop_async.set()
         try:
-            await work
+            if not await self._begin():
+                return
+            who, what = self._where()
+            nc = await connect(self.servers, who, self.connect_timeout)
+            try:
+                source = self._source(nc.jetstream(timeout=self.api_timeout), what)
+                try:
+                    await self._read(source, follow)
+                finally:
+                    await source.close()
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), self.api_timeout)
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            try:
+                self._end()
+            finally:
+                self.systemd.stopping()
+                self._loop = self._stop_async = None
 
-    def _on_signal(self, sig: int) -> None:
-        if self.stopped_by is None:
-            self.stopped_by = sig
-        self.stop()
+    async def _begin(self) -> bool:
+        """Before connecting: False ends the run (stopped first)."""
+        return True
+
+    def _end(self) -> None:
+        """After the run, however it ended (before STOPPING=1)."""
+
+    def _where(self) -> tuple[str, str]:
+        """The reader in messages: who connects (``consumer x``), what the source reads for
+        (``consumer x``, ``the mirror at p``)."""
+        raise NotImplementedError
+
+    def _source(self, js: JetStreamContext, what: str) -> StreamSource:
+        raise NotImplementedError
+
+    async def _read(self, source: StreamSource, follow: bool) -> None:
+        raise NotImplementedError
+
+    def _position(self) -> str:
+        """Where the reader is, for a STATUS line (``offset 5``)."""
+        raise NotImplementedError
+
+    async def _retry_after(self, exc: Exception, source: StreamSource) -> None:
+        """A failed read: raised unless it may mend (see :func:`retryable`); else said in the
+        log and the STATUS line, the source reset, and a pause (doubling up to a limit,
+        cut short by stop()) before the next read. :meth:`_read_again` ends the backoff."""
+        if not retryable(exc):
+            raise exc
+        who, _ = self._where()
+        backoff = self._backoff
+        self._logger.warning("%s: %s; reading again in %.1f s", who, describe(exc), backoff)
+        self.systemd.status(f"{who}: {self._position()}; retrying after: {describe(exc)}")
+        await source.reset()
+        await self._sleep(backoff)
+        self._backoff = min(_RECONNECT_BACKOFF[1], backoff * 2)
+
+    def _read_again(self) -> None:
+        """A read went through: the next failure starts the backoff from the start."""
+        self._backoff = _RECONNECT_BACKOFF[0]
 
     async def _fetch(self, source: StreamSource, wait: float) -> list[Entry] | None:
         """The next messages, or None when stop() came first (a fetch cut short loses
         nothing: the next read starts again from our offset)."""
-        assert self._stop_event is not None
+        assert self._stop_async is not None
         due = self.systemd.watchdog_due_in()
         if due is not None:
             wait = max(0.01, min(wait, due))
         fetch = asyncio.ensure_future(source.fetch(wait))
-        stopped = asyncio.ensure_future(self._stop_event.wait())
+        stopped = asyncio.ensure_future(self._stop_async.wait())
         try:
             await asyncio.wait((fetch, stopped), return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-        if fetch.done() and not self._stop_flag:
+        if fetch.done() and not self._stop_flag[0]:
             return fetch.result()
         fetch.cancel()
         with contextlib.suppress(BaseException):
@@ -415,18 +476,5 @@ class Runner:
 
     async def _sleep(self, seconds: float) -> None:
         """Wait ``seconds`` or until stop(), pinging systemd's watchdog."""
-        event = self._stop_event
-        deadline = time.monotonic() + seconds
-        while not self._stop_flag:
-            self.systemd.maybe_ping_watchdog()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            due = self.systemd.watchdog_due_in()
-            step = left if due is None else min(left, max(due, 0.01))
-            if event is None:
-                await asyncio.sleep(min(step, 0.1))
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), step)
-
+        await sleep_until_async(time.monotonic() + seconds, self.systemd, self._stopped,
+                                self._stop_async)
