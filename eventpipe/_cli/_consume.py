@@ -32,38 +32,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "SIGTERM, 130 by SIGINT (both after a final checkpoint).")
     p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
                    default=env.get("EVENTPIPE_LOG_PATH"))
-    p.add_argument("--name", required="EVENTPIPE_CONSUMER_NAME" not in env,
-                   default=env.get("EVENTPIPE_CONSUMER_NAME"),
-                   help="the consumer name (processes sharing it take turns: see --standby)")
-    p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
-                   default=env.get("EVENTPIPE_HANDLER"),
-                   help="MODULE:FUNCTION (MODULE is looked for in the current folder first, "
-                        "then on PYTHONPATH) or FILE.py:FUNCTION")
-    p.add_argument("--initial-state", default=env.get("EVENTPIPE_INITIAL_STATE"),
-                   help="JSON for the state before the first event")
+    add_consumer_arguments(p, "--name", "--handler", "--initial-state")
     p.add_argument("--create", action="store_true",
                    help="create the log if PATH holds none (otherwise a missing log is an "
                         "error: a mistyped path would consume an empty log forever)")
-    p.add_argument("--standby", action="store_true",
-                   help="wait for the name if another process holds it")
+    add_consumer_arguments(p, "--standby")
     p.add_argument("--catch-up", action="store_true",
                    help="stop once caught up instead of following")
-    p.add_argument("--print-state", action="store_true", help="print the final state as JSON")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--checkpoint-interval", type=float)
+    add_consumer_arguments(p, "--print-state", "--checkpoint-every", "--checkpoint-interval")
     p.add_argument("--poll-interval", type=float)
     p.add_argument("--no-notifications", action="store_true")
-    p.add_argument("--on-error", choices=("stop", "retry", "dead_letter"))
-    p.add_argument("--max-retries", type=int)
-    p.add_argument("--dead-letter", help="log path for events the handler fails on")
+    add_consumer_arguments(p, "--on-error", "--max-retries", "--dead-letter")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--start", help='where a consumer without a checkpoint begins: "earliest" '
                                    '(default), "latest", an offset, or a time: the first '
                                    'event appended at or after it (ISO 8601, local time '
                                    'without a zone; --start=-15m ago; @EPOCH)')
-    p.add_argument("--pass-time", action="store_true",
-                   help="call the handler as handler(state, event, offset, time), time in ns "
-                        "since the epoch (None if unknown)")
+    add_consumer_arguments(p, "--pass-time")
     db = p.add_mutually_exclusive_group()
     db.add_argument("--sqlite", metavar="DB", default=env.get("EVENTPIPE_SQLITE"),
                     help="keep the state in this SQLite database: the handler is called as "
@@ -77,6 +62,80 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="SQLite's synchronous setting (NORMAL: faster, a power loss may undo "
                         "the last commits, rows and position together)")
     p.set_defaults(func=cmd_consume)
+
+
+def add_consumer_arguments(p: argparse.ArgumentParser, *flags: str,
+                           helps: dict[str, str] | None = None) -> None:
+    """Declare on ``p`` the options of ``consume`` named by ``flags``, in that order, as
+    ``consume`` declares them (``helps``: other help texts, by flag). Shared with the
+    commands that run a consumer elsewhere (``consume-stream``)."""
+    env = os.environ
+    declared: dict[str, dict[str, Any]] = {
+        "--name": {"required": "EVENTPIPE_CONSUMER_NAME" not in env,
+                   "default": env.get("EVENTPIPE_CONSUMER_NAME"),
+                   "help": "the consumer name (processes sharing it take turns: see "
+                           "--standby)"},
+        "--handler": {"required": "EVENTPIPE_HANDLER" not in env,
+                      "default": env.get("EVENTPIPE_HANDLER"),
+                      "help": "MODULE:FUNCTION (MODULE is looked for in the current folder "
+                              "first, then on PYTHONPATH) or FILE.py:FUNCTION"},
+        "--initial-state": {"default": env.get("EVENTPIPE_INITIAL_STATE"),
+                            "help": "JSON for the state before the first event"},
+        "--standby": {"action": "store_true",
+                      "help": "wait for the name if another process holds it"},
+        "--print-state": {"action": "store_true", "help": "print the final state as JSON"},
+        "--checkpoint-every": {"type": int},
+        "--checkpoint-interval": {"type": float},
+        "--on-error": {"choices": ("stop", "retry", "dead_letter")},
+        "--max-retries": {"type": int},
+        "--retry-backoff": {"type": float},
+        "--dead-letter": {"help": "log path for events the handler fails on"},
+        "--pass-time": {"action": "store_true",
+                        "help": "call the handler as handler(state, event, offset, time), time "
+                                "in ns since the epoch (None if unknown)"},
+    }
+    for flag in flags:
+        kwargs = declared[flag]
+        if helps is not None and flag in helps:
+            kwargs["help"] = helps[flag]
+        p.add_argument(flag, **kwargs)
+
+
+def consumer_options(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The consumer options the command line gives: those of ``keys`` it sets, and
+    ``standby`` and ``pass_time`` when asked for."""
+    options: dict[str, Any] = {}
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.standby:
+        options["standby"] = True
+    if args.pass_time:
+        options["pass_time"] = True
+    return options
+
+
+def initial_state(args: argparse.Namespace) -> Any:
+    """--initial-state, parsed (None when not given); ConfigError if it is not JSON."""
+    try:
+        return orjson.loads(args.initial_state) if args.initial_state is not None else None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"--initial-state is not JSON: {exc.msg} at column {exc.colno}",
+                          option="initial_state") from None
+
+
+def stopped(args: argparse.Namespace, state: Any, offset: int | None,
+            interrupted: bool) -> int:
+    """A consumer's run is over: the state printed with --print-state, where it stopped
+    said on stderr; the exit status (130 when SIGINT stopped it)."""
+    if args.print_state:
+        write_json(state)
+    if interrupted:
+        err(f"consumer {args.name}: interrupted (SIGINT), stopped at offset {offset}")
+        return EXIT_INTERRUPTED
+    err(f"consumer {args.name}: stopped at offset {offset}")
+    return EXIT_OK
 
 
 def load_handler(spec: str) -> Callable[[Any, Any, int], Any]:
@@ -181,21 +240,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from .._log import EventLog
 
     handler = load_handler(args.handler)
-    try:
-        initial = orjson.loads(args.initial_state) if args.initial_state is not None else None
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"--initial-state is not JSON: {exc.msg} at column {exc.colno}",
-                          option="initial_state") from None
-    options: dict[str, Any] = {}
-    for key in ("checkpoint_every", "checkpoint_interval", "poll_interval", "on_error",
-                "max_retries", "dead_letter", "checkpoint_dir"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value
-    if args.standby:
-        options["standby"] = True
-    if args.pass_time:
-        options["pass_time"] = True
+    initial = initial_state(args)
+    options = consumer_options(args, ("checkpoint_every", "checkpoint_interval",
+                                      "poll_interval", "on_error", "max_retries",
+                                      "dead_letter", "checkpoint_dir"))
     if args.no_notifications:
         options["notifications"] = False
     if args.start is not None:
@@ -221,14 +269,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
                 state = consumer.catch_up()
         else:
             state = consumer.run()
-        if args.print_state:
-            write_json(state)
-        if interrupted():
-            err(f"consumer {args.name}: interrupted (SIGINT), stopped at offset "
-                f"{consumer.offset}")
-            return EXIT_INTERRUPTED
-        err(f"consumer {args.name}: stopped at offset {consumer.offset}")
-    return EXIT_OK
+        return stopped(args, state, consumer.offset, interrupted())
 
 
 @contextlib.contextmanager

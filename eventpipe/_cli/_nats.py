@@ -12,6 +12,33 @@ import signal
 from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
 
 _TRUE = ("1", "true", "yes", "on")
+_MISSING_NATS = "needs nats-py: pip install eventpipe[nats]"
+
+
+def add_nats_arguments(p: argparse.ArgumentParser) -> None:
+    """--nats and --stream, defaulting to $EVENTPIPE_NATS and $EVENTPIPE_STREAM (every NATS
+    command has them)."""
+    env = os.environ
+    p.add_argument("--nats", required="EVENTPIPE_NATS" not in env,
+                   default=env.get("EVENTPIPE_NATS"), metavar="URL[,URL...]",
+                   help="NATS server URLs (nats://[user:pass@]host:port), comma-separated")
+    p.add_argument("--stream", required="EVENTPIPE_STREAM" not in env,
+                   default=env.get("EVENTPIPE_STREAM"), help="the JetStream stream")
+
+
+def servers(text: str) -> list[str]:
+    """--nats: the URLs, comma-separated."""
+    return [url.strip() for url in text.split(",") if url.strip()]
+
+
+def have_nats(command: str) -> bool:
+    """Whether nats-py can be imported; if not, says so for ``command``."""
+    try:
+        import nats  # noqa: F401  (only to say what is missing)
+    except ImportError:
+        err(f"{command} {_MISSING_NATS}")
+        return False
+    return True
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,11 +56,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "login, a missing stream or one that does not continue this log.")
     p.add_argument("path", nargs="?" if env.get("EVENTPIPE_LOG_PATH") else None,
                    default=env.get("EVENTPIPE_LOG_PATH"))
-    p.add_argument("--nats", required="EVENTPIPE_NATS" not in env,
-                   default=env.get("EVENTPIPE_NATS"), metavar="URL[,URL...]",
-                   help="NATS server URLs (nats://[user:pass@]host:port), comma-separated")
-    p.add_argument("--stream", required="EVENTPIPE_STREAM" not in env,
-                   default=env.get("EVENTPIPE_STREAM"), help="the JetStream stream")
+    add_nats_arguments(p)
     p.add_argument("--subject", default=env.get("EVENTPIPE_SUBJECT") or None,
                    help="the subject to publish to (default: eventpipe.<stream lowercased>)")
     p.add_argument("--name", default=env.get("EVENTPIPE_BRIDGE_NAME") or None,
@@ -60,15 +83,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    try:
-        import nats  # noqa: F401  (only to say what is missing)
-    except ImportError:
-        err("bridge needs nats-py: pip install eventpipe[nats]")
+    if not have_nats("bridge"):
         return EXIT_USAGE
     from ..jetstream import Bridge
 
-    servers = [url.strip() for url in args.nats.split(",") if url.strip()]
-    with Bridge(args.path, servers, args.stream, subject=args.subject,
+    with Bridge(args.path, servers(args.nats), args.stream, subject=args.subject,
                 create_stream=args.create_stream, replicas=args.replicas, window=args.window,
                 name=args.name, standby=args.standby, from_first_stored=args.from_first_stored,
                 ack_timeout=args.ack_timeout, poll_interval=args.poll_interval,

@@ -12,13 +12,15 @@ import os
 import signal
 from typing import Any
 
-import orjson
-
-from ..errors import ConfigError
-from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err, write_json
-
-_TRUE = ("1", "true", "yes", "on")
-_MISSING_NATS = "needs nats-py: pip install eventpipe[nats]"
+from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
+from ._consume import (
+    add_consumer_arguments,
+    consumer_options,
+    initial_state,
+    load_handler,
+    stopped,
+)
+from ._nats import add_nats_arguments, have_nats, servers
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,12 +31,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _nats_options(p: argparse.ArgumentParser) -> None:
-    env = os.environ
-    p.add_argument("--nats", required="EVENTPIPE_NATS" not in env,
-                   default=env.get("EVENTPIPE_NATS"), metavar="URL[,URL...]",
-                   help="NATS server URLs (nats://[user:pass@]host:port), comma-separated")
-    p.add_argument("--stream", required="EVENTPIPE_STREAM" not in env,
-                   default=env.get("EVENTPIPE_STREAM"), help="the JetStream stream")
+    add_nats_arguments(p)
     p.add_argument("--catch-up", action="store_true",
                    help="stop once what the stream holds now is done instead of following")
     p.add_argument("--poll-interval", type=float,
@@ -57,28 +54,17 @@ def _add_consume_stream(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                     "missing stream, a checkpoint of another log or a stream that does not "
                     "continue.")
     _nats_options(p)
-    p.add_argument("--name", required="EVENTPIPE_CONSUMER_NAME" not in env,
-                   default=env.get("EVENTPIPE_CONSUMER_NAME"), help="the consumer name")
-    p.add_argument("--handler", required="EVENTPIPE_HANDLER" not in env,
-                   default=env.get("EVENTPIPE_HANDLER"),
-                   help="MODULE:FUNCTION or FILE.py:FUNCTION (as for consume)")
+    add_consumer_arguments(p, "--name", "--handler", helps={
+        "--name": "the consumer name",
+        "--handler": "MODULE:FUNCTION or FILE.py:FUNCTION (as for consume)"})
     p.add_argument("--checkpoint-dir", required="EVENTPIPE_CHECKPOINT_DIR" not in env,
                    default=env.get("EVENTPIPE_CHECKPOINT_DIR"),
                    help="local folder of the consumer's checkpoint")
-    p.add_argument("--initial-state", default=env.get("EVENTPIPE_INITIAL_STATE"),
-                   help="JSON for the state before the first event")
-    p.add_argument("--standby", action="store_true",
-                   help="wait for the name if another process holds it")
-    p.add_argument("--print-state", action="store_true", help="print the final state as JSON")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--checkpoint-interval", type=float)
-    p.add_argument("--on-error", choices=("stop", "retry", "dead_letter"))
-    p.add_argument("--max-retries", type=int)
-    p.add_argument("--retry-backoff", type=float)
-    p.add_argument("--dead-letter", help="local log path for events the handler fails on")
-    p.add_argument("--pass-time", action="store_true",
-                   help="call the handler as handler(state, event, offset, time), time in ns "
-                        "since the epoch (None if unknown)")
+    add_consumer_arguments(
+        p, "--initial-state", "--standby", "--print-state", "--checkpoint-every",
+        "--checkpoint-interval", "--on-error", "--max-retries", "--retry-backoff",
+        "--dead-letter", "--pass-time",
+        helps={"--dead-letter": "local log path for events the handler fails on"})
     p.set_defaults(func=cmd_consume_stream)
 
 
@@ -103,67 +89,29 @@ def _add_mirror(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=cmd_mirror)
 
 
-def _servers(text: str) -> list[str]:
-    return [url.strip() for url in text.split(",") if url.strip()]
-
-
-def _have_nats(command: str) -> bool:
-    try:
-        import nats  # noqa: F401  (only to say what is missing)
-    except ImportError:
-        err(f"{command} {_MISSING_NATS}")
-        return False
-    return True
-
-
-def _consumer_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The consumer options the command line gives (as ``consume`` passes them)."""
-    options: dict[str, Any] = {"checkpoint_dir": args.checkpoint_dir}
-    for key in ("checkpoint_every", "checkpoint_interval", "poll_interval", "on_error",
-                "max_retries", "retry_backoff", "dead_letter"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value
-    if args.standby:
-        options["standby"] = True
-    if args.pass_time:
-        options["pass_time"] = True
-    return options
-
-
 def cmd_consume_stream(args: argparse.Namespace) -> int:
     from .._checkpoint import validate_name
     from .._config import CONSUMER_OPTIONS, resolve
-    from ._consume import load_handler
 
-    if not _have_nats("consume-stream"):
+    if not have_nats("consume-stream"):
         return EXIT_USAGE
     from ..jetstream import StreamConsumer
 
-    options = _consumer_options(args)
+    options = {"checkpoint_dir": args.checkpoint_dir, **consumer_options(args, (
+        "checkpoint_every", "checkpoint_interval", "poll_interval", "on_error", "max_retries",
+        "retry_backoff", "dead_letter"))}
     resolve(CONSUMER_OPTIONS, options)  # the command line first (exit 2), then the rest
     validate_name(args.name)
     handler = load_handler(args.handler)
-    try:
-        initial = orjson.loads(args.initial_state) if args.initial_state is not None else None
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"--initial-state is not JSON: {exc.msg} at column {exc.colno}",
-                          option="initial_state") from None
-    with StreamConsumer(_servers(args.nats), args.stream, args.name, handler, initial,
+    initial = initial_state(args)
+    with StreamConsumer(servers(args.nats), args.stream, args.name, handler, initial,
                         **options) as consumer:
         state = consumer.catch_up() if args.catch_up else consumer.run()
-        if args.print_state:
-            write_json(state)
-        if consumer.stopped_by == signal.SIGINT:
-            err(f"consumer {args.name}: interrupted (SIGINT), stopped at offset "
-                f"{consumer.offset}")
-            return EXIT_INTERRUPTED
-        err(f"consumer {args.name}: stopped at offset {consumer.offset}")
-    return EXIT_OK
+        return stopped(args, state, consumer.offset, consumer.stopped_by == signal.SIGINT)
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
-    if not _have_nats("mirror"):
+    if not have_nats("mirror"):
         return EXIT_USAGE
     from ..jetstream import Mirror
     from ..jetstream._mirror import check_stream
@@ -174,8 +122,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     if not os.path.lexists(args.path):
         # Mirror creates the log: first make sure there is a stream to fill it from (an
         # unreachable server or a missing stream leaves nothing behind).
-        check_stream(_servers(args.nats), args.stream, **options)
-    with Mirror(args.path, _servers(args.nats), args.stream, **options) as mirror:
+        check_stream(servers(args.nats), args.stream, **options)
+    with Mirror(args.path, servers(args.nats), args.stream, **options) as mirror:
         if args.catch_up:
             mirror.catch_up()
         else:
