@@ -253,10 +253,16 @@ def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Pa
         bridge = start_bridge(children, log_path, urls, "--create-stream", "--window",
                               str(rng.choice([1, 16, 256])))
         before = stream_count(urls)
-        time.sleep(rng.uniform(0.3, 1.2))  # a random moment
+        # A random moment while it publishes: once the stream grows (a slow start on a busy
+        # machine would otherwise eat the whole random wait), then up to 0.6 s more.
+        wait_until(lambda b=before, p=bridge: stream_count(urls) > b or p.poll() is not None,
+                   "the bridge publishing", timeout=60)
+        assert bridge.poll() is None, f"the bridge exited in round {r}"
+        time.sleep(rng.uniform(0.0, 0.6))
+        mid = stream_count(urls)
         bridge.send_signal(signal.SIGKILL)
         bridge.wait()
-        killed_with_acks += stream_count(urls) > before
+        killed_with_acks += stream_count(urls) > mid
         assert all(w.poll() is None for w in writers), f"a writer died in round {r}"
     stop.touch()
     for w in writers:
@@ -273,9 +279,10 @@ def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Pa
     verify = subprocess.run([sys.executable, "-m", "eventpipe", "verify", str(log_path)],
                             capture_output=True, text=True, env=env(), check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr  # checkpoints included
-    # Kills that landed while publishing (the stream grew in that round) are what this tests.
-    assert killed_with_acks >= rounds // 2, killed_with_acks
-    print(f"soak: {rounds} rounds, {head} events, {killed_with_acks} kills mid-publish, "
+    # Every kill lands after the bridge began publishing; in most the stream was still
+    # growing at the kill (acks in flight). A few may find a lull (writers paused): counted.
+    print(f"soak: {rounds} rounds, {head} events, every kill after publishing began, "
+          f"{killed_with_acks} with the stream still growing at the kill, "
           f"{state['duplicates']} duplicates dropped (counted by runs that checkpointed)")
 
 
