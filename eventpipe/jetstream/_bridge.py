@@ -46,7 +46,7 @@ from .._layout import HEAD_FILE
 from .._log import EventLog
 from .._runner import Runner, Standby, poll_wait, sleep_until_async, watch
 from ..errors import CheckpointMismatchError, ConfigError, EventPipeError
-from ._source import connect
+from ._source import check_target, connect
 from ._wire import (
     API_ERR_WRONG_LAST_MSG_ID,
     API_ERR_WRONG_LAST_SEQUENCE,
@@ -192,9 +192,9 @@ class Bridge(Runner):
         poll_interval: float = 1.0,
         notifications: bool = True,
     ) -> None:
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
-        _check_options(self.servers, stream, subject, window, replicas, ack_timeout,
-                       connect_timeout, max_backoff, checkpoint_interval, poll_interval)
+        self.servers = check_target(servers, stream)
+        _check_options(subject, window, replicas, ack_timeout, connect_timeout, max_backoff,
+                       checkpoint_interval, poll_interval)
         self.stream = stream
         self.subject = subject or default_subject(stream)
         self.name = validate_name(name if name is not None else f"bridge-{stream}")
@@ -631,13 +631,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _check_options(servers: list[str], stream: str, subject: str | None, window: int,
-                   replicas: int, *seconds: float) -> None:
-    if not servers or not all(isinstance(s, str) and s for s in servers):
-        raise ConfigError("servers: give at least one NATS URL", option="servers")
-    if not stream or any(c in stream for c in " \t.*>/\\"):
-        raise ConfigError(f"stream name {stream!r} is invalid (no spaces, '.', '*', '>' or "
-                          "slashes)", option="stream")
+def _check_options(subject: str | None, window: int, replicas: int, *seconds: float) -> None:
     if subject is not None and (not subject or " " in subject):
         raise ConfigError(f"subject {subject!r} is invalid", option="subject")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:

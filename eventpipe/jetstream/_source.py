@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
 __all__ = ["Entry", "MirrorMismatchError", "StreamReader", "StreamSource", "check_reader",
-           "connect", "describe", "retryable"]
+           "check_target", "connect", "describe", "retryable"]
 
 log = logging.getLogger("eventpipe.jetstream")
 
@@ -65,14 +65,21 @@ class Entry(NamedTuple):
     pending: int  # messages after this one in the stream when it was delivered
 
 
-def check_reader(servers: list[str] | str, stream: str, batch: int) -> list[str]:
-    """A reader's servers as a list; ConfigError for no server, a bad stream name or batch."""
+def check_target(servers: list[str] | str, stream: str) -> list[str]:
+    """The servers as a list; ConfigError for no server or a bad stream name (the bridge's
+    and the readers' check)."""
     listed = [servers] if isinstance(servers, str) else list(servers)
     if not listed or not all(isinstance(s, str) and s for s in listed):
         raise ConfigError("servers: give at least one NATS URL", option="servers")
     if not stream or any(c in stream for c in " \t.*>/\\"):
         raise ConfigError(f"stream name {stream!r} is invalid (no spaces, '.', '*', '>' or "
                           "slashes)", option="stream")
+    return listed
+
+
+def check_reader(servers: list[str] | str, stream: str, batch: int) -> list[str]:
+    """A reader's servers as a list; ConfigError for no server, a bad stream name or batch."""
+    listed = check_target(servers, stream)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be a positive integer, not {batch!r}", option="batch")
     return listed
