@@ -77,8 +77,9 @@ class Runner:
     handler: Callable[..., Any]
     on_caught_up: Hook | None = None
     on_idle: Hook | None = None
-    stopped_by: int | None = None
-    """The signal that stopped :meth:`run` (SIGTERM or SIGINT), if one did."""
+    # The signal that stopped run() (see _on_signal): set (to None) by the constructor of a
+    # runner whose run() takes signals in an event loop (Bridge, StreamConsumer, Mirror).
+    stopped_by: int | None
     _closed: bool
     _parts: contextlib.ExitStack
     _notifier: ChangeNotifier | None = None

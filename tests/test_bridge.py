@@ -255,7 +255,7 @@ def _soak(rounds: int, nats_server: NatsServer, children: Children, tmp_path: Pa
         before = stream_count(urls)
         # A random moment while it publishes: once the stream grows (a slow start on a busy
         # machine would otherwise eat the whole random wait), then up to 0.6 s more.
-        wait_until(lambda b=before, p=bridge: stream_count(urls) > b or p.poll() is not None,
+        wait_until(lambda: stream_count(urls) > before or bridge.poll() is not None,  # noqa: B023
                    "the bridge publishing", timeout=60)
         assert bridge.poll() is None, f"the bridge exited in round {r}"
         time.sleep(rng.uniform(0.0, 0.6))

@@ -108,6 +108,7 @@ class Mirror(StreamReader):
     sound.
     """
 
+    kind = "mirror"
     _logger = log
 
     def __init__(self, path: str | os.PathLike[str], servers: list[str] | str, stream: str, *,
