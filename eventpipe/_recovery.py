@@ -65,18 +65,6 @@ def scan_whole_lines(fd: int, start: int, end: int) -> tuple[int, int]:
     return good_end, lines
 
 
-def count_lines(fd: int, start: int, end: int) -> int:
-    """Newlines in bytes ``start..end`` of ``fd``."""
-    count = 0
-    while start < end:
-        block = os.pread(fd, min(_BLOCK, end - start), start)
-        if not block:
-            break
-        count += block.count(b"\n")
-        start += len(block)
-    return count
-
-
 def check_active(fd: int, path: str, h: Header) -> Header:
     """The header a writer may append after: ``h`` itself, or ``h`` cut back after a reboot.
 
