@@ -27,7 +27,7 @@ from typing import NoReturn
 from . import _header, _meta, _recovery, _timeindex
 from ._config import LogConfig
 from ._fsutil import os_errors, write_all
-from ._groupsync import GroupSync, SyncFailed
+from ._groupsync import DurableMark, GroupSync, SyncFailed
 from ._header import ROLLING, Header, boot_id, encode_header
 from ._layout import HEAD_FILE, SEGMENTS_DIR, WRITER_LOCK, Folder
 from ._segment import list_segments, segment_name, segment_path
@@ -312,7 +312,7 @@ class Appender:
             # The durable mark, read before taking the lock (it only grows, so an older
             # value only makes the header's ``synced`` claim less): the header claims only
             # what a finished flush made durable.
-            mark = group.mark() if group is not None else None
+            mark = self._durable_mark(group)
             if self._lock_timeout is None:
                 # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
                 # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
@@ -402,6 +402,17 @@ class Appender:
         if flush:
             self._wait_durable(w, done)
         return done
+
+    @staticmethod
+    def _durable_mark(group: GroupSync | None) -> DurableMark | None:
+        """The durable mark for the header's ``synced`` claim; None when there is none or it
+        cannot be read (the claim then stays what it was: never more than is durable)."""
+        if group is None:
+            return None
+        try:
+            return group.mark()
+        except (OSError, EventPipeError):
+            return None
 
     def _wait_durable(self, w: _WriterState, done: range) -> None:
         """Under ``sync="always"``: return once the committed ``done`` is durable (one

@@ -213,3 +213,19 @@ def test_every_failing_lock_call_is_a_typed_error(tmp_path: Path, sync: str, whe
     names = stored(log)
     for offset in acked:
         assert offset < len(names)
+
+
+@pytest.mark.parametrize("when", [1, 2, 3])
+def test_a_failing_read_of_the_durable_mark_is_a_typed_error(tmp_path: Path, when: int) -> None:
+    """EIO reading sync.state (group commit's durable mark): an append that had not
+    committed raises nothing untyped, one that had committed raises DurabilityError. (Found
+    by the kill-and-fault soak, round 150: the mark read before the commit raised a bare
+    OSError.)"""
+    log = tmp_path / "log"
+    out = run_child(log, f"pread64:error=EIO:when={when}", "sync.state", sync="always")
+    for call in out["calls"]:
+        assert "ok" in call or call["error"] in ("StorageError", "DurabilityError"), call
+    names = stored(log)
+    for call in out["calls"]:
+        if "ok" in call:
+            assert call["ok"] < len(names)
