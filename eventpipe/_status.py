@@ -13,6 +13,7 @@ import orjson
 from ._checksum import sum_name
 from ._compress import load_state
 from ._deadletter import DeadLetterCounts
+from ._groupsync import read_mark
 from ._inotify import inotify_usage
 from ._layout import COMPRESS_LOCK, CONSUMERS_DIR, QUARANTINE_DIR, WRITER_LOCK, Folder
 from ._log import EventLog
@@ -133,6 +134,7 @@ def log_status(path: str | os.PathLike[str]) -> dict[str, Any]:
             "writers_open": openers(os.path.join(log.path, WRITER_LOCK))[0],
             "compressing": flock_holders(os.path.join(log.path, COMPRESS_LOCK)),
             "sealing": _sealing(log.folder, log.segments, segs, active),
+            "group_commit": _group_commit(log.folder),
             "quarantined_files": quarantined,
             "inotify": _inotify(),
         }
@@ -214,6 +216,17 @@ def _sealing(root: Folder, folder: Folder, segs: list[SegmentFile],
     }
 
 
+def _group_commit(root: Folder) -> dict[str, Any] | None:
+    """sync="always"'s durable mark for this boot (see _groupsync): how far flushes made the
+    log durable, how many there were, and the offsets of any flush that failed; None when no
+    writer flushed under sync="always" since the machine started."""
+    mark = read_mark(root)
+    if not mark.boot:
+        return None
+    failed = [mark.failed_from, mark.failed_to] if mark.failed_to else None
+    return {"durable_head": mark.head, "flushes": mark.flushes, "failed": failed}
+
+
 def format_status(report: dict[str, Any]) -> str:
     """The human-readable form of :func:`log_status`."""
     seg = report["segments"]
@@ -238,6 +251,15 @@ def format_status(report: dict[str, Any]) -> str:
         for e in sealing["errors"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
             lines.append(f"compressor {when} pid {e.get('pid', '?')}: {e.get('error', '?')}")
+    group = report.get("group_commit")
+    if group is not None:
+        lines.append(f"durable    offsets below {group['durable_head']:,} flushed "
+                     f"(sync=always, {group['flushes']:,} group flush(es) since boot)")
+        if group["failed"] is not None:
+            first, end = group["failed"]
+            lines.append(f"FAILED     a flush of offsets {first:,}..{end - 1:,} failed: they are "
+                         "committed but their durability is unknown (their writers got "
+                         "DurabilityError)")
     if report["quarantined_files"]:
         lines.append(f"quarantine {report['quarantined_files']} file(s) of cut torn tails")
     inotify = report.get("inotify")

@@ -113,6 +113,10 @@ def test_one_flush_covers_every_writer_that_committed_before_it(
     offsets = sorted(int(str(r["offset"])) for res in results for r in res.values())
     assert offsets == list(range(1, 1 + total))
     assert flushes(log) == before + 1
+    status = subprocess.run([sys.executable, "-m", "eventpipe", "status", str(log), "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(status.stdout)["group_commit"] == {
+        "durable_head": 1 + total, "flushes": before + 1, "failed": None}
 
 
 def test_appends_after_a_flush_began_get_one_of_their_own(log: Path) -> None:
@@ -148,6 +152,13 @@ def test_a_failed_flush_reaches_every_writer_it_covered(log: Path) -> None:
     finally:
         root.close()
     assert (mark.failed_from, mark.failed_to) == (1, 7)
+    # An operator sees it: `eventpipe status` names the offsets whose durability is unknown.
+    status = subprocess.run([sys.executable, "-m", "eventpipe", "status", str(log), "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(status.stdout)["group_commit"]["failed"] == [1, 7]
+    text = subprocess.run([sys.executable, "-m", "eventpipe", "status", str(log)],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "FAILED     a flush of offsets 1..6 failed" in text
     with EventLog(log, create=False) as reader:  # committed: visible, never handed out again
         assert sorted(r.event["k"] for r in reader.read(1)) == [0, 0, 0, 1, 1, 1]
     later = finish(start(log, "after", 2))
