@@ -12,10 +12,11 @@ readers see the events at once), releases it, and then waits until the append is
   file, which the flushing writer holds while it flushes.
 * A writer whose append is below the mark returns at once: a flush that began after its commit
   covered it. Otherwise it leads: it reads the header (everything committed so far, its own
-  append included), fdatasyncs the active segment and its time index (an fsync covers every
-  byte written to the file before it, by any process) and then the header, and moves the mark
-  to that header's head. Writers that committed meanwhile wait on the flock and usually find
-  themselves covered when they get it: one flush for all of them.
+  append included), fdatasyncs the active segment, its time index (an fsync covers every
+  byte written to the file before it, by any process) and the header, all at once (see
+  ``_fdatasync_all``), and moves the mark to that header's head. Writers that committed
+  meanwhile wait on the flock and usually find themselves covered when they get it: one
+  flush for all of them.
 * Threads of one process queue on a mutex first (a flock does not exclude threads sharing a
   descriptor), then the same protocol.
 
