@@ -73,6 +73,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _say_committed(exc: BaseException, done: range) -> None:
+    """Tell whoever catches ``exc`` (an interrupt after the commit point) that ``done`` was
+    committed: a note, and ``committed`` as DurabilityError has it."""
+    exc.add_note(f"eventpipe: the append was committed at offsets {done.start}.."
+                 f"{done.stop - 1} before this was raised; do not append them again")
+    exc.committed = done  # type: ignore[attr-defined]
+
+
 class _WriterState:
     """File descriptors and bookkeeping a process needs to append; created on first append."""
 
@@ -312,7 +320,7 @@ class Appender:
             # The durable mark, read before taking the lock (it only grows, so an older
             # value only makes the header's ``synced`` claim less): the header claims only
             # what a finished flush made durable.
-            mark = self._durable_mark(group)
+            mark = self._durable_mark(group) if group is not None else None
             if self._lock_timeout is None:
                 # A raw flock on the kept-open fd: ~1 µs, where filelock's acquire+release
                 # costs ~70 µs of Python (benchmark row 10) and would cap append() near 14k/s.
@@ -367,7 +375,9 @@ class Appender:
                                       tcount * ENTRY_SIZE)
                             new_tcount, new_tlast = tcount + 1, now
                         if (mark is not None and mark.base == base
-                                and mark.committed > synced):
+                                and synced < mark.committed <= committed):
+                            # (A mark past the committed bytes is not this log's history:
+                            # forgotten in _prepare, never claimed here.)
                             synced = mark.committed
                     except BaseException as exc:
                         h = Header(head, base, committed, synced, boot, 0, tcount, tlast)
@@ -404,11 +414,9 @@ class Appender:
         return done
 
     @staticmethod
-    def _durable_mark(group: GroupSync | None) -> DurableMark | None:
-        """The durable mark for the header's ``synced`` claim; None when there is none or it
-        cannot be read (the claim then stays what it was: never more than is durable)."""
-        if group is None:
-            return None
+    def _durable_mark(group: GroupSync) -> DurableMark | None:
+        """The durable mark for the header's ``synced`` claim; None when it cannot be read
+        (the claim then stays what it was: never more than is durable)."""
         try:
             return group.mark()
         except (OSError, EventPipeError):
@@ -434,12 +442,13 @@ class Appender:
             # was stored.
             try:
                 group.wait_durable(done, w.head_fd)
-            except (SyncFailed, OSError, EventPipeError) as sync_exc:
+            except SyncFailed as sync_exc:
                 with contextlib.suppress(DurabilityError), self.mutex:
-                    self._fail(sync_exc, "fsync", done)  # this process appends no more
-            exc.add_note(f"eventpipe: the append was committed at offsets {done.start}.."
-                         f"{done.stop - 1} before this was raised; do not append them again")
-            exc.committed = done  # type: ignore[attr-defined]  # as DurabilityError has it
+                    self._flush_failed(sync_exc, done)  # this process appends no more
+            except (OSError, EventPipeError) as sync_exc:
+                with contextlib.suppress(DurabilityError), self.mutex:
+                    self._fail(sync_exc, "fsync", done)
+            _say_committed(exc, done)
             raise
 
     def _flush_failed(self, exc: SyncFailed, done: range) -> NoReturn:
@@ -514,9 +523,7 @@ class Appender:
         except OSError as sync_exc:
             with contextlib.suppress(DurabilityError):
                 self._fail(sync_exc, "fsync of the log header", done)
-        exc.add_note(f"eventpipe: the append was committed at offsets {done.start}.."
-                     f"{done.stop - 1} before this was raised; do not append them again")
-        exc.committed = done  # type: ignore[attr-defined]  # as DurabilityError has it
+        _say_committed(exc, done)
         raise exc
 
     def _prepare(self, w: _WriterState) -> Header:
@@ -555,6 +562,8 @@ class Appender:
             # From now on this boot vouches for the committed bytes (see _header).
             h = h._replace(boot=self._boot)
             self._write_header(w, h)
+        if self._group is not None:
+            self._group.forget_beyond(h.head)
         w.checked = True
         return h
 
@@ -595,8 +604,6 @@ class Appender:
                                   " it from", path=self.head_path)
         self._open_active(w, segs[-1].base)
         h = _recovery.rebuild_header(w.seg_fd, segs[-1].path, segs[-1].base)
-        if self._group is not None:
-            self._group.reset()  # offsets past the rebuilt head will be handed out again
         size = os.fstat(w.seg_fd).st_size
         if size > h.committed:
             self._quarantine(w.seg_fd, h.segment_base, h.committed, size)

@@ -103,8 +103,8 @@ def _encode(mark: DurableMark) -> bytes:
 class GroupSync:
     """This process's side of the group commit of one log (see the module docstring).
 
-    ``root`` is the log folder, ``segments`` opens ``segments/``; ``head_fd`` (set by the
-    appender when it opens) is the header's descriptor.
+    ``root`` is the log folder, ``segments`` is ``segments/`` (open); the appender passes
+    its header descriptor to each :meth:`wait_durable`.
     """
 
     def __init__(self, root: Folder, segments: Folder, boot: int, file_mode: int) -> None:
@@ -213,13 +213,18 @@ class GroupSync:
                     self._state_fd = self._root.open_shared(SYNC_STATE, self._mode)
         return self._state_fd
 
-    def reset(self) -> None:
-        """Forget the mark (a recovery cut the log back: offsets below the old mark may be
-        handed out again). Caller holds the writer lock."""
+    def forget_beyond(self, head: int) -> None:
+        """Forget the mark if it claims offsets at or past ``head``, the committed head read
+        under the writer lock. A flush only ever moves the mark to a head it read, so such a
+        mark is not this log's history: a header rebuilt shorter after damage, or head and
+        segments restored from a copy beside a newer ``sync.state``. Believed, it would let
+        the appends that reuse those offsets return unflushed. Caller holds the writer lock."""
+        if self.mark().head <= head:
+            return
         with self.mutex:
             fd = self._open_state()
-            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 os.pwrite(fd, _encode(DurableMark(boot=self._boot)), 0)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -163,3 +163,31 @@ def test_a_failed_flush_reaches_every_writer_it_covered(log: Path) -> None:
         assert sorted(r.event["k"] for r in reader.read(1)) == [0, 0, 0, 1, 1, 1]
     later = finish(start(log, "after", 2))
     assert sorted(int(str(r["offset"])) for r in later.values()) == [7, 8]
+
+
+def test_a_mark_past_the_committed_head_is_forgotten(log: Path, tmp_path: Path) -> None:
+    """The log restored from an older copy, beside the newer sync.state: its mark claims
+    offsets the restored log will hand out again. The next writer forgets it, so the appends
+    that reuse those offsets are flushed, not waved through."""
+    older = tmp_path / "older"
+    shutil.copytree(log, older)  # one event
+    assert len(finish(start(log, "newer", 5))) == 5
+    root = Folder.open(log)
+    try:
+        assert read_mark(root).head == 6
+    finally:
+        root.close()
+    for entry in log.iterdir():
+        if entry.name != "sync.state":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for entry in older.iterdir():
+        if entry.name != "sync.state":
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, log / entry.name)
+    after = finish(start(log, "after", 1))
+    assert [int(str(r["offset"])) for r in after.values()] == [1], after
+    root = Folder.open(log)
+    try:
+        mark = read_mark(root)
+    finally:
+        root.close()
+    assert (mark.head, mark.flushes) == (2, 1)  # forgotten, then one flush of its own
