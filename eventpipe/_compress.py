@@ -785,9 +785,9 @@ class Compressor:
         state.summed_below = end
         state.gzipped_below = end if plain_from is None else min(plain_from, end)
         self._save(state, result)
-        self._catalog_rebuild(state.first_base,
-                              [(s.base, n) for s, n in zip(segs, nexts, strict=True)
-                               if s.base < end])
+        done = [(s.base, n) for s, n in zip(segs, nexts, strict=True) if s.base < end]
+        self._catalog_rebuild(state.first_base, [b for b, _ in done],
+                              done[-1][1] if done else end)
         return state
 
     # ------------------------------------------------------------------------ the catalog
@@ -800,26 +800,24 @@ class Compressor:
                 self._root, base, end, read_first_time(folder, base), self._mode,
                 first_stored=state.first_base,
                 listing=lambda: self._catalog_records(
-                    [(s.base, 0) for s in list_segments(folder) if s.base < end], end))
+                    [s.base for s in list_segments(folder) if s.base < end], end))
         except (OSError, EventPipeError) as exc:
             self._catalog_failed(exc)
 
-    def _catalog_rebuild(self, first_base: int, bounds: list[tuple[int, int]]) -> None:
-        """Write the catalog afresh for the sealed segments ``(base, end)`` of a listing."""
+    def _catalog_rebuild(self, first_base: int, bases: list[int], end: int) -> None:
+        """Write the catalog afresh for the listed sealed segments ``bases`` (the last one
+        ending at ``end``)."""
         try:
-            catalog.rebuild(self._root, first_base,
-                            self._catalog_records(bounds, None), self._mode)
+            catalog.rebuild(self._root, first_base, self._catalog_records(bases, end),
+                            self._mode)
         except (OSError, EventPipeError) as exc:
             self._catalog_failed(exc)
 
-    def _catalog_records(self, bounds: list[tuple[int, int]],
-                         end: int | None) -> list[tuple[int, int, int]]:
-        """Catalog records for segments ``(base, end)``; with ``end`` given, each segment's
-        end is the next one's base (the last one's ``end``)."""
-        if end is not None:
-            bases = [b for b, _ in bounds]
-            bounds = list(zip(bases, [*bases[1:], end], strict=True))
-        return [(b, e, read_first_time(self._folder, b) or 0) for b, e in bounds]
+    def _catalog_records(self, bases: list[int], end: int) -> list[tuple[int, int, int]]:
+        """Catalog records for the listed segments ``bases``: each ends where the next one
+        begins, the last at ``end``."""
+        return [(b, e, read_first_time(self._folder, b) or 0)
+                for b, e in zip(bases, [*bases[1:], end], strict=True)]
 
     @staticmethod
     def _catalog_failed(exc: BaseException) -> None:
