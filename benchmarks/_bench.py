@@ -416,7 +416,12 @@ def run_and_report(opts: Options[S], only: set[int], as_json: bool,
     print(render_table(rows))
     failed = [label for label, r in rows if r.passed is False]
     print()
-    print(f"targets missed: {', '.join(failed)}" if failed else "all targets met")
+    if failed:
+        print(f"targets missed: {', '.join(failed)}")
+    elif any(r.passed for _, r in rows):
+        print("all targets met")
+    else:
+        print("no targets: every row is a report")
     return 0
 
 
