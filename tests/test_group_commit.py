@@ -172,15 +172,33 @@ def test_a_failed_flush_reaches_every_writer_it_covered(log: Path) -> None:
 
 
 def tracee(proc: subprocess.Popen[str]) -> int:
-    """The pid of the program strace (``proc``) runs."""
+    """The pid of the Python that strace (``proc``) runs (strace forks short-lived probes of
+    its own first, and its child runs strace's code until it execs)."""
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    wait_until(lambda: children.read_text().split() != [], timeout=30, what="strace's child")
-    return int(children.read_text().split()[0])
+    found: list[int] = []
+
+    def python_child() -> bool:
+        for pid in map(int, children.read_text().split()):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if command.split(b"\0")[0] == sys.executable.encode():
+                found.append(pid)
+                return True
+        return False
+
+    wait_until(python_child, timeout=30, what="strace's Python child")
+    return found[0]
 
 
 def in_fdatasync(pid: int) -> bool:
     """Whether a thread of ``pid`` is inside fdatasync (syscall 75 on x86-64)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return False
+    for task in tasks:
         try:
             if (task / "syscall").read_text().split()[0] == "75":
                 return True
