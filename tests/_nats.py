@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,12 +62,39 @@ def require_nats() -> str:
     return binary
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PICK = random.Random(f"{os.getpid()}-{time.time_ns()}")
+_GIVEN: set[int] = set()  # never the same port twice in one test process
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range.
+
+    Servers here are killed and restarted on the same ports, and while one is down a client
+    reconnecting to it could be given its port as the source port of an outgoing connection
+    (or another test's ``bind(0)`` could get it) if it came from the ephemeral range: the
+    restart would then fail with "address in use". Below that range the kernel hands out no
+    port by itself, and a random pick makes two test workers choosing the same one unlikely.
+    """
+    low = min(_ephemeral_low(), 32768)
+    for _ in range(200):
+        port = _PICK.randrange(10000, low)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
         return port
+    raise RuntimeError(f"no free TCP port found in 10000..{low - 1}")
 
 
 class NatsServer:
