@@ -34,6 +34,7 @@ __all__ = [
     "BATCH",
     "Options",
     "Row",
+    "alternate",
     "at_least",
     "bench_main",
     "build_logs",
@@ -164,6 +165,16 @@ def short_count(n: int) -> str:
 
 def at_least(value: float | None, target: float) -> bool | None:
     return None if value is None else value >= target
+
+
+def alternate(runs: int, sides: Sequence[Callable[[], float]]) -> list[list[float]]:
+    """Run each side once per run, the order reversed every other run; seconds per side."""
+    samples: list[list[float]] = [[] for _ in sides]
+    for run in range(runs):
+        order = range(len(sides)) if run % 2 == 0 else reversed(range(len(sides)))
+        for i in order:
+            samples[i].append(sides[i]())
+    return samples
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -36,7 +36,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
-from _bench import Options, Row, bench_main, fresh_dir, make_events, median, progress, timed
+from _bench import (
+    Options,
+    Row,
+    alternate,
+    bench_main,
+    fresh_dir,
+    make_events,
+    median,
+    progress,
+    timed,
+)
 from bench_storage import sql_insert_each, sqlite_open
 
 Events = list[dict[str, object]]
@@ -52,16 +62,6 @@ class Sizes:
 
 FULL = Sizes(flushed=2_000, unflushed=100_000, procs=4)
 QUICK = Sizes(flushed=400, unflushed=20_000, procs=4)
-
-
-def alternate(runs: int, sides: Sequence[Callable[[], float]]) -> list[list[float]]:
-    """Run each side once per run, the order reversed every other run; seconds per side."""
-    samples: list[list[float]] = [[] for _ in sides]
-    for run in range(runs):
-        order = range(len(sides)) if run % 2 == 0 else reversed(range(len(sides)))
-        for i in order:
-            samples[i].append(sides[i]())
-    return samples
 
 
 def create(path: str, size: int = 0) -> None:

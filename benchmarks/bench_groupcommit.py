@@ -31,7 +31,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from _bench import Options, Row, bench_main, fresh_dir, make_events, median, progress, timed
+from _bench import (
+    Options,
+    Row,
+    alternate,
+    bench_main,
+    fresh_dir,
+    make_events,
+    median,
+    progress,
+    timed,
+)
 from bench_storage import (
     append_each,
     check_log,
@@ -68,16 +78,6 @@ def sync_policy(policy: str) -> Iterator[None]:
             del os.environ["EVENTPIPE_SYNC"]
         else:
             os.environ["EVENTPIPE_SYNC"] = before
-
-
-def alternate(runs: int, sides: Sequence[Callable[[], float]]) -> list[list[float]]:
-    """Run each side once per run, the order reversed every other run; seconds per side."""
-    samples: list[list[float]] = [[] for _ in sides]
-    for run in range(runs):
-        order = range(len(sides)) if run % 2 == 0 else reversed(range(len(sides)))
-        for i in order:
-            samples[i].append(sides[i]())
-    return samples
 
 
 # --------------------------------------------------------------------- row 1: one writer
