@@ -21,13 +21,14 @@ readers see the events at once), releases it, and then waits until the append is
   themselves covered when their turn comes.
 * Processes do not wait for each other's flushes. A writer that committed after another
   process's flush read the header is not covered by it, and waiting for that flush to end
-  before starting its own cost more than flushing at once: the kernel merges flushes that are
-  in flight together, and on the VM disk here 4 writer processes ran 1.9-2.4x one process's
-  rate this way against 1.7-1.9x waiting (``benchmarks/bench_groupcommit.py`` row 2). A
-  process that finds the mark past its append when it looks still skips its flush. (A flush
-  requested while another is in flight waits for that one and then its own, 1.5 flushes on
-  average, so N writers can at best reach about N/1.5 times one writer's rate: 4 processes
-  doing nothing but a write and the two fdatasyncs reached 2.6x here.)
+  before starting its own cost more than flushing at once, since the kernel merges the
+  flushes asked for while one is under way: on the VM disk here 4 writer processes ran
+  1.9-2.4x one process's rate this way against 1.7-1.9x waiting
+  (``benchmarks/bench_groupcommit.py`` row 2). A process that finds the mark past its append
+  when it looks still skips its flush. (A flush asked for while another is under way waits
+  for that one and then its own, about 1.5 flushes, so N writers appending one at a time stay
+  under about N/1.5 times one writer's rate; 4 processes doing nothing but a write and the two
+  fdatasyncs reach 2.1-2.2x here, ``benchmarks/bench_flush_floor.py`` row 4.)
 
 Segments sealed by a roll are flushed by the rolling writer before its header is published, so
 a flush only ever needs the active segment of the header it read.
