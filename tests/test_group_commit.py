@@ -210,23 +210,44 @@ def in_fdatasync(pid: int) -> bool:
 @pytest.mark.skipif(shutil.which("strace") is None or os.uname().machine != "x86_64",
                     reason="needs strace (.ci/run installs it) and x86-64 syscall numbers")
 def test_a_slow_flush_in_one_process_does_not_hold_up_another(log: Path) -> None:
-    """Writer A's header fdatasync is held for 8 s (strace). While A is inside it, writer B
-    appends, flushes on its own and returns; A is still inside its fdatasync when B is done.
-    (Had B waited for A's flush, as a shared flush lock made it, A would be out first.)"""
+    """Writer A's header fdatasync is held for two minutes (strace). While A is inside it,
+    writer B appends, flushes on its own and returns; A is still inside its fdatasync when B
+    is done. (Had B waited for A's flush, as a shared flush lock made it, B would not return
+    within its minute.)"""
     hold = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(log / "head"),
-            "-e", "trace=fdatasync", "-e", "inject=fdatasync:delay_exit=8000000:when=1"]
+            "-e", "trace=fdatasync", "-e", "inject=fdatasync:delay_exit=120000000:when=1"]
     slow = start(log, "slow", 1, strace=hold)
+    pid = -1
     try:
         pid = tracee(slow)
         wait_until(lambda: head(log) == 2 and in_fdatasync(pid), timeout=60,
                    what="writer A committed and inside its header fdatasync")
-        fast = finish(start(log, "fast", 1))
+        writer_b = start(log, "fast", 1)
+        try:
+            fast = finish(writer_b)
+        except subprocess.TimeoutExpired:
+            writer_b.kill()
+            writer_b.communicate()
+            pytest.fail("B did not return in 60 s while A's flush was held: it waited for it")
         assert in_fdatasync(pid), "B returned only after A's flush ended"
     finally:
-        slow_result = finish(slow)
+        # Killing strace lets A go (or takes it along); its append was committed either way.
+        slow.kill()
+        slow.communicate(timeout=60)
+        if pid > 0:
+            wait_until(lambda: gone(pid), timeout=60, what="writer A ended")
     assert fast["0"]["offset"] == 2
-    assert slow_result["0"]["offset"] == 1
-    assert read_mark_of(log).head == 3
+    with EventLog(log, create=False) as reader:
+        assert [r.event["writer"] for r in reader.read(1)] == ["slow", "fast"]
+    assert read_mark_of(log).head == 3  # B's flush covered both
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def read_mark_of(log: Path) -> DurableMark:
