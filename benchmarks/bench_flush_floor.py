@@ -23,6 +23,8 @@ Rows:
      files itself (the kernel merges flushes in flight), vs 1 process (group-commit row 2)
   5  no flush, 4 processes: flock, header pread, event pwrite, header pwrite, unlock, the
      event encoded outside the lock, vs 1 process (group-commit row 4, ``interval``)
+  6  today's format, 8 threads of one process, each as in row 4 through descriptors of its
+     own, vs 1 thread (group-commit row 3)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import fcntl
 import functools
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,14 +57,15 @@ Events = list[dict[str, object]]
 
 @dataclass(frozen=True)
 class Sizes:
-    flushed: int  # rows 1-4: appends per run
+    flushed: int  # rows 1-4 and 6: appends per run
     unflushed: int  # row 5
     procs: int  # rows 4 and 5
+    threads: int  # row 6
     big: int = 0  # unused (the --big option every benchmark script takes)
 
 
-FULL = Sizes(flushed=2_000, unflushed=100_000, procs=4)
-QUICK = Sizes(flushed=400, unflushed=20_000, procs=4)
+FULL = Sizes(flushed=2_000, unflushed=100_000, procs=4, threads=8)
+QUICK = Sizes(flushed=400, unflushed=20_000, procs=4, threads=8)
 
 
 def create(path: str, size: int = 0) -> None:
@@ -255,18 +259,62 @@ def bench_unflushed_processes(opts: Options[Sizes]) -> list[Row]:
                           "row 4 (interval) can reach")]
 
 
+def in_threads(threads: int, work: Callable[[int], None]) -> float:
+    """Seconds for ``threads`` threads to each run ``work(k)``, started together."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads + 1)
+
+    def run(k: int) -> None:
+        start.wait()
+        try:
+            work(k)
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def bench_flushing_threads(opts: Options[Sizes]) -> list[Row]:
+    n, k = opts.sizes.flushed, opts.sizes.threads
+
+    def run(threads: int) -> float:
+        count = n // threads
+        blobs = [[orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE)
+                  for e in make_events(index * count, count)] for index in range(threads)]
+        return prepared(opts.dir, 0, lambda tmp: in_threads(
+            threads, lambda index: two_files(tmp, blobs[index], lock=True)))
+
+    progress(f"row 6: raw, {k} threads vs 1 x {n:,}, {opts.runs} runs")
+    multi, single = alternate(opts.runs, [functools.partial(run, k), functools.partial(run, 1)])
+    t, b = median(multi), median(single)
+    return [Row(f"raw, each thread flushes, {k} threads x {n // k:,}", n, t, multi,
+                f"1 thread x {n:,}", b, single, ratio=b / t, target="report", passed=None,
+                note="each thread its own descriptors and flock; the most group-commit row 3 "
+                     "can reach with every thread flushing for itself")]
+
+
 # ---------------------------------------------------------------------------------- main
 
 
 def run(opts: Options[Sizes], only: set[int]) -> dict[int, list[Row]]:
     rows: dict[int, Callable[[Options[Sizes]], list[Row]]] = {
         1: bench_two_files, 2: bench_one_file, 3: bench_overwrite,
-        4: bench_flushing_processes, 5: bench_unflushed_processes}
+        4: bench_flushing_processes, 5: bench_unflushed_processes, 6: bench_flushing_threads}
     return {number: fn(opts) for number, fn in rows.items() if number in only}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main(argv, __doc__, FULL, QUICK, rows=5, quick_runs=3,
+    return bench_main(argv, __doc__, FULL, QUICK, rows=6, quick_runs=3,
                       big_help="unused", run=run, title="flush floors (no eventpipe code)",
                       ratios="ratio = raw/baseline throughput")
 

@@ -28,7 +28,7 @@ readers see the events at once), releases it, and then waits until the append is
   when it looks still skips its flush. (A flush asked for while another is under way waits
   for that one and then its own, about 1.5 flushes, so N writers appending one at a time stay
   under about N/1.5 times one writer's rate; 4 processes doing nothing but a write and the two
-  fdatasyncs reach 2.1-2.2x here, ``benchmarks/bench_flush_floor.py`` row 4.)
+  fdatasyncs reach 2.0-2.2x here, ``benchmarks/bench_flush_floor.py`` row 4.)
 
 Segments sealed by a roll are flushed by the rolling writer before its header is published, so
 a flush only ever needs the active segment of the header it read.

@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_bridge.py", ["--quick", "--runs", "1"], 4),
     ("bench_dbstate.py", ["--quick", "--runs", "1"], 3),
     ("bench_groupcommit.py", ["--quick", "--runs", "1"], 4),
-    ("bench_flush_floor.py", ["--quick", "--runs", "1"], 5),
+    ("bench_flush_floor.py", ["--quick", "--runs", "1"], 6),
 ])
 def test_benchmark_script_reports_every_row(
     tmp_path: Path, script: str, args: list[str], rows: int
