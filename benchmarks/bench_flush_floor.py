@@ -50,7 +50,7 @@ from _bench import (
     progress,
     timed,
 )
-from bench_storage import sql_insert_each, sqlite_open
+from bench_storage import sqlite_full_inserts
 
 Events = list[dict[str, object]]
 
@@ -187,12 +187,7 @@ def versus_sqlite(opts: Options[Sizes], number: int, label: str,
     def raw() -> float:
         return prepared(opts.dir, room, lambda tmp: timed(functools.partial(loop, tmp, blobs)))
 
-    def sqlite() -> float:
-        with fresh_dir(opts.dir) as tmp:
-            con = sqlite_open(os.path.join(tmp, "full.db"), "FULL")
-            seconds = timed(functools.partial(sql_insert_each, con, events))
-            con.close()
-            return seconds
+    sqlite = functools.partial(sqlite_full_inserts, opts.dir, events)
 
     progress(f"row {number}: {label} x {n:,} vs SQLite FULL, {opts.runs} runs")
     mine, base = alternate(opts.runs, [raw, sqlite])

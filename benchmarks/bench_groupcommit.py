@@ -46,8 +46,7 @@ from bench_storage import (
     append_each,
     check_log,
     run_writers,
-    sql_insert_each,
-    sqlite_open,
+    sqlite_full_inserts,
 )
 
 from eventpipe import EventLog
@@ -95,12 +94,7 @@ def bench_one_writer(opts: Options[Sizes]) -> list[Row]:
             check_log(os.path.join(tmp, "log"), n)
             return seconds
 
-    def sqlite() -> float:
-        with fresh_dir(opts.dir) as tmp:
-            con = sqlite_open(os.path.join(tmp, "full.db"), "FULL")
-            seconds = timed(functools.partial(sql_insert_each, con, events))
-            con.close()
-            return seconds
+    sqlite = functools.partial(sqlite_full_inserts, opts.dir, events)
 
     progress(f"row 1: sync=always, 1 writer x {n:,} appends vs SQLite FULL, {opts.runs} runs")
     mine, base = alternate(opts.runs, [ours, sqlite])

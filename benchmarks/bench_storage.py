@@ -130,6 +130,17 @@ def sql_insert_each(con: sqlite3.Connection, events: Events) -> None:
         execute(SQL_INSERT, (dumps(e).decode(),))
 
 
+def sqlite_full_inserts(base: str | None, events: Events) -> float:
+    """Seconds for one autocommit INSERT per event into a new SQLite database (WAL,
+    ``synchronous=FULL``: the baseline for ``sync="always"``) in a fresh folder under ``base``."""
+    with fresh_dir(base) as tmp:
+        con = sqlite_open(os.path.join(tmp, "full.db"), "FULL")
+        try:
+            return timed(functools.partial(sql_insert_each, con, events))
+        finally:
+            con.close()
+
+
 def fdatasync_cost(base: str | None, count: int = 200) -> float:
     """Median seconds of one small pwrite + fdatasync in ``base``: what durability costs here."""
     samples = []

@@ -423,41 +423,36 @@ class Appender:
             return None
 
     def _wait_durable(self, w: _WriterState, done: range) -> None:
-        """Under ``sync="always"``: return once the committed ``done`` is durable (one
-        flush shared with every writer waiting, see _groupsync); DurabilityError if the flush
-        that covered it failed."""
+        """Under ``sync="always"``: return once the committed ``done`` is durable (a flush
+        shared by this process's threads, see _groupsync); DurabilityError if the flush that
+        covered it failed."""
         group = self._group
         assert group is not None
         try:
             group.wait_durable(done, w.head_fd)
-        except SyncFailed as exc:
+        except (SyncFailed, OSError, EventPipeError) as exc:
             with self.mutex:
                 self._flush_failed(exc, done)
-        except (OSError, EventPipeError) as exc:
-            with self.mutex:
-                self._fail(exc, "fsync", done)
         except BaseException as exc:
             # Interrupted after the commit (KeyboardInterrupt, a signal handler's exception):
             # make it as durable as promised, then let the interrupt through, saying what
             # was stored.
             try:
                 group.wait_durable(done, w.head_fd)
-            except SyncFailed as sync_exc:
+            except (SyncFailed, OSError, EventPipeError) as sync_exc:
                 with contextlib.suppress(DurabilityError), self.mutex:
                     self._flush_failed(sync_exc, done)  # this process appends no more
-            except (OSError, EventPipeError) as sync_exc:
-                with contextlib.suppress(DurabilityError), self.mutex:
-                    self._fail(sync_exc, "fsync", done)
             _say_committed(exc, done)
             raise
 
-    def _flush_failed(self, exc: SyncFailed, done: range) -> NoReturn:
-        """DurabilityError for ``done``: the group flush covering it failed, here or in
-        another writer. Caller holds ``mutex``."""
-        cause: BaseException = exc.cause or OSError(
-            errno.EIO, f"a flush of offsets {exc.failed.start}..{exc.failed.stop - 1} by "
-                       "another writer failed")
-        self._fail(cause, "fsync", done)
+    def _flush_failed(self, exc: BaseException, done: range) -> NoReturn:
+        """DurabilityError for ``done``: the flush that was to make it durable failed, here or
+        (a SyncFailed without a cause) in another writer. Caller holds ``mutex``."""
+        if isinstance(exc, SyncFailed):
+            exc = exc.cause or OSError(
+                errno.EIO, f"a flush of offsets {exc.failed.start}..{exc.failed.stop - 1} by "
+                           "another writer failed")
+        self._fail(exc, "fsync", done)
 
     def _publish(self, w: _WriterState, before: Header, header: bytes, done: range,
                  created: list[tuple[int, int, int]]) -> None:
@@ -477,10 +472,9 @@ class Appender:
             if not w.dirty:
                 w.dirty = True
                 w.unsynced_from = done.start
-        elif self._group is not None:
-            self._group.wait_durable(done, w.head_fd)  # the data too, and moves the mark
         else:
-            os.fdatasync(w.head_fd)
+            assert self._group is not None  # opened with the writer state under "always"
+            self._group.wait_durable(done, w.head_fd)  # the data too, and moves the mark
 
     @staticmethod
     def _adopt(w: _WriterState, created: list[tuple[int, int, int]]) -> None:
@@ -509,20 +503,15 @@ class Appender:
             self._undo(w, before, created)
             self._raise_write_error(exc, before)
         self._adopt(w, created)
-        if isinstance(exc, SyncFailed):
-            self._flush_failed(exc, done)
-        if isinstance(exc, OSError):
-            self._fail(exc, "fsync of the log header", done)
+        if isinstance(exc, (SyncFailed, OSError, EventPipeError)):
+            self._flush_failed(exc, done)  # committed: only the flush after it can have failed
         # Interrupted after the commit: make it as durable as promised, then let the
         # interrupt through, saying what was stored.
         try:
             self._owe_durability(w, done)
-        except SyncFailed as sync_exc:
+        except (SyncFailed, OSError, EventPipeError) as sync_exc:
             with contextlib.suppress(DurabilityError):
                 self._flush_failed(sync_exc, done)
-        except OSError as sync_exc:
-            with contextlib.suppress(DurabilityError):
-                self._fail(sync_exc, "fsync of the log header", done)
         _say_committed(exc, done)
         raise exc
 

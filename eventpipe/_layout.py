@@ -53,7 +53,7 @@ HEAD_FILE = "head"  # the commit point (see _header)
 WRITER_LOCK = "writer.lock"  # flock'd by the appending process
 COMPRESS_LOCK = "compress.lock"  # held by the process that seals (checksums, compresses)
 COMPRESS_STATE = "compress.state"  # the sealing watermark
-SYNC_STATE = "sync.state"  # sync="always": the durable mark, flock'd by the flushing writer
+SYNC_STATE = "sync.state"  # sync="always": the durable mark, flock'd to read or move it
 SEGMENT_CATALOG = "segments.idx"  # sealed segments' bounds and first times (see _catalog)
 SEGMENTS_DIR = "segments"  # <first offset>.jsonl[.gz] (+ .sum)
 QUARANTINE_DIR = "quarantine"  # bytes cut from a torn tail, kept
